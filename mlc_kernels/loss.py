@@ -1,0 +1,187 @@
+"""The public entry point ``mlc_loss`` and its module ``MLCLoss``: argument checks, dispatch, reduction."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import nn
+
+from .ops.common import OBJECTIVES
+
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
+REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class ImplementationUnavailableError(RuntimeError):
+    """An explicitly requested ``impl`` cannot run on this input or machine (never a silent fallback)."""
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _check_triton_runnable(reps: torch.Tensor) -> None:
+    from .ops import triton_kernels  # noqa: F401  (imports triton)
+
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if reps.device.type != "cuda" and not (interpret and reps.device.type == "cpu"):
+        raise ImplementationUnavailableError(
+            f"impl='triton' needs a CUDA tensor, got reps on {reps.device}; "
+            "set TRITON_INTERPRET=1 to run the kernel on CPU through Triton's interpreter, or use impl='torch'"
+        )
+    if reps.dtype not in triton_kernels.SUPPORTED_DTYPES:
+        raise TypeError(
+            f"impl='triton' takes reps in float32, bfloat16 or float16, got {reps.dtype}; use impl='torch' for float64"
+        )
+    if reps.shape[1] > triton_kernels.MAX_VARIANTS:
+        raise ValueError(
+            f"impl='triton' supports at most {triton_kernels.MAX_VARIANTS} variants per prompt "
+            f"(reps.shape[1]), got {reps.shape[1]}; use impl='torch' for more"
+        )
+
+
+def resolve_impl(impl: str, reps: torch.Tensor) -> str:
+    """The concrete implementation ``impl`` means for ``reps``; raises if an explicit one cannot run."""
+    if impl not in IMPLEMENTATIONS:
+        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
+    if impl == "auto":
+        if (
+            reps.device.type == "cuda"
+            and _triton_importable()
+            and reps.dtype != torch.float64
+            and reps.shape[1] <= 32
+        ):
+            return "triton"
+        return "torch"
+    if impl == "triton":
+        if not _triton_importable():
+            raise ImplementationUnavailableError("impl='triton' needs the triton package: pip install triton")
+        _check_triton_runnable(reps)
+    return impl
+
+
+def _per_prompt_fn(name: str):
+    if name == "reference":
+        from .ops.reference import reference_mlc_loss
+
+        return reference_mlc_loss
+    if name == "torch":
+        from .ops.gram_torch import torch_mlc_loss
+
+        return torch_mlc_loss
+    from .ops.triton_kernels import triton_mlc_loss
+
+    return triton_mlc_loss
+
+
+def check_inputs(reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str, reduction: str) -> None:
+    """Raise a clear error naming the argument when the inputs of ``mlc_loss`` are malformed."""
+    if not isinstance(reps, torch.Tensor):
+        raise TypeError(f"reps must be a torch.Tensor of shape (N, m, d), got {type(reps).__name__}")
+    if reps.dim() != 3:
+        raise ValueError(f"reps must have shape (N, m, d) (3 dims), got {reps.dim()} dims: {tuple(reps.shape)}")
+    if reps.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"reps must be float16, bfloat16, float32 or float64, got {reps.dtype}")
+    if reps.shape[1] < 1 or reps.shape[2] < 1:
+        raise ValueError(f"reps must have m >= 1 variants and d >= 1 dims, got shape {tuple(reps.shape)}")
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"mask must be a bool tensor of shape (N, m), got {got}")
+        if tuple(mask.shape) != tuple(reps.shape[:2]):
+            raise ValueError(f"mask must have shape (N, m) = {tuple(reps.shape[:2])}, got {tuple(mask.shape)}")
+        if mask.device != reps.device:
+            raise ValueError(f"mask must be on the device of reps ({reps.device}), got {mask.device}")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def _raise_on_first_bad_prompt(reps: torch.Tensor, present: torch.Tensor) -> None:
+    bad = (~torch.isfinite(reps) & present[..., None]).any(dim=2)
+    if bool(bad.any()):
+        prompt, variant = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(f"reps has non-finite values in prompt {prompt} (variant {variant}); validate=True stops here")
+
+
+def mlc_loss(
+    reps: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    objective: str = "sv_softmax",
+    reduction: str = "mean",
+    impl: str = "auto",
+    validate: bool = False,
+) -> torch.Tensor:
+    """Multi-Lingual Consistency loss (arXiv 2602.16660) of ``reps``.
+
+    Args:
+        reps: ``(N, m, d)`` float16/bfloat16/float32/float64: N prompts, m language variants
+            (the representations of the same prompt in m languages), d dims.
+        mask: optional ``(N, m)`` bool, True where the variant is present.
+        tau: softmax temperature of ``sv_softmax`` (> 0).
+        objective: ``"sv_softmax"`` (the paper's ``-log softmax(s / tau)_1``), ``"rank1"``
+            (``1 - s_1^2 / m_n``) or ``"pairwise"`` (mean over pairs of ``1 - cos^2``).
+        reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
+            none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
+        impl: ``"auto"`` (triton on CUDA, torch on CPU), ``"reference"``, ``"torch"``, ``"triton"``.
+        validate: raise ``ValueError`` naming the first prompt with a non-finite present value
+            (one host sync). Without it such prompts get a NaN loss.
+
+    Returns:
+        The loss, float32 (float64 for float64 ``reps``); the gradient w.r.t. ``reps`` has its dtype.
+    """
+    check_inputs(reps, mask, tau, objective, reduction)
+    name = resolve_impl(impl, reps)
+    present = mask if mask is not None else torch.ones(reps.shape[:2], dtype=torch.bool, device=reps.device)
+    if validate:
+        _raise_on_first_bad_prompt(reps, present)
+    per_prompt = _per_prompt_fn(name)(reps, present, float(tau), objective)
+    if reduction == "none":
+        return per_prompt
+    total = per_prompt.sum()
+    if reduction == "sum":
+        return total
+    eligible = (present.sum(dim=1) >= 2).sum().clamp_min(1)
+    return total / eligible.to(total.dtype)
+
+
+class MLCLoss(nn.Module):
+    """``nn.Module`` form of :func:`mlc_loss`; ``forward(reps, mask=None)``."""
+
+    def __init__(
+        self,
+        *,
+        tau: float = 1.0,
+        objective: str = "sv_softmax",
+        reduction: str = "mean",
+        impl: str = "auto",
+        validate: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tau, self.objective, self.reduction, self.impl, self.validate = tau, objective, reduction, impl, validate
+
+    def forward(self, reps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return mlc_loss(
+            reps,
+            mask,
+            tau=self.tau,
+            objective=self.objective,
+            reduction=self.reduction,
+            impl=self.impl,
+            validate=self.validate,
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, objective={self.objective!r}, reduction={self.reduction!r}, impl={self.impl!r}"

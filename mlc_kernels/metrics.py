@@ -1,0 +1,67 @@
+"""Consistency metrics: how collinear the variants of each prompt are, and whether prompts collapse."""
+
+from __future__ import annotations
+
+import torch
+
+from .ops.common import NORM_EPS
+
+
+@torch.no_grad()
+def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Metrics of ``reps`` ``(N, m, d)`` with optional ``mask`` ``(N, m)`` bool; no gradients.
+
+    Returns float32 (float64 for float64 input) tensors:
+
+    - ``s1_share`` ``(N,)``: ``s_1^2 / sum_j s_j^2`` of each prompt's unit rows (1 = all variants collinear).
+    - ``mean_cosine`` ``(N,)``: mean pairwise cosine between the present variants.
+    - ``cosine_to_consensus`` ``(N, m)``: cosine of each variant to its prompt's consensus direction
+      (the first right singular vector, signed towards the variants); NaN where masked.
+    - ``valid`` ``(N,)`` bool: prompts with >= 2 present variants (the others hold NaN).
+    - ``between_prompt_cosine`` ``()``: mean |cosine| between the consensus directions of different
+      prompts. Close to 1 means collapse: every prompt maps to the same direction.
+    - ``between_prompt_s1_share`` ``()``: ``s1_share`` of the matrix of consensus directions.
+    """
+    acc = torch.float64 if reps.dtype == torch.float64 else torch.float32
+    n, m, _ = reps.shape
+    present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=reps.device)
+    z = torch.nn.functional.normalize(torch.where(present[..., None], reps.to(acc), 0.0), dim=-1, eps=NORM_EPS)
+    gram = z @ z.mT
+    count = present.sum(dim=1)
+    valid = count >= 2
+    nan = torch.tensor(float("nan"), dtype=acc, device=reps.device)
+
+    lam, vec = torch.linalg.eigh(gram)
+    top_lam, top_vec = lam[:, -1].clamp_min(0.0), vec[:, :, -1]
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    s1_share = torch.where(valid, top_lam / trace.clamp_min(NORM_EPS), nan)
+
+    eye = torch.eye(m, dtype=torch.bool, device=reps.device)
+    off = present[:, :, None] & present[:, None, :] & ~eye
+    n_pairs = off.sum(dim=(1, 2)).clamp_min(1)
+    mean_cosine = torch.where(valid, torch.where(off, gram, 0.0).sum(dim=(1, 2)) / n_pairs, nan)
+
+    consensus = torch.einsum("nm,nmd->nd", top_vec, z)
+    consensus = torch.nn.functional.normalize(consensus, dim=-1, eps=NORM_EPS)
+    to_consensus = torch.einsum("nmd,nd->nm", z, consensus)
+    sign = torch.where(torch.where(present, to_consensus, 0.0).sum(dim=1) < 0, -1.0, 1.0).to(acc)
+    consensus = consensus * sign[:, None]
+    to_consensus = torch.where(present & valid[:, None], to_consensus * sign[:, None], nan)
+
+    centers = consensus[valid]
+    k = centers.shape[0]
+    if k >= 2:
+        cos = centers @ centers.T
+        iu = torch.triu_indices(k, k, offset=1, device=reps.device)
+        between = cos[iu[0], iu[1]].abs().mean()
+        between_s1 = torch.linalg.eigvalsh(cos)[-1] / k
+    else:
+        between, between_s1 = nan, nan
+    return {
+        "s1_share": s1_share,
+        "mean_cosine": mean_cosine,
+        "cosine_to_consensus": to_consensus,
+        "valid": valid,
+        "between_prompt_cosine": between,
+        "between_prompt_s1_share": between_s1,
+    }

@@ -1,0 +1,56 @@
+"""The paper's formula, literally: normalize -> torch.linalg.svdvals -> log_softmax.
+
+This is the oracle of the tests (run in float64) and the baseline of the benchmarks. It is
+deliberately not optimised: plain autograd through ``svdvals``, one batched call per distinct
+mask pattern so that missing variants are simply left out of the matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .common import NORM_EPS
+
+
+def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """Loss of each prompt of ``z``: ``(B, k, d)`` unit rows, all present; returns ``(B,)``."""
+    k = z.shape[1]
+    if objective == "pairwise":
+        cos = z @ z.mT
+        iu = torch.triu_indices(k, k, offset=1, device=z.device)
+        return (1.0 - cos[:, iu[0], iu[1]] ** 2).mean(dim=-1)
+    s = torch.linalg.svdvals(z)  # (B, min(k, d)), descending
+    if objective == "rank1":
+        return 1.0 - s[:, 0] ** 2 / k
+    return -torch.log_softmax(s / tau, dim=-1)[:, 0]
+
+
+def reference_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+    """Per-prompt MLC loss ``(N,)`` of ``reps`` ``(N, m, d)`` with ``present`` ``(N, m)`` bool.
+
+    Prompts with fewer than 2 present variants get 0. Computed in the input dtype
+    (fp16/bf16 are promoted to fp32, which ``svdvals`` needs); differentiable by autograd.
+    """
+    work = reps if reps.dtype in (torch.float32, torch.float64) else reps.float()
+    loss_dtype = work.dtype
+    z = F.normalize(work, dim=-1, eps=NORM_EPS)
+    n, m, _ = reps.shape
+    counts = present.sum(dim=1)
+    losses = torch.zeros(n, dtype=loss_dtype, device=reps.device)
+    if n == 0:
+        return losses + 0.0 * work.sum()
+    eligible = counts >= 2
+    if bool(present[eligible].all()):
+        groups = [(torch.ones(m, dtype=torch.bool, device=reps.device), eligible.nonzero().flatten())]
+    else:
+        patterns, inverse = torch.unique(present, dim=0, return_inverse=True)
+        groups = [(p, (inverse == i).nonzero().flatten()) for i, p in enumerate(patterns) if int(p.sum()) >= 2]
+    for pattern, idx in groups:
+        if idx.numel() == 0:
+            continue
+        sub = z[idx][:, pattern]
+        losses = losses.index_put((idx,), _objective_per_prompt(sub, tau, objective))
+    # 0 * (sum of present entries): keeps every prompt in the graph, and turns its loss into
+    # NaN when a present row is non-finite (masked rows are never read).
+    return losses + 0.0 * torch.where(present[..., None], work, 0.0).sum(dim=(1, 2))
