@@ -71,9 +71,12 @@ def gram_loss_and_backward_matrix(
     loss = torch.where(finite, loss, float("nan"))
     mmat = torch.where(finite[:, None, None], mmat, float("nan"))
     # dr_l = (dZ_l - z_l (dZ_l . z_l)) / max(|r_l|, eps) with dZ = M Z, written as dR = B R.
-    proj = torch.where(norms > NORM_EPS, (mmat * gram).sum(dim=-1), 0.0)
+    # A zero row (|r| <= eps) has no direction: it gets zero gradient (F.normalize's r / eps
+    # would scale it by 1 / eps).
+    nonzero = norms > NORM_EPS
+    proj = torch.where(nonzero, (mmat * gram).sum(dim=-1), 0.0)
     core = mmat - torch.diag_embed(proj)
-    bmat = inv[:, :, None] * core * inv[:, None, :]
+    bmat = torch.where(nonzero, inv, 0.0)[:, :, None] * core * inv[:, None, :]
     bmat = torch.where(pair, bmat, 0.0)
     return loss, bmat
 

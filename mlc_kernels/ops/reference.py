@@ -20,7 +20,8 @@ def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.
         cos = z @ z.mT
         iu = torch.triu_indices(k, k, offset=1, device=z.device)
         return (1.0 - cos[:, iu[0], iu[1]] ** 2).mean(dim=-1)
-    s = torch.linalg.svdvals(z)  # (B, min(k, d)), descending
+    # svdvals refuses non-finite input; such prompts get NaN from the caller's 0 * sum(rows).
+    s = torch.linalg.svdvals(torch.where(torch.isfinite(z), z, 0.0))  # (B, min(k, d)), descending
     if objective == "rank1":
         return 1.0 - s[:, 0] ** 2 / k
     return -torch.log_softmax(s / tau, dim=-1)[:, 0]
@@ -34,7 +35,7 @@ def reference_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, ob
     """
     work = reps if reps.dtype in (torch.float32, torch.float64) else reps.float()
     loss_dtype = work.dtype
-    z = F.normalize(work, dim=-1, eps=NORM_EPS)
+    z = F.normalize(torch.where(present[..., None], work, 0.0), dim=-1, eps=NORM_EPS)  # missing rows: never read
     n, m, _ = reps.shape
     counts = present.sum(dim=1)
     losses = torch.zeros(n, dtype=loss_dtype, device=reps.device)

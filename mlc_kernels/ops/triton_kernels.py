@@ -16,6 +16,7 @@ The kernel is registered as a ``torch.library.triton_op`` so that ``torch.compil
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -167,6 +168,7 @@ def mlc_fused_kernel(
             s_top = tl.sum(tl.where(top, sv, 0.0), axis=0)
             ex = tl.where(kept, tl.exp((sv - s_top) * inv_tau), 0.0)
             denom = tl.sum(ex, axis=0)
+            denom = tl.where(denom > 0.0, denom, 1.0)  # 0 only for prompts without singular values
             loss = tl.log(denom)
             g = (ex / denom - top.to(tl.float32)) * inv_tau
             big = kept & (sv >= sv_cutoff)
@@ -185,7 +187,9 @@ def mlc_fused_kernel(
     # 4. gradient dR = B R with B = D (M - diag((M G)_ll)) D, D = diag(1 / max(|r_l|, eps))
     if write_grad:
         mmat = tl.where(eligible, mmat, 0.0)
-        proj = tl.where(norms > 1e-12, tl.sum(mmat * gram, axis=1), 0.0)
+        nonzero = norms > 1e-12
+        proj = tl.where(nonzero, tl.sum(mmat * gram, axis=1), 0.0)
+        out_scale = tl.where(nonzero, inv, 0.0)  # a zero row has no direction: zero gradient
         core = (mmat - tl.where(eye, proj[:, None], 0.0)) * inv[None, :]
         core = tl.where(pair, core, 0.0)
         core = tl.where(bad, float("nan"), core)
@@ -194,7 +198,7 @@ def mlc_fused_kernel(
             for start in range(0, d, BLOCK_D):
                 offs = start + cols
                 x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
-                out = tl.dot(core, x, input_precision="ieee") * inv[:, None]
+                out = tl.dot(core, x, input_precision="ieee") * out_scale[:, None]
                 out = tl.where(present[:, None], out, 0.0)
                 tl.store(grad_rows + offs[None, :], out, mask=in_range[:, None] & (offs[None, :] < d))
         else:
@@ -209,7 +213,7 @@ def mlc_fused_kernel(
                 offs = start + cols
                 x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
                 out = tl.dot(hi, x) + tl.dot(lo, x)
-                out = out * (inv * scale)[:, None]
+                out = out * (out_scale * scale)[:, None]
                 out = tl.where(present[:, None], out, 0.0)
                 tl.store(grad_rows + offs[None, :], out.to(reps_ptr.dtype.element_ty), mask=in_range[:, None] & (offs[None, :] < d))
 
@@ -228,8 +232,24 @@ class KernelConfig:
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+_config_override: KernelConfig | None = None
+
+
+@contextlib.contextmanager
+def kernel_config_override(cfg: KernelConfig):
+    """Benchmarks only: launch with ``cfg`` instead of the dispatcher's choice inside the block."""
+    global _config_override
+    previous, _config_override = _config_override, cfg
+    try:
+        yield
+    finally:
+        _config_override = previous
+
+
 def kernel_config(m: int, dtype: torch.dtype) -> KernelConfig:
     """The configuration the dispatcher uses for m variants of ``dtype``."""
+    if _config_override is not None:
+        return _config_override
     m_pad = 16 if m <= 16 else 32
     block_d = 64 if dtype == torch.float32 else 128
     num_warps = 4 if m_pad == 16 else 8

@@ -1,0 +1,325 @@
+"""``mlc-bench``: time forward, backward and forward+backward of every impl over a grid, and
+measure peak memory; print a table with each impl's speed-up over ``reference`` measured in the
+same run; write CSV and PNG plots.
+
+Timings are medians over repeats after warm-up (CUDA events on GPU, ``perf_counter`` on CPU).
+Peak memory is the extra memory of one forward+backward above the inputs: on CUDA from the
+caching allocator's peak; on CPU from the peak resident set of a fresh child process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from mlc_kernels import mlc_loss
+from mlc_kernels.loss import ImplementationUnavailableError, resolve_impl
+
+MODES = ("forward", "backward", "full")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+
+# Nominal peak memory bandwidth (bytes/s) of the GPUs we report on, from the vendors' data sheets.
+NOMINAL_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
+
+CPU_GRID = [(64, 10, 1024), (256, 10, 1024), (64, 10, 4096), (256, 10, 4096)]
+GPU_GRID = [(256, 10, 1024), (256, 10, 4096), (256, 32, 4096), (4096, 10, 1024), (4096, 10, 4096)]
+
+
+@dataclass
+class Row:
+    device: str
+    impl: str
+    dtype: str
+    N: int
+    m: int
+    d: int
+    mode: str
+    time_ms: float
+    speedup_vs_reference: float | None = None
+    peak_extra_bytes: int | None = None
+    peak_over_reps: float | None = None
+    bandwidth_gbs: float | None = None
+    bandwidth_pct_nominal: float | None = None
+
+
+def device_name(device: torch.device) -> str:
+    """A short machine name for results: the GPU's name, or the CPU model and core count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores)"
+
+
+def nominal_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((bw for key, bw in NOMINAL_BANDWIDTH.items() if key in name), None)
+
+
+def make_inputs(n: int, m: int, d: int, dtype: torch.dtype, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """Random representations ``(N, m, d)``: a shared direction per prompt plus per-variant noise."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    base = torch.randn(n, 1, d, generator=gen)
+    reps = base + 0.5 * torch.randn(n, m, d, generator=gen)
+    return reps.to(device=device, dtype=dtype)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn, setup, device: torch.device, budget_s: float, min_reps: int = 3, max_reps: int = 100) -> float:
+    """Median milliseconds of ``fn(setup())``, timing only ``fn``; repeats within ``budget_s``."""
+    for _ in range(2):  # warm-up (compilation, allocator)
+        fn(setup())
+    _sync(device)
+    times: list[float] = []
+    start_all = time.perf_counter()
+    while len(times) < max_reps and (len(times) < min_reps or time.perf_counter() - start_all < budget_s):
+        state = setup()
+        _sync(device)
+        if device.type == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn(state)
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn(state)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def time_modes(reps: torch.Tensor, impl: str, budget_s: float) -> dict[str, float]:
+    """Milliseconds of forward (with grad enabled), backward, and forward+backward."""
+    device = reps.device
+    leaf = reps.detach().requires_grad_()
+
+    def forward(_):
+        return mlc_loss(leaf, impl=impl)
+
+    def setup_backward():
+        leaf.grad = None
+        return mlc_loss(leaf, impl=impl)
+
+    def full(_):
+        leaf.grad = None
+        mlc_loss(leaf, impl=impl).backward()
+
+    return {
+        "forward": time_call(forward, lambda: None, device, budget_s),
+        "backward": time_call(lambda loss: loss.backward(), setup_backward, device, budget_s),
+        "full": time_call(full, lambda: None, device, budget_s),
+    }
+
+
+def cuda_peak_extra(reps: torch.Tensor, impl: str) -> int:
+    """Bytes allocated at the peak of one forward+backward, above what was allocated before."""
+    leaf = reps.detach().requires_grad_()
+    mlc_loss(leaf, impl=impl).backward()  # warm-up
+    leaf.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    mlc_loss(leaf, impl=impl).backward()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def _child_peak_code(n: int, m: int, d: int, dtype: str, impl: str) -> str:
+    # VmHWM (peak RSS of this process image) is reset to the current RSS by writing 5 to
+    # /proc/self/clear_refs; ru_maxrss would carry the parent's RSS over fork+exec.
+    return (
+        "import torch, json\n"
+        "from mlc_kernels.benchmarks.runner import DTYPES\n"
+        "from mlc_kernels import mlc_loss\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM'):\n"
+        "            return int(line.split()[1]) * 1024\n"
+        f"x = torch.randn({n}, {m}, {d}, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
+        f"small = torch.randn(2, 2, 8, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
+        f"mlc_loss(small, impl={impl!r}).backward()\n"  # load lazy modules before the baseline
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "before = hwm()\n"
+        f"mlc_loss(x, impl={impl!r}).backward()\n"
+        "print(json.dumps(hwm() - before))\n"
+    )
+
+
+def cpu_peak_extra(n: int, m: int, d: int, dtype: str, impl: str) -> int:
+    """Peak resident memory of one forward+backward above the inputs, in a fresh child process (Linux)."""
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks go back to the OS when freed: RSS tracks live memory
+    code = _child_peak_code(n, m, d, dtype, impl)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def run_grid(
+    grid: list[tuple[int, int, int]],
+    impls: list[str],
+    dtypes: list[str],
+    device: torch.device,
+    budget_s: float,
+    memory: bool,
+    progress: bool = True,
+) -> list[Row]:
+    """Benchmark every (N, m, d) x dtype x impl; returns one Row per mode."""
+    from tqdm import tqdm
+
+    name = device_name(device)
+    peak_bw = nominal_bandwidth(device)
+    rows: list[Row] = []
+    jobs = [(cfg, dt, impl) for cfg in grid for dt in dtypes for impl in impls]
+    for (n, m, d), dt, impl in tqdm(jobs, desc="mlc-bench", disable=not progress, file=sys.stderr):
+        reps = make_inputs(n, m, d, DTYPES[dt], device)
+        try:
+            resolve_impl(impl, reps)
+        except (ImplementationUnavailableError, TypeError, ValueError) as err:
+            print(f"skip {impl} {dt} N={n} m={m} d={d}: {err}", file=sys.stderr)
+            continue
+        times = time_modes(reps, impl, budget_s)
+        peak = None
+        if memory:
+            peak = cuda_peak_extra(reps, impl) if device.type == "cuda" else cpu_peak_extra(n, m, d, dt, impl)
+        reps_bytes = reps.numel() * reps.element_size()
+        for mode in MODES:
+            row = Row(name, impl, dt, n, m, d, mode, times[mode])
+            if mode == "full" and peak is not None:
+                row.peak_extra_bytes = peak
+                row.peak_over_reps = peak / reps_bytes
+            if mode == "forward" and device.type == "cuda":
+                # the fused kernel reads reps twice and writes the gradient once
+                row.bandwidth_gbs = 3 * reps_bytes / (times[mode] * 1e-3) / 1e9
+                if peak_bw:
+                    row.bandwidth_pct_nominal = 100 * row.bandwidth_gbs * 1e9 / peak_bw
+            rows.append(row)
+        del reps
+    baseline = {(r.dtype, r.N, r.m, r.d, r.mode): r.time_ms for r in rows if r.impl == "reference"}
+    for r in rows:
+        ref = baseline.get((r.dtype, r.N, r.m, r.d, r.mode))
+        r.speedup_vs_reference = ref / r.time_ms if ref else None
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    """A plain-text table of the rows (one line per impl, config and mode)."""
+    head = f"{'impl':<10}{'dtype':<6}{'N':>6}{'m':>4}{'d':>6}  {'mode':<9}{'ms':>10}{'x ref':>9}{'peak/reps':>11}{'GB/s':>9}{'%peak':>7}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        spd = f"{r.speedup_vs_reference:.1f}" if r.speedup_vs_reference else "-"
+        mem = f"{r.peak_over_reps:.2f}" if r.peak_over_reps is not None else "-"
+        bw = f"{r.bandwidth_gbs:.0f}" if r.bandwidth_gbs else "-"
+        pct = f"{r.bandwidth_pct_nominal:.0f}" if r.bandwidth_pct_nominal else "-"
+        lines.append(
+            f"{r.impl:<10}{r.dtype:<6}{r.N:>6}{r.m:>4}{r.d:>6}  {r.mode:<9}{r.time_ms:>10.3f}{spd:>9}{mem:>11}{bw:>9}{pct:>7}"
+        )
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        writer.writeheader()
+        for r in rows:
+            writer.writerow(asdict(r))
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Two panels: forward+backward time per config and impl (log scale), and speed-up over reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    full = [r for r in rows if r.mode == "full"]
+    configs = sorted({(r.dtype, r.N, r.m, r.d) for r in full}, key=lambda c: (c[0], c[1] * c[2] * c[3]))
+    impls = sorted({r.impl for r in full}, key=["reference", "torch", "native", "triton"].index)
+    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 4.5))
+    width = 0.8 / max(len(impls), 1)
+    for i, impl in enumerate(impls):
+        xs, ts, ss = [], [], []
+        for j, cfg in enumerate(configs):
+            hit = [r for r in full if (r.dtype, r.N, r.m, r.d) == cfg and r.impl == impl]
+            if hit:
+                xs.append(j + i * width)
+                ts.append(hit[0].time_ms)
+                ss.append(hit[0].speedup_vs_reference or 0.0)
+        ax_t.bar(xs, ts, width, label=impl)
+        ax_s.bar(xs, ss, width, label=impl)
+    labels = [f"{dt}\nN={n} m={m}\nd={d}" for dt, n, m, d in configs]
+    for ax in (ax_t, ax_s):
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], labels, fontsize=7)
+        ax.set_yscale("log")
+        ax.legend()
+    ax_t.set_ylabel("forward+backward time (ms)")
+    ax_s.set_ylabel("speed-up over reference (x)")
+    fig.suptitle(f"MLC loss on {full[0].device}" if full else "MLC loss")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse_grid(text: str) -> list[tuple[int, int, int]]:
+    """``"64x10x1024,256x10x4096"`` -> ``[(64, 10, 1024), (256, 10, 4096)]``."""
+    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mlc-bench", description="Benchmark the MLC loss implementations.")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--grid", type=parse_grid, help="NxMxD,... (default: a CPU or GPU grid)")
+    parser.add_argument("--impls", default=None, help="comma list (default: reference,torch[,triton on CUDA])")
+    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")
+    parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per impl and mode")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV and PNG")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    grid = args.grid or (GPU_GRID if gpu else CPU_GRID)
+    impls = args.impls.split(",") if args.impls else (["reference", "torch", "triton"] if gpu else ["reference", "torch"])
+    dtypes = args.dtypes.split(",") if args.dtypes else (["bf16"] if gpu else ["fp32"])
+    torch.manual_seed(0)
+    rows = run_grid(grid, impls, dtypes, device, args.budget, memory=not args.no_memory, progress=not args.quiet)
+    if not rows:
+        raise SystemExit("mlc-bench: nothing ran (no impl could run on this device)")
+    print(f"MLC loss benchmark on {rows[0].device}, torch {torch.__version__}")
+    print(format_table(rows))
+    write_csv(rows, args.out / "mlc_bench.csv")
+    plot(rows, args.out / "mlc_bench.png")
+    print(f"wrote {args.out / 'mlc_bench.csv'} and {args.out / 'mlc_bench.png'}")
+
+
+if __name__ == "__main__":
+    main()
