@@ -30,12 +30,6 @@ def _triton_importable() -> bool:
 def _check_triton_runnable(reps: torch.Tensor) -> None:
     from .ops import triton_kernels  # noqa: F401  (imports triton)
 
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if reps.device.type != "cuda" and not (interpret and reps.device.type == "cpu"):
-        raise ImplementationUnavailableError(
-            f"impl='triton' needs a CUDA tensor, got reps on {reps.device}; "
-            "set TRITON_INTERPRET=1 to run the kernel on CPU through Triton's interpreter, or use impl='torch'"
-        )
     if reps.dtype not in triton_kernels.SUPPORTED_DTYPES:
         raise TypeError(
             f"impl='triton' takes reps in float32, bfloat16 or float16, got {reps.dtype}; use impl='torch' for float64"
@@ -45,6 +39,12 @@ def _check_triton_runnable(reps: torch.Tensor) -> None:
             f"impl='triton' supports at most {triton_kernels.MAX_VARIANTS} variants per prompt "
             f"(reps.shape[1]), got {reps.shape[1]}; use impl='torch' for more"
         )
+    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    if reps.device.type != "cuda" and not (interpret and reps.device.type == "cpu"):
+        raise ImplementationUnavailableError(
+            f"impl='triton' needs a CUDA tensor, got reps on {reps.device}; "
+            "set TRITON_INTERPRET=1 to run the kernel on CPU through Triton's interpreter, or use impl='torch'"
+        )
 
 
 def resolve_impl(impl: str, reps: torch.Tensor) -> str:
@@ -52,12 +52,7 @@ def resolve_impl(impl: str, reps: torch.Tensor) -> str:
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        if (
-            reps.device.type == "cuda"
-            and _triton_importable()
-            and reps.dtype != torch.float64
-            and reps.shape[1] <= 32
-        ):
+        if reps.device.type == "cuda" and _triton_importable() and reps.dtype != torch.float64 and reps.shape[1] <= 32:
             return "triton"
         return "torch"
     if impl == "triton":

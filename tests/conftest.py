@@ -12,6 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import mlc_kernels.ops.triton_kernels  # noqa: E402,F401  (decorate the kernels for the interpreter now)
 
 import pytest  # noqa: E402
 

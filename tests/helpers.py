@@ -32,12 +32,24 @@ def random_mask(n: int, m: int, seed: int = 0, p_missing: float = 0.25) -> torch
     return torch.rand(n, m, generator=gen) >= p_missing
 
 
+def impl_device(impl: str) -> torch.device:
+    """Where ``impl`` runs in the tests: triton on CUDA when there is one (else the interpreter on CPU)."""
+    return torch.device("cuda" if impl == "triton" and torch.cuda.is_available() else "cpu")
+
+
+def run(reps: torch.Tensor, mask=None, *, impl: str, **kw) -> torch.Tensor:
+    """``mlc_loss`` on the impl's device; the result comes back on CPU."""
+    dev = impl_device(impl)
+    return mlc_loss(reps.to(dev), None if mask is None else mask.to(dev), impl=impl, **kw).cpu()
+
+
 def loss_and_grad(reps: torch.Tensor, mask, impl: str, **kw) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt losses ``(N,)`` (float64) and the gradient of their sum w.r.t. reps (float64)."""
-    x = reps.detach().clone().requires_grad_()
-    per_prompt = mlc_loss(x, mask, impl=impl, reduction="none", **kw)
+    """Per-prompt losses ``(N,)`` (float64) and the gradient of their sum w.r.t. reps (float64), on CPU."""
+    dev = impl_device(impl)
+    x = reps.detach().clone().to(dev).requires_grad_()
+    per_prompt = mlc_loss(x, None if mask is None else mask.to(dev), impl=impl, reduction="none", **kw)
     per_prompt.sum().backward()
-    return per_prompt.detach().double(), x.grad.double()
+    return per_prompt.detach().double().cpu(), x.grad.double().cpu()
 
 
 def oracle(reps: torch.Tensor, mask, **kw) -> tuple[torch.Tensor, torch.Tensor]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import general_position, impl_device, loss_and_grad, near_collinear, oracle, random_mask, run
 
-from helpers import general_position, loss_and_grad, near_collinear, oracle, random_mask
 from mlc_kernels import mlc_loss
 
 FAST_IMPLS = ["torch", "triton"]
@@ -32,14 +32,14 @@ def test_half_precision(impl, dtype, objective):
     reps = general_position(3, 10, 64, seed=7).to(dtype)
     mask = random_mask(3, 10, seed=3)
     ref_loss, ref_grad = oracle(reps, mask, objective=objective)
-    x = reps.clone().requires_grad_()
-    loss = mlc_loss(x, mask, impl=impl, objective=objective, reduction="none")
+    x = reps.clone().to(impl_device(impl)).requires_grad_()
+    loss = mlc_loss(x, mask.to(x.device), impl=impl, objective=objective, reduction="none")
     assert loss.dtype == torch.float32
     loss.sum().backward()
     assert x.grad.dtype == dtype
-    rel = ((loss.double() - ref_loss).abs() / ref_loss.abs()).max()
+    rel = ((loss.double().cpu() - ref_loss).abs() / ref_loss.abs()).max()
     assert rel <= 1e-2
-    cos = torch.nn.functional.cosine_similarity(x.grad.double().flatten(), ref_grad.flatten(), dim=0)
+    cos = torch.nn.functional.cosine_similarity(x.grad.double().cpu().flatten(), ref_grad.flatten(), dim=0)
     assert cos >= 0.999
 
 
@@ -92,7 +92,7 @@ def test_m_greater_than_d_uses_min_m_d_singular_values(impl):
     s = torch.linalg.svdvals(z)
     assert s.shape[-1] == 3
     expected = -torch.log_softmax(s, dim=-1)[:, 0]
-    loss = mlc_loss(reps, impl=impl, reduction="none").double()
+    loss = run(reps, impl=impl, reduction="none").double()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -100,8 +100,8 @@ def test_m_greater_than_d_uses_min_m_d_singular_values(impl):
 def test_masked_variant_adds_no_singular_value(impl):
     reps = general_position(2, 5, 16, seed=9).float()
     mask = torch.tensor([[True, True, True, False, False], [True, True, True, True, True]])
-    loss = mlc_loss(reps, mask, impl=impl, reduction="none")
-    alone = mlc_loss(reps[:1, :3], impl=impl, reduction="none")
+    loss = run(reps, mask, impl=impl, reduction="none")
+    alone = run(reps[:1, :3], impl=impl, reduction="none")
     torch.testing.assert_close(loss[0], alone[0], rtol=1e-5, atol=1e-6)
 
 
@@ -110,21 +110,19 @@ def test_zero_vector_and_short_prompts(impl):
     reps = general_position(4, 4, 8, seed=4).float()
     reps[0, 1] = 0.0  # a zero representation: a present variant with a zero singular value
     mask = torch.tensor([[True] * 4, [True, False, False, False], [False] * 4, [True, True, False, False]])
-    x = reps.clone().requires_grad_()
-    per_prompt = mlc_loss(x, mask, impl=impl, reduction="none")
-    per_prompt.sum().backward()
-    assert torch.isfinite(per_prompt).all() and torch.isfinite(x.grad).all()
+    per_prompt, grad = loss_and_grad(reps, mask, impl)
+    assert torch.isfinite(per_prompt).all() and torch.isfinite(grad).all()
     assert per_prompt[1] == 0 and per_prompt[2] == 0  # < 2 present variants: no loss
-    assert (x.grad[1] == 0).all() and (x.grad[2] == 0).all()
+    assert (grad[1] == 0).all() and (grad[2] == 0).all()
     if impl != "reference":  # literal F.normalize differentiates r / eps there: a 1e12-scaled gradient
-        assert (x.grad[0, 1] == 0).all()  # a zero vector has no direction: zero gradient
-    mean = mlc_loss(reps, mask, impl=impl)
-    torch.testing.assert_close(mean, (per_prompt[0] + per_prompt[3]).detach() / 2)
+        assert (grad[0, 1] == 0).all()  # a zero vector has no direction: zero gradient
+    mean = run(reps, mask, impl=impl)
+    torch.testing.assert_close(mean.double(), (per_prompt[0] + per_prompt[3]) / 2)
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_empty_batch(impl):
-    x = torch.zeros(0, 5, 8, requires_grad=True)
+    x = torch.zeros(0, 5, 8, device=impl_device(impl), requires_grad=True)
     for reduction, shape in (("mean", ()), ("sum", ()), ("none", (0,))):
         loss = mlc_loss(x, impl=impl, reduction=reduction)
         assert loss.shape == shape and torch.isfinite(loss).all()
@@ -139,29 +137,27 @@ def test_empty_batch(impl):
 def test_non_finite_input_gives_non_finite_loss(impl, bad):
     reps = general_position(3, 4, 8, seed=1).float()
     reps[1, 2, 3] = bad
-    per_prompt = mlc_loss(reps, impl=impl, reduction="none")
+    per_prompt = run(reps, impl=impl, reduction="none")
     assert not torch.isfinite(per_prompt[1])
     assert torch.isfinite(per_prompt[[0, 2]]).all()
-    assert not torch.isfinite(mlc_loss(reps, impl=impl))
+    assert not torch.isfinite(run(reps, impl=impl))
     # a single present variant holding NaN still poisons the mean: nothing hides behind a finite loss
     mask = torch.ones(3, 4, dtype=torch.bool)
     mask[1, [0, 1, 3]] = False  # only the variant holding the bad value is present
-    assert not torch.isfinite(mlc_loss(reps, mask, impl=impl, reduction="sum"))
+    assert not torch.isfinite(run(reps, mask, impl=impl, reduction="sum"))
 
 
 @pytest.mark.parametrize("impl", ["reference", *FAST_IMPLS])
 def test_masked_rows_are_never_read(impl):
     reps = general_position(2, 4, 8, seed=2).float()
     mask = torch.tensor([[True, True, True, False], [True, True, False, True]])
-    clean = mlc_loss(reps, mask, impl=impl, reduction="none")
+    clean = run(reps, mask, impl=impl, reduction="none")
     dirty = reps.clone()
     dirty[0, 3] = float("nan")
     dirty[1, 2] = float("inf")
-    x = dirty.requires_grad_()
-    loss = mlc_loss(x, mask, impl=impl, reduction="none")
-    loss.sum().backward()
-    torch.testing.assert_close(loss, clean)
-    assert torch.isfinite(x.grad).all() and (x.grad[0, 3] == 0).all()
+    loss, grad = loss_and_grad(dirty, mask, impl)
+    torch.testing.assert_close(loss, clean.double(), rtol=1e-5, atol=1e-6)
+    assert torch.isfinite(grad).all() and (grad[0, 3] == 0).all()
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -170,8 +166,8 @@ def test_validate_names_first_bad_prompt(impl):
     reps[3, 1, 0] = float("nan")
     reps[4, 0, 0] = float("inf")
     with pytest.raises(ValueError, match="prompt 3"):
-        mlc_loss(reps, impl=impl, validate=True)
-    mlc_loss(reps[:3], impl=impl, validate=True)  # clean input passes
+        run(reps, impl=impl, validate=True)
+    run(reps[:3], impl=impl, validate=True)  # clean input passes
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -188,18 +184,18 @@ def test_reductions(impl):
     reps = general_position(4, 5, 16, seed=6).float()
     mask = torch.ones(4, 5, dtype=torch.bool)
     mask[2, 1:] = False  # prompt 2 has one variant: left out of the mean's denominator
-    none = mlc_loss(reps, mask, impl=impl, reduction="none")
+    none = run(reps, mask, impl=impl, reduction="none")
     assert none.shape == (4,) and none[2] == 0
-    torch.testing.assert_close(mlc_loss(reps, mask, impl=impl, reduction="sum"), none.sum())
-    torch.testing.assert_close(mlc_loss(reps, mask, impl=impl), none.sum() / 3)
+    torch.testing.assert_close(run(reps, mask, impl=impl, reduction="sum"), none.sum())
+    torch.testing.assert_close(run(reps, mask, impl=impl), none.sum() / 3)
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 def test_tau_and_grad_output_scaling(impl):
     reps = general_position(3, 6, 16, seed=8).float()
     weights = torch.tensor([0.5, -2.0, 3.0])
-    x = reps.clone().requires_grad_()
-    (mlc_loss(x, impl=impl, tau=0.3, reduction="none") * weights).sum().backward()
+    x = reps.clone().to(impl_device(impl)).requires_grad_()
+    (mlc_loss(x, impl=impl, tau=0.3, reduction="none") * weights.to(x.device)).sum().backward()
     y = reps.double().requires_grad_()
     (mlc_loss(y, impl="reference", tau=0.3, reduction="none") * weights.double()).sum().backward()
-    assert (x.grad.double() - y.grad).abs().max() <= 1e-4 * y.grad.abs().max()
+    assert (x.grad.double().cpu() - y.grad).abs().max() <= 1e-4 * y.grad.abs().max()

@@ -215,7 +215,8 @@ def mlc_fused_kernel(
                 out = tl.dot(hi, x) + tl.dot(lo, x)
                 out = out * (out_scale * scale)[:, None]
                 out = tl.where(present[:, None], out, 0.0)
-                tl.store(grad_rows + offs[None, :], out.to(reps_ptr.dtype.element_ty), mask=in_range[:, None] & (offs[None, :] < d))
+                out = out.to(reps_ptr.dtype.element_ty)
+                tl.store(grad_rows + offs[None, :], out, mask=in_range[:, None] & (offs[None, :] < d))
 
 
 @dataclass(frozen=True)
@@ -339,15 +340,11 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_loss: torch.Tensor, _grad_grad: torch.Tensor):
+    # The in-place scaling bumps the saved tensor's version: a second backward through the same
+    # graph (retain_graph=True) is refused by autograd's saved-tensor check.
     (grad,) = ctx.saved_tensors
     if grad.shape[0] != grad_loss.shape[0]:
         raise RuntimeError("mlc_loss(impl='triton'): the forward ran without gradient; cannot backpropagate")
-    if getattr(ctx, "consumed", False):
-        raise RuntimeError(
-            "mlc_loss(impl='triton'): backward scales the stored gradient in place and runs once; "
-            "use impl='torch' to backpropagate the same graph twice (retain_graph=True)"
-        )
-    ctx.consumed = True
     torch.ops.mlc_kernels.scale_rows_(grad, grad_loss)
     return grad, None, None, None, None
 
