@@ -13,12 +13,12 @@ status=0
 } 2>&1 | tee "$out/env.txt"
 
 echo "== tests (whole suite: Triton compiled on the GPU) =="
-timeout 300 python3 -m pytest tests -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/pytest.txt" | tail -25 || status=1
+timeout 200 python3 -m pytest tests -q -p no:cacheprovider -o addopts="" 2>&1 | tee "$out/pytest.txt" | tail -25 || status=1
 grep -qE "passed" "$out/pytest.txt" && ! grep -qE "[0-9]+ failed|error" "$out/pytest.txt" || status=1
 
 echo "== Triton configuration sweep =="
-timeout 240 python3 -m benchmarks.tune_triton --out "$out" 2>&1 | tee "$out/tune.txt" | grep -E "best|default" || status=1
+timeout 150 python3 -m benchmarks.tune_triton --out "$out" 2>&1 | tee "$out/tune.txt" | grep -E "best|default" || status=1
 
 echo "== benchmark grid =="
-timeout 300 python3 -m benchmarks.runner --out "$out" --quiet 2>&1 | tee "$out/bench.txt" || status=1
+timeout 200 python3 -m benchmarks.runner --out "$out" --quiet 2>&1 | tee "$out/bench.txt" || status=1
 exit $status

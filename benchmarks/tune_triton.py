@@ -21,7 +21,7 @@ from .runner import NOMINAL_BANDWIDTH, make_inputs, time_call
 
 
 def candidates(m_pad: int) -> list[KernelConfig]:
-    blocks, warps, stages = (64, 128, 256), (4, 8), (2, 3)
+    blocks, warps, stages = ((128, 256), (4, 8), (2, 3)) if m_pad == 16 else ((128,), (4, 8), (2,))
     return [
         KernelConfig(m_pad=m_pad, block_d=b, num_warps=w, num_stages=s, rotate_by_gather=g)
         for b, w, s, g in itertools.product(blocks, warps, stages, (True, False))
@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     for (n, m, d), kind in itertools.product(cases, ("random", "collinear")):
         reps = make_inputs(n, m, d, torch.bfloat16, torch.device("cuda"))
         if kind == "collinear":
-            reps = (reps[:, :1] * torch.rand(n, m, 1, device="cuda", dtype=reps.dtype) + 0.1).contiguous()
+            scales = torch.rand(n, m, 1, device="cuda", dtype=reps.dtype) + 0.1
+            reps = (reps[:, :1] * scales).contiguous()
         leaf = reps.requires_grad_()
         default = kernel_config(m, torch.bfloat16)
         for cfg in candidates(default.m_pad):
