@@ -17,8 +17,8 @@ timeout 200 python3 -m pytest tests -q -p no:cacheprovider -o addopts="" 2>&1 | 
 grep -qE "passed" "$out/pytest.txt" && ! grep -qE "[0-9]+ failed|error" "$out/pytest.txt" || status=1
 
 echo "== Triton configuration sweep =="
-timeout 150 python3 -m benchmarks.tune_triton --out "$out" 2>&1 | tee "$out/tune.txt" | grep -E "best|default" || status=1
+timeout 200 python3 -m benchmarks.tune_triton --out "$out" 2>&1 | tee "$out/tune.txt" | grep -E "best|Error" || status=1
 
 echo "== benchmark grid =="
-timeout 200 python3 -m benchmarks.runner --out "$out" --quiet 2>&1 | tee "$out/bench.txt" || status=1
+timeout 200 python3 -m benchmarks.runner --out "$out" --quiet --triton-configs "$out/tuned_configs.json" 2>&1 | tee "$out/bench.txt" || status=1
 exit $status

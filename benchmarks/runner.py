@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV and PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
+        "--triton-configs", type=Path, default=None, help="JSON {m_pad: KernelConfig fields} from tune_triton"
+    )
+    parser.add_argument(
         "--reference-max-n", type=int, default=None, help="skip reference above this N (default: 256 on GPU)"
     )
     args = parser.parse_args(argv)
@@ -325,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     impls = args.impls.split(",") if args.impls else default_impls
     dtypes = args.dtypes.split(",") if args.dtypes else (["bf16"] if gpu else ["fp32"])
     torch.manual_seed(0)
+    overrides = {}
+    if args.triton_configs is not None and args.triton_configs.exists():
+        from mlc_kernels.ops.triton_kernels import KernelConfig
+
+        overrides = {int(k): KernelConfig(**v) for k, v in json.loads(args.triton_configs.read_text()).items()}
+        print(f"Triton configurations from {args.triton_configs}: {overrides}")
     ref_max_n = args.reference_max_n if args.reference_max_n is not None else (256 if gpu else None)
     rows = run_grid(
         grid,

@@ -70,13 +70,11 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
         "M_PAD": "constexpr",
         "BLOCK_D": "constexpr",
         "N_SWEEPS": "constexpr",
-        "ROTATE_BY_GATHER": "constexpr",
     }
     constexprs = {
         "M_PAD": cfg.m_pad,
         "BLOCK_D": cfg.block_d,
         "N_SWEEPS": MAX_SWEEPS,
-        "ROTATE_BY_GATHER": cfg.rotate_by_gather,
     }
     # The launches see 16-byte aligned pointers and (for d % 16 == 0) divisible d and strides.
     names = list(signature)
@@ -97,7 +95,6 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
         "block_d": cfg.block_d,
         "num_warps": cfg.num_warps,
         "num_stages": cfg.num_stages,
-        "rotate_by_gather": cfg.rotate_by_gather,
         "ptx_bytes": len(compiled.asm["ptx"]),
         **usage,
     }

@@ -47,13 +47,13 @@ def _round_robin_partner(idx, step, k):
 
 
 @triton.jit
-def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr, ROTATE_BY_GATHER: tl.constexpr):
+def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):
     """Eigen-decomposition of the symmetric ``(M_PAD, M_PAD)`` fp32 tile ``a``.
 
     Returns ``(lam, v)``: eigenvalues on the diagonal order, eigenvectors as columns of v.
     Only indices < k (k even) are rotated; the others must be decoupled already.
     Each round applies the rotation ``J`` (``J[i, i] = c_i``, ``J[i, P(i)] = s_i``, P the round's
-    pairing) either as two permutation gathers (``ROTATE_BY_GATHER``) or as dense tile products.
+    pairing) as permutation gathers: O(M^2) work, no tile products (measured faster on H200).
     """
     v = tl.where(eye, 1.0, 0.0)
     off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
@@ -76,25 +76,17 @@ def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr, R
             denom = tl.abs(diff) + tl.sqrt(diff * diff + 4.0 * a_pq * a_pq)
             # tan of the rotation angle that zeroes a_pq (Rutishauser's stable form)
             t = tl.where(paired & (a_pq != 0.0), 2.0 * a_pq * sign / tl.where(denom > 0.0, denom, 1.0), 0.0)
-            if ROTATE_BY_GATHER:
-                # both members of a pair take the first member's angle (A may drift from symmetry by rounding)
-                t = tl.where(first, t, tl.gather(t, partner, 0))
-                c = 1.0 / tl.sqrt(1.0 + t * t)
-                s = tl.where(first, t * c, -t * c)
-                s_partner = tl.gather(s, partner, 0)  # J[P(i), i]
-                by_col = tl.broadcast_to(partner[None, :], (M_PAD, M_PAD))
-                by_row = tl.broadcast_to(partner[:, None], (M_PAD, M_PAD))
-                # (A J)[i, j] = c_j A[i, j] + s_P(j) A[i, P(j)];  (J^T B)[i, j] = c_i B[i, j] + s_P(i) B[P(i), j]
-                b = a * c[None, :] + tl.gather(a, by_col, 1) * s_partner[None, :]
-                a = b * c[:, None] + tl.gather(b, by_row, 0) * s_partner[:, None]
-                v = v * c[None, :] + tl.gather(v, by_col, 1) * s_partner[None, :]
-            else:
-                c = 1.0 / tl.sqrt(1.0 + t * t)
-                s = tl.where(first, t * c, -t * c)
-                rot = tl.where(eye, c[:, None], tl.where(onehot & paired[:, None], s[:, None], 0.0))
-                a = tl.dot(tl.trans(rot), tl.dot(a, rot, input_precision="ieee"), input_precision="ieee")
-                a = 0.5 * (a + tl.trans(a))  # keep both members of a pair on the same rotation
-                v = tl.dot(v, rot, input_precision="ieee")
+            # both members of a pair take the first member's angle (A may drift from symmetry by rounding)
+            t = tl.where(first, t, tl.gather(t, partner, 0))
+            c = 1.0 / tl.sqrt(1.0 + t * t)
+            s = tl.where(first, t * c, -t * c)
+            s_partner = tl.gather(s, partner, 0)  # J[P(i), i]
+            by_col = tl.broadcast_to(partner[None, :], (M_PAD, M_PAD))
+            by_row = tl.broadcast_to(partner[:, None], (M_PAD, M_PAD))
+            # (A J)[i, j] = c_j A[i, j] + s_P(j) A[i, P(j)];  (J^T B)[i, j] = c_i B[i, j] + s_P(i) B[P(i), j]
+            b = a * c[None, :] + tl.gather(a, by_col, 1) * s_partner[None, :]
+            a = b * c[:, None] + tl.gather(b, by_row, 0) * s_partner[:, None]
+            v = v * c[None, :] + tl.gather(v, by_col, 1) * s_partner[None, :]
         off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
         sweep += 1
     lam = tl.sum(tl.where(eye, a, 0.0), axis=1)
@@ -118,7 +110,6 @@ def mlc_fused_kernel(
     M_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     N_SWEEPS: tl.constexpr,
-    ROTATE_BY_GATHER: tl.constexpr,
 ):
     """One prompt per program. reps: (N, m, d) with unit stride on d; mask: (N, m) uint8;
     loss: (N,) fp32; grad: (N, m, d) contiguous in the dtype of reps (written if write_grad)."""
@@ -130,12 +121,20 @@ def mlc_fused_kernel(
     cols = tl.arange(0, BLOCK_D)
     row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
 
-    # 1. raw Gram matrix, fp32 accumulation
+    inv_tau = tl.cast(inv_tau, tl.float32)  # torch.compile may pass Python floats as fp64
+    sv_cutoff = tl.cast(sv_cutoff, tl.float32)
+
+    # 1. raw Gram matrix, fp32: each block's product starts from zero and is added with Kahan
+    # compensation, so the error does not grow with d (G's small eigenvalues are the loss's noise floor)
     raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
     for start in range(0, d, BLOCK_D):
         offs = start + cols
         x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
-        raw = tl.dot(x, tl.trans(x), raw, input_precision="ieee")
+        part = tl.dot(x, tl.trans(x), input_precision="ieee") - carry
+        total = raw + part
+        carry = (total - raw) - part
+        raw = total
 
     # 2. cosine matrix, masks, non-finite detection
     sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
@@ -157,7 +156,7 @@ def mlc_fused_kernel(
         shifted = tl.where(eye & ~present[:, None], -1.0, gram)
         shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
         k = m + (m % 2)
-        lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS, ROTATE_BY_GATHER)
+        lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
         valid = present & (lam > -0.5)
         ahead = (lam[None, :] > lam[:, None]) | ((lam[None, :] == lam[:, None]) & (rows[None, :] < rows[:, None]))
         rank = tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
@@ -227,20 +226,19 @@ class KernelConfig:
     block_d: int
     num_warps: int
     num_stages: int = 2
-    rotate_by_gather: bool = True
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-_config_override: KernelConfig | None = None
+_config_override: dict[int, KernelConfig] = {}
 
 
 @contextlib.contextmanager
-def kernel_config_override(cfg: KernelConfig):
-    """Benchmarks only: launch with ``cfg`` instead of the dispatcher's choice inside the block."""
+def kernel_config_override(configs: dict[int, KernelConfig]):
+    """Benchmarks only: inside the block, launch with ``configs[m_pad]`` where given."""
     global _config_override
-    previous, _config_override = _config_override, cfg
+    previous, _config_override = _config_override, dict(configs)
     try:
         yield
     finally:
@@ -249,12 +247,16 @@ def kernel_config_override(cfg: KernelConfig):
 
 def kernel_config(m: int, dtype: torch.dtype) -> KernelConfig:
     """The configuration the dispatcher uses for m variants of ``dtype``."""
-    if _config_override is not None:
-        return _config_override
     m_pad = 16 if m <= 16 else 32
-    block_d = 64 if dtype == torch.float32 else 128
-    num_warps = 4 if m_pad == 16 else 8
-    return KernelConfig(m_pad=m_pad, block_d=block_d, num_warps=num_warps)
+    if m_pad in _config_override:
+        return _config_override[m_pad]
+    # Measured on H200 (benchmarks/tune_triton.py): 4 warps beat 8 (the m x m phase is latency-bound
+    # and cheaper with fewer warps); wider d-blocks with 3 stages keep more bytes in flight.
+    if dtype == torch.float32:  # IEEE fp32 FMA products: smaller blocks keep registers in check
+        return KernelConfig(m_pad=m_pad, block_d=64, num_warps=4, num_stages=3 if m_pad == 16 else 2)
+    if m_pad == 16:
+        return KernelConfig(m_pad=16, block_d=256, num_warps=4, num_stages=3)
+    return KernelConfig(m_pad=32, block_d=128, num_warps=4, num_stages=2)
 
 
 def all_kernel_configs() -> list[tuple[torch.dtype, KernelConfig]]:
@@ -322,7 +324,6 @@ def mlc_fused(
         M_PAD=cfg.m_pad,
         BLOCK_D=cfg.block_d,
         N_SWEEPS=MAX_SWEEPS,
-        ROTATE_BY_GATHER=cfg.rotate_by_gather,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -336,6 +337,10 @@ def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
 
 
 def _setup_context(ctx, inputs, output) -> None:
+    # The gradient output is a buffer, not a differentiable result: autograd must not
+    # materialise a reps-sized zero tensor as its incoming gradient.
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 
