@@ -2,9 +2,9 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and
 a cubin on any machine; ``cuobjdump --dump-resource-usage`` (shipped in Triton's NVIDIA backend)
-then reads the registers, stack and spill bytes of the cubin. CI runs this for every kernel
-configuration the dispatcher can pick (sm_90 and sm_80), so code that the interpreter accepts but
-the compiler rejects, and register spills, show up without a device.
+then reads the registers and stack of the cubin, and ``ptxas -v`` on the PTX its spill bytes.
+CI runs this for every kernel configuration the dispatcher can pick (sm_90 and sm_80), so code
+that the interpreter accepts but the compiler rejects, and register spills, show up without a device.
 
 Run as ``python -m mlc_kernels.ops.triton_aot [--arch 90 80]``: prints one JSON line per kernel.
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
@@ -25,10 +25,29 @@ import torch
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
-def _cuobjdump() -> Path:
+def _nvidia_tool(name: str) -> Path:
     import triton
 
-    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _ptxas_spills(ptx: str, arch: int) -> dict[str, int]:
+    """Spill stores/loads and stack frame bytes reported by ``ptxas -v`` for the kernel's PTX."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "kernel.ptx"
+        path.write_text(ptx)
+        arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        out = subprocess.run(
+            [str(_nvidia_tool("ptxas")), "-v", f"--gpu-name={arch_name}", str(path), "-o", str(Path(tmp) / "k.o")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+    if not found:
+        raise RuntimeError(f"could not read ptxas -v output:\n{out}")
+    frame, stores, loads = (int(v) for v in found.groups())
+    return {"stack_frame": frame, "spill_stores": stores, "spill_loads": loads}
 
 
 def _resource_usage(cubin: bytes) -> dict[str, int]:
@@ -36,7 +55,10 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
         path = Path(tmp) / "kernel.cubin"
         path.write_bytes(cubin)
         out = subprocess.run(
-            [str(_cuobjdump()), "--dump-resource-usage", str(path)], capture_output=True, text=True, check=True
+            [str(_nvidia_tool("cuobjdump")), "--dump-resource-usage", str(path)],
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout
     usage = {}
     for key in ("REG", "STACK", "SHARED", "LOCAL"):
@@ -87,6 +109,7 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
     )
     usage = _resource_usage(compiled.asm["cubin"])
+    usage.update(_ptxas_spills(compiled.asm["ptx"], arch))
     return {
         "kernel": "mlc_fused_kernel",
         "arch": f"sm_{arch}",

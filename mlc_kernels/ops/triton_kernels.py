@@ -250,13 +250,16 @@ def kernel_config(m: int, dtype: torch.dtype) -> KernelConfig:
     m_pad = 16 if m <= 16 else 32
     if m_pad in _config_override:
         return _config_override[m_pad]
-    # Measured on H200 (benchmarks/tune_triton.py): 4 warps beat 8 (the m x m phase is latency-bound
-    # and cheaper with fewer warps); wider d-blocks with 3 stages keep more bytes in flight.
-    if dtype == torch.float32:  # IEEE fp32 FMA products: smaller blocks keep registers in check
-        return KernelConfig(m_pad=m_pad, block_d=64, num_warps=4, num_stages=3 if m_pad == 16 else 2)
-    if m_pad == 16:
-        return KernelConfig(m_pad=16, block_d=256, num_warps=4, num_stages=3)
-    return KernelConfig(m_pad=32, block_d=128, num_warps=4, num_stages=2)
+    # 16-bit: from benchmarks/tune_triton.py on an H200 (results/nvidia-h200). Few warps win: the
+    # m x m phase is latency-bound and more CTAs per SM overlap it with streaming. For m_pad=32 one
+    # warp was 20% faster still but spills (ptxas: 332 bytes), so two warps.
+    if dtype == torch.float32:  # IEEE fp32 FMA products; sized so that ptxas reports no spills
+        return (
+            KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=3)
+            if m_pad == 16
+            else (KernelConfig(m_pad=32, block_d=32, num_warps=4, num_stages=2))
+        )
+    return KernelConfig(m_pad=m_pad, block_d=128, num_warps=2, num_stages=3)
 
 
 def all_kernel_configs() -> list[tuple[torch.dtype, KernelConfig]]:
