@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mlc_kernels import mlc_loss
-from mlc_kernels.ops.triton_kernels import KernelConfig, kernel_config, kernel_config_override
+from mlc_kernels.ops.triton_kernels import KernelConfig, device_arch, kernel_config, kernel_config_override
 
 from .runner import NOMINAL_BANDWIDTH, make_inputs, time_call
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         if kind == "collinear":
             scales = torch.rand(n, m, 1, device="cuda", dtype=dtype) + 0.1
             reps = (reps[:, :1] * scales).contiguous()
-        default = kernel_config(m, dtype)
+        default = kernel_config(m, dtype, device_arch(torch.device("cuda")))
         check = reps[:64]
         ref_loss, ref_grad = _loss_and_grad(check)
         nbytes = 3 * reps.numel() * reps.element_size()

@@ -11,6 +11,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from mlc_kernels.ops.triton_kernels import all_kernel_configs
 
@@ -30,22 +31,14 @@ def compiled() -> list[dict]:
 
 
 def test_every_dispatch_config_compiles_for_sm90_and_sm80(compiled):
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     expected = {
-        (
-            arch,
-            str(dtype)
-            .removeprefix("torch.")
-            .replace("float32", "fp32")
-            .replace("bfloat16", "bf16")
-            .replace("float16", "fp16"),
-            cfg.m_pad,
-            cfg.block_d,
-        )
-        for arch in ("sm_90", "sm_80")
-        for dtype, cfg in all_kernel_configs()
+        (f"sm_{arch}", names[dtype], cfg.m_pad, cfg.block_d, cfg.num_warps, cfg.num_stages)
+        for arch, dtype, cfg in all_kernel_configs()
     }
-    got = {(row["arch"], row["dtype"], row["m_pad"], row["block_d"]) for row in compiled}
+    got = {(r["arch"], r["dtype"], r["m_pad"], r["block_d"], r["num_warps"], r["num_stages"]) for r in compiled}
     assert got == expected
+    assert {arch for arch, _, _ in all_kernel_configs()} == {90, 80}
     assert all(row["ptx_bytes"] > 0 for row in compiled)
 
 

@@ -124,12 +124,12 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
 
 
 def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
-    """Compile every (dtype, config) the dispatcher can pick, for each arch."""
+    """Compile every (dtype, config) the dispatcher can pick on each arch, for that arch."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a separate process)")
     from .triton_kernels import all_kernel_configs
 
-    return [compile_fused_kernel(dtype, cfg, arch) for arch in archs for dtype, cfg in all_kernel_configs()]
+    return [compile_fused_kernel(dtype, cfg, arch) for arch, dtype, cfg in all_kernel_configs() if arch in archs]
 
 
 def main() -> None:

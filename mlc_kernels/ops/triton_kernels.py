@@ -245,26 +245,38 @@ def kernel_config_override(configs: dict[int, KernelConfig]):
         _config_override = previous
 
 
-def kernel_config(m: int, dtype: torch.dtype) -> KernelConfig:
-    """The configuration the dispatcher uses for m variants of ``dtype``."""
+def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
+    """The configuration the dispatcher uses for m variants of ``dtype`` on ``sm_<arch>``."""
     m_pad = 16 if m <= 16 else 32
     if m_pad in _config_override:
         return _config_override[m_pad]
-    # 16-bit: from benchmarks/tune_triton.py on an H200 (results/nvidia-h200). Few warps win: the
-    # m x m phase is latency-bound and more CTAs per SM overlap it with streaming. For m_pad=32 one
-    # warp was 20% faster still but spills (ptxas: 332 bytes), so two warps.
     if dtype == torch.float32:  # IEEE fp32 FMA products; sized so that ptxas reports no spills
-        return (
-            KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=3)
-            if m_pad == 16
-            else (KernelConfig(m_pad=32, block_d=32, num_warps=4, num_stages=2))
-        )
-    return KernelConfig(m_pad=m_pad, block_d=128, num_warps=2, num_stages=3)
+        if m_pad == 16:
+            return KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=3)
+        return KernelConfig(m_pad=32, block_d=32, num_warps=4, num_stages=2)
+    # 16-bit, from benchmarks/tune_triton.py on an H200 (results/nvidia-h200): few warps win (the
+    # m x m phase is latency-bound; more CTAs per SM overlap it with streaming) and 3 stages beat 2
+    # by 35%. One warp was faster still for m_pad=32 but spills (ptxas: 332 bytes). On sm_80 two
+    # warps spill for m_pad=16, so older GPUs take four.
+    if arch >= 90 or m_pad == 32:
+        return KernelConfig(m_pad=m_pad, block_d=128, num_warps=2, num_stages=3)
+    return KernelConfig(m_pad=16, block_d=128, num_warps=4, num_stages=3)
 
 
-def all_kernel_configs() -> list[tuple[torch.dtype, KernelConfig]]:
-    """Every (dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time."""
-    return [(dt, kernel_config(m, dt)) for dt in SUPPORTED_DTYPES for m in (16, 32)]
+AOT_ARCHS = (90, 80)
+
+
+def all_kernel_configs() -> list[tuple[int, torch.dtype, KernelConfig]]:
+    """Every (arch, dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time."""
+    return [(arch, dt, kernel_config(m, dt, arch)) for arch in AOT_ARCHS for dt in SUPPORTED_DTYPES for m in (16, 32)]
+
+
+def device_arch(device: torch.device) -> int:
+    """``major * 10 + minor`` of a CUDA device (90 for Hopper); 90 for the CPU interpreter."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def interpreting() -> bool:
@@ -310,7 +322,7 @@ def mlc_fused(
     grad = torch.empty((n, m, d) if write_grad else (0, m, d), dtype=reps.dtype, device=reps.device)
     if n == 0:
         return loss, grad
-    cfg = kernel_config(m, reps.dtype)
+    cfg = kernel_config(m, reps.dtype, device_arch(reps.device))
     torch.library.wrap_triton(mlc_fused_kernel)[(n,)](
         reps,
         mask,
