@@ -37,8 +37,10 @@ def _ptxas_spills(ptx: str, arch: int) -> dict[str, int]:
         path = Path(tmp) / "kernel.ptx"
         path.write_text(ptx)
         arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
+        from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses for arch
+
         out = subprocess.run(
-            [str(_nvidia_tool("ptxas")), "-v", f"--gpu-name={arch_name}", str(path), "-o", str(Path(tmp) / "k.o")],
+            [get_ptxas(arch).path, "-v", f"--gpu-name={arch_name}", str(path), "-o", str(Path(tmp) / "k.o")],
             capture_output=True,
             text=True,
             check=True,
