@@ -2,7 +2,7 @@
 
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and
 a cubin on any machine; ``cuobjdump --dump-resource-usage`` (shipped in Triton's NVIDIA backend)
-then reads the registers and stack of the cubin, and ``ptxas -v`` on the PTX its spill bytes.
+then reads the registers and stack of the cubin, and the compile's own ``ptxas -v`` log its spills.
 CI runs this for every kernel configuration the dispatcher can pick (sm_90 and sm_80), so code
 that the interpreter accepts but the compiler rejects, and register spills, show up without a device.
 
@@ -13,6 +13,8 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -31,23 +33,11 @@ def _nvidia_tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def _ptxas_spills(ptx: str, arch: int) -> dict[str, int]:
-    """Spill stores/loads and stack frame bytes reported by ``ptxas -v`` for the kernel's PTX."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "kernel.ptx"
-        path.write_text(ptx)
-        arch_name = f"sm_{arch}a" if arch == 90 else f"sm_{arch}"
-        from triton.backends.nvidia.compiler import get_ptxas  # the ptxas Triton itself uses for arch
-
-        out = subprocess.run(
-            [get_ptxas(arch).path, "-v", f"--gpu-name={arch_name}", str(path), "-o", str(Path(tmp) / "k.o")],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", out)
+def _parse_ptxas_log(log: str) -> dict[str, int]:
+    """Stack frame and spill bytes from the ``ptxas -v`` log of the compile itself."""
+    found = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", log)
     if not found:
-        raise RuntimeError(f"could not read ptxas -v output:\n{out}")
+        raise RuntimeError(f"could not read the ptxas -v log:\n{log}")
     frame, stores, loads = (int(v) for v in found.groups())
     return {"stack_frame": frame, "spill_stores": stores, "spill_loads": loads}
 
@@ -105,13 +95,22 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
     aligned = ["reps_ptr", "mask_ptr", "loss_ptr", "grad_ptr", "d", "stride_n", "stride_m"]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = ASTSource(fn=mlc_fused_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(
-        src,
-        target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-    )
+    # Triton runs ptxas with -v; its knob prints that log, which holds the spill bytes.
+    log = io.StringIO()
+    previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile
+    triton.knobs.nvidia.dump_ptxas_log = True
+    triton.knobs.compilation.always_compile = True  # a cached cubin would skip ptxas and its log
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(
+                src,
+                target=GPUTarget("cuda", arch, 32),
+                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
+            )
+    finally:
+        triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = previous
     usage = _resource_usage(compiled.asm["cubin"])
-    usage.update(_ptxas_spills(compiled.asm["ptx"], arch))
+    usage.update(_parse_ptxas_log(log.getvalue()))
     return {
         "kernel": "mlc_fused_kernel",
         "arch": f"sm_{arch}",

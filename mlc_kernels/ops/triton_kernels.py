@@ -252,7 +252,7 @@ def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
         return _config_override[m_pad]
     if dtype == torch.float32:  # IEEE fp32 FMA products; sized so that ptxas reports no spills
         if m_pad == 16:
-            return KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=3)
+            return KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=2)
         return KernelConfig(m_pad=32, block_d=32, num_warps=4, num_stages=2)
     # 16-bit, from benchmarks/tune_triton.py on an H200 (results/nvidia-h200): few warps win (the
     # m x m phase is latency-bound; more CTAs per SM overlap it with streaming) and 3 stages beat 2
