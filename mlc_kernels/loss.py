@@ -8,9 +8,10 @@ import os
 import torch
 from torch import nn
 
+from .ops import per_prompt_loss
 from .ops.common import OBJECTIVES
 
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "torch", "triton")
+IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "torch", "native", "triton")
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -47,33 +48,42 @@ def _check_triton_runnable(reps: torch.Tensor) -> None:
         )
 
 
+def _check_native_runnable(reps: torch.Tensor) -> None:
+    from .ops.native import native_error
+
+    if reps.device.type != "cpu":
+        raise ImplementationUnavailableError(f"impl='native' is the CPU kernel, got reps on {reps.device}")
+    err = native_error()
+    if err is not None:
+        raise ImplementationUnavailableError(f"impl='native' could not be built: {type(err).__name__}: {err}")
+
+
 def resolve_impl(impl: str, reps: torch.Tensor) -> str:
-    """The concrete implementation ``impl`` means for ``reps``; raises if an explicit one cannot run."""
+    """The concrete implementation ``impl`` means for ``reps``; raises if an explicit one cannot run.
+
+    ``auto``: ``triton`` on CUDA (fp32/bf16/fp16, m <= 32), else ``torch``; on CPU ``native`` when
+    it builds (else ``torch``, with a one-time warning).
+    """
     if impl not in IMPLEMENTATIONS:
         raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
     if impl == "auto":
-        if reps.device.type == "cuda" and _triton_importable() and reps.dtype != torch.float64 and reps.shape[1] <= 32:
-            return "triton"
+        if reps.device.type == "cuda":
+            if _triton_importable() and reps.dtype != torch.float64 and reps.shape[1] <= 32:
+                return "triton"
+            return "torch"
+        if reps.device.type == "cpu":
+            from .ops.native import native_available
+
+            if native_available(warn=True):
+                return "native"
         return "torch"
     if impl == "triton":
         if not _triton_importable():
             raise ImplementationUnavailableError("impl='triton' needs the triton package: pip install triton")
         _check_triton_runnable(reps)
+    if impl == "native":
+        _check_native_runnable(reps)
     return impl
-
-
-def _per_prompt_fn(name: str):
-    if name == "reference":
-        from .ops.reference import reference_mlc_loss
-
-        return reference_mlc_loss
-    if name == "torch":
-        from .ops.gram_torch import torch_mlc_loss
-
-        return torch_mlc_loss
-    from .ops.triton_kernels import triton_mlc_loss
-
-    return triton_mlc_loss
 
 
 def check_inputs(reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str, reduction: str) -> None:
@@ -130,7 +140,8 @@ def mlc_loss(
             (``1 - s_1^2 / m_n``) or ``"pairwise"`` (mean over pairs of ``1 - cos^2``).
         reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
             none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
-        impl: ``"auto"`` (triton on CUDA, torch on CPU), ``"reference"``, ``"torch"``, ``"triton"``.
+        impl: ``"auto"`` (triton on CUDA, native on CPU), ``"reference"``, ``"torch"``, ``"native"``,
+            ``"triton"``.
         validate: raise ``ValueError`` naming the first prompt with a non-finite present value
             (one host sync). Without it such prompts get a NaN loss.
 
@@ -142,7 +153,7 @@ def mlc_loss(
     present = mask if mask is not None else torch.ones(reps.shape[:2], dtype=torch.bool, device=reps.device)
     if validate:
         _raise_on_first_bad_prompt(reps, present)
-    per_prompt = _per_prompt_fn(name)(reps, present, float(tau), objective)
+    per_prompt = per_prompt_loss(name)(reps, present, float(tau), objective)
     if reduction == "none":
         return per_prompt
     total = per_prompt.sum()

@@ -9,6 +9,7 @@ from helpers import general_position, impl_device
 import mlc_kernels
 from mlc_kernels import ImplementationUnavailableError, MLCLoss, consistency_metrics, mlc_loss
 from mlc_kernels.loss import resolve_impl
+from mlc_kernels.ops.native import native_error
 
 
 @pytest.mark.parametrize(
@@ -47,8 +48,8 @@ def test_triton_limits_are_named():
         mlc_loss(torch.randn(2, 3, 4, dtype=torch.float64), impl="triton")
 
 
-def test_auto_picks_torch_on_cpu():
-    assert resolve_impl("auto", torch.randn(2, 3, 4)) == "torch"
+def test_auto_picks_native_on_cpu():
+    assert resolve_impl("auto", torch.randn(2, 3, 4)) == "native"
     assert resolve_impl("torch", torch.randn(2, 3, 4)) == "torch"
 
 
@@ -72,6 +73,48 @@ def test_gradcheck_torch_impl():
             lambda x, objective=objective: mlc_loss(x, mask, impl="torch", objective=objective, reduction="none"),
             (reps,),
         )
+
+
+@pytest.mark.parametrize("objective", ["sv_softmax", "rank1", "pairwise"])
+def test_native_directional_derivatives_float64(objective):
+    # gradcheck backpropagates the same graph many times, which the native impl's in-place backward
+    # refuses; central differences along random directions check the same thing.
+    reps = general_position(3, 5, 7, seed=4)
+    mask = torch.tensor([[True] * 5, [True, False, True, True, True], [True, True, False, False, True]])
+    weights = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)
+    x = reps.clone().requires_grad_()
+    (mlc_loss(x, mask, impl="native", objective=objective, reduction="none") * weights).sum().backward()
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        v = torch.randn(reps.shape, generator=gen, dtype=torch.float64)
+        eps = 1e-6
+
+        def f(y):
+            return (mlc_loss(y, mask, impl="native", objective=objective, reduction="none") * weights).sum()
+
+        numeric = (f(reps + eps * v) - f(reps - eps * v)) / (2 * eps)
+        torch.testing.assert_close((x.grad * v).sum(), numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_native_is_built_here():
+    # CI must build and test the native kernel: a machine with a C++ compiler always has it.
+    assert native_error() is None, native_error()
+
+
+def test_native_unavailable_raises_when_explicit_and_warns_once_for_auto(monkeypatch):
+    from mlc_kernels.ops import native
+
+    monkeypatch.setitem(native._state, "error", OSError("no compiler"))
+    monkeypatch.setitem(native._state, "warned", False)
+    with pytest.raises(ImplementationUnavailableError, match="impl='native' could not be built: OSError"):
+        mlc_loss(torch.randn(2, 3, 4), impl="native")
+    with pytest.warns(RuntimeWarning, match="native CPU kernel unavailable"):
+        assert resolve_impl("auto", torch.randn(2, 3, 4)) == "torch"
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_impl("auto", torch.randn(2, 3, 4)) == "torch"  # said once only
 
 
 def test_torch_compile_fullgraph():

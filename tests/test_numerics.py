@@ -8,7 +8,7 @@ from helpers import general_position, impl_device, loss_and_grad, near_collinear
 
 from mlc_kernels import mlc_loss
 
-FAST_IMPLS = ["torch", "triton"]
+FAST_IMPLS = ["torch", "native", "triton"]
 OBJECTIVES = ["sv_softmax", "rank1", "pairwise"]
 
 
@@ -75,11 +75,12 @@ def test_converged_regime_fp32(impl, case):
     assert (loss - ref_loss).abs().max() <= 2e-4
 
 
+@pytest.mark.parametrize("impl", ["torch", "native"])
 @pytest.mark.parametrize("case", sorted(CONVERGED))
-def test_converged_regime_fp64(case):
+def test_converged_regime_fp64(impl, case):
     reps64, mask = CONVERGED[case]
     ref_loss, _ = oracle(reps64, mask)
-    loss, grad = loss_and_grad(reps64, mask, "torch")
+    loss, grad = loss_and_grad(reps64, mask, impl)
     assert torch.isfinite(grad).all()
     assert (loss - ref_loss).abs().max() <= 1e-7
 

@@ -60,10 +60,11 @@ def _check(reps64, mask, objective, tau, kind, impl, dtype):
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(problems())
-def test_torch_impl_matches_reference(problem):
+def test_torch_and_native_impls_match_reference(problem):
     reps, mask, objective, tau, kind = problem
-    _check(reps, mask, objective, tau, kind, "torch", torch.float64)
-    _check(reps, mask, objective, tau, kind, "torch", torch.float32)
+    for impl in ("torch", "native"):
+        _check(reps, mask, objective, tau, kind, impl, torch.float64)
+        _check(reps, mask, objective, tau, kind, impl, torch.float32)
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
