@@ -1,11 +1,23 @@
 """mlc-kernels: fused kernels for the Multi-Lingual Consistency (MLC) loss (arXiv 2602.16660).
 
-Public API: :func:`mlc_loss`, :class:`MLCLoss`, :func:`consistency_metrics`.
+Public API: :func:`mlc_loss`, :class:`MLCLoss`, :func:`consistency_metrics`, :class:`MLCHead`,
+:func:`fused_linear_mlc_loss`, :class:`FusedLinearMLCLoss`.
 """
 
+from .fused_linear import FusedLinearMLCLoss, fused_linear_mlc_loss
+from .head import MLCHead
 from .loss import IMPLEMENTATIONS, ImplementationUnavailableError, MLCLoss, mlc_loss
 from .metrics import consistency_metrics
 
 __version__ = "0.1.0"
 
-__all__ = ["IMPLEMENTATIONS", "ImplementationUnavailableError", "MLCLoss", "consistency_metrics", "mlc_loss"]
+__all__ = [
+    "IMPLEMENTATIONS",
+    "FusedLinearMLCLoss",
+    "ImplementationUnavailableError",
+    "MLCHead",
+    "MLCLoss",
+    "consistency_metrics",
+    "fused_linear_mlc_loss",
+    "mlc_loss",
+]

@@ -86,6 +86,29 @@ def resolve_impl(impl: str, reps: torch.Tensor) -> str:
     return impl
 
 
+def check_mask(mask: torch.Tensor | None, n: int, m: int, device: torch.device) -> None:
+    """Raise unless ``mask`` is None or an ``(n, m)`` bool tensor on ``device``."""
+    if mask is None:
+        return
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"mask must be a bool tensor of shape (N, m), got {got}")
+    if tuple(mask.shape) != (n, m):
+        raise ValueError(f"mask must have shape (N, m) = {(n, m)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the device of reps ({device}), got {mask.device}")
+
+
+def check_options(tau: float, objective: str, reduction: str) -> None:
+    """Raise unless ``tau`` > 0 is finite and ``objective`` and ``reduction`` are known."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
 def check_inputs(reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str, reduction: str) -> None:
     """Raise a clear error naming the argument when the inputs of ``mlc_loss`` are malformed."""
     if not isinstance(reps, torch.Tensor):
@@ -96,20 +119,13 @@ def check_inputs(reps: torch.Tensor, mask: torch.Tensor | None, tau: float, obje
         raise TypeError(f"reps must be float16, bfloat16, float32 or float64, got {reps.dtype}")
     if reps.shape[1] < 1 or reps.shape[2] < 1:
         raise ValueError(f"reps must have m >= 1 variants and d >= 1 dims, got shape {tuple(reps.shape)}")
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"mask must be a bool tensor of shape (N, m), got {got}")
-        if tuple(mask.shape) != tuple(reps.shape[:2]):
-            raise ValueError(f"mask must have shape (N, m) = {tuple(reps.shape[:2])}, got {tuple(mask.shape)}")
-        if mask.device != reps.device:
-            raise ValueError(f"mask must be on the device of reps ({reps.device}), got {mask.device}")
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_mask(mask, reps.shape[0], reps.shape[1], reps.device)
+    check_options(tau, objective, reduction)
+
+
+def eligible_count(present: torch.Tensor) -> torch.Tensor:
+    """Number of prompts with >= 2 present variants, at least 1 (the mean's denominator), on device."""
+    return (present.sum(dim=1) >= 2).sum().clamp_min(1)
 
 
 def _raise_on_first_bad_prompt(reps: torch.Tensor, present: torch.Tensor) -> None:
@@ -159,8 +175,7 @@ def mlc_loss(
     total = per_prompt.sum()
     if reduction == "sum":
         return total
-    eligible = (present.sum(dim=1) >= 2).sum().clamp_min(1)
-    return total / eligible.to(total.dtype)
+    return total / eligible_count(present).to(total.dtype)
 
 
 class MLCLoss(nn.Module):

@@ -56,7 +56,8 @@ def _torch_loss_and_grad(reps, present, tau, objective):
 
     loss, bmat = gram_loss_and_backward_matrix(reps, present, tau, objective)
     rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)
-    return loss, (bmat @ rows).to(reps.dtype)
+    with torch.autocast(reps.device.type, enabled=False):
+        return loss, (bmat @ rows).to(reps.dtype)
 
 
 def _native_loss_and_grad(reps, present, tau, objective):

@@ -20,6 +20,13 @@ def gram_loss_and_backward_matrix(
     ``reps``: ``(N, m, d)`` any float dtype; ``present``: ``(N, m)`` bool. Both outputs are in
     the accumulation dtype (fp32, or fp64 for fp64 input).
     """
+    with torch.autocast(reps.device.type, enabled=False):  # the Gram matrix stays in fp32 under autocast
+        return _gram_loss_and_backward_matrix(reps, present, tau, objective)
+
+
+def _gram_loss_and_backward_matrix(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str
+) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(reps.dtype)
     n, m, d = reps.shape
     x = reps.to(acc)
@@ -96,7 +103,8 @@ class GramMLCFunction(torch.autograd.Function):
         reps, present, bmat = ctx.saved_tensors
         scaled = bmat * grad_loss.to(bmat.dtype)[:, None, None]
         rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)  # masked rows may hold NaN
-        grad = scaled @ rows
+        with torch.autocast(reps.device.type, enabled=False):
+            grad = scaled @ rows
         return grad.to(reps.dtype), None, None, None
 
 

@@ -16,7 +16,12 @@ import torch
 
 from .common import OBJECTIVES, singular_value_cutoff
 
-SOURCE = Path(__file__).resolve().parents[2] / "csrc" / "mlc_native.cpp"
+# csrc/ at the repository root (source checkout, editable install) or packaged as mlc_kernels/csrc (wheel)
+_CANDIDATES = (
+    Path(__file__).resolve().parents[2] / "csrc" / "mlc_native.cpp",
+    Path(__file__).resolve().parents[1] / "csrc" / "mlc_native.cpp",
+)
+SOURCE = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}

@@ -33,6 +33,11 @@ def reference_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, ob
     Prompts with fewer than 2 present variants get 0. Computed in the input dtype
     (fp16/bf16 are promoted to fp32, which ``svdvals`` needs); differentiable by autograd.
     """
+    with torch.autocast(reps.device.type, enabled=False):
+        return _reference_mlc_loss(reps, present, tau, objective)
+
+
+def _reference_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
     work = reps if reps.dtype in (torch.float32, torch.float64) else reps.float()
     loss_dtype = work.dtype
     z = F.normalize(torch.where(present[..., None], work, 0.0), dim=-1, eps=NORM_EPS)  # missing rows: never read

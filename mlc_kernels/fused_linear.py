@@ -1,0 +1,239 @@
+"""The extractor fused with the loss: ``mlc_loss(hidden @ weight.T + bias)`` processed in chunks of prompts.
+
+In the manner of Liger's fused linear cross-entropy: for each chunk of prompts the forward runs the
+GEMM (torch: cuBLAS / MKL), the fused loss-and-gradient kernel of the chosen impl, and the two
+gradient GEMMs, so the ``(N, m, d)`` representations, their normalised copies and the eigen-factors
+are never alive for more than one chunk. For ``reduction="mean"``/``"sum"`` the backward only scales
+the gradients computed in the forward; for ``"none"`` it recomputes each chunk with the per-prompt
+weights of ``grad_output``.
+
+Mixed dtypes follow torch's autocast conventions: under ``torch.autocast`` the GEMMs run in the
+autocast dtype (hidden, weight and bias are cast, as ``nn.Linear`` does) and the loss kernel sees the
+representations in that dtype; each gradient comes back in its input's own dtype. Outside autocast,
+hidden, weight and bias must share one dtype, as ``F.linear`` requires.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, resolve_impl
+from .ops import per_prompt_loss_and_grad
+
+DEFAULT_CHUNK_ROWS = 4096
+"""Default chunk: this many rows (prompts x variants) per GEMM."""
+
+
+def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtypes = {hidden.dtype, weight.dtype} | ({bias.dtype} if bias is not None else set())
+    if len(dtypes) != 1:
+        got = f"hidden {hidden.dtype}, weight {weight.dtype}" + (f", bias {bias.dtype}" if bias is not None else "")
+        raise TypeError(
+            f"fused_linear_mlc_loss: hidden, weight and bias must share a dtype outside torch.autocast "
+            f"(as F.linear requires), got {got}; cast them or run under torch.autocast"
+        )
+    return hidden.dtype
+
+
+def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    for name, t in (("hidden", hidden), ("weight", weight)) + ((("bias", bias),) if bias is not None else ()):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
+        if t.device != hidden.device:
+            raise ValueError(f"{name} must be on the device of hidden ({hidden.device}), got {t.device}")
+    if hidden.dim() != 3 or hidden.shape[1] < 1:
+        raise ValueError(f"hidden must have shape (N, m, d_h) with m >= 1, got {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2] or weight.shape[0] < 1:
+        raise ValueError(
+            f"weight must have shape (d, d_h) = (d, {hidden.shape[2]}) to match hidden {tuple(hidden.shape)}, "
+            f"got {tuple(weight.shape)}"
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != weight.shape[0]):
+        raise ValueError(f"bias must have shape (d,) = ({weight.shape[0]},), got {tuple(bias.shape)}")
+
+
+class _FusedLinearMLC(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, present, tau, objective, reduction, impl, chunk, cdtype):
+        n, m, dh = hidden.shape
+        d = weight.shape[0]
+        loss_and_grad = per_prompt_loss_and_grad(impl)
+        needs = ctx.needs_input_grad[:3]
+        precompute = any(needs) and reduction != "none"
+        w = weight.to(cdtype)
+        b = bias.to(cdtype) if bias is not None else None
+        loss_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
+        losses = torch.empty(n, dtype=loss_dtype, device=hidden.device)
+        count = eligible_count(present)
+        scale = (1.0 / count.to(loss_dtype)) if reduction == "mean" else torch.ones((), device=hidden.device)
+        grads = _Grads(hidden, weight, bias, needs) if precompute else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, n, chunk):
+                stop = min(start + chunk, n)
+                rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
+                reps = F.linear(rows, w, b).view(stop - start, m, d)
+                if precompute:
+                    loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
+                    grads.add(start, stop, rows, (grad_reps * scale.to(grad_reps.dtype)).reshape(-1, d), w)
+                else:
+                    from .ops import per_prompt_loss
+
+                    with torch.no_grad():
+                        loss = per_prompt_loss(impl)(reps, present[start:stop], tau, objective)
+                losses[start:stop] = loss
+        ctx.save_for_backward(hidden, weight, bias, present)
+        ctx.grads = grads.finish() if precompute else None
+        ctx.options = (tau, objective, reduction, impl, chunk, cdtype)
+        if reduction == "none":
+            return losses
+        total = losses.sum()
+        return total / count.to(total.dtype) if reduction == "mean" else total
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        hidden, weight, bias, present = ctx.saved_tensors
+        tau, objective, reduction, impl, chunk, cdtype = ctx.options
+        if ctx.grads is not None:  # computed in the forward: scale in place (first backward only)
+            grad_hidden, grad_weight, grad_bias = ctx.grads
+            ctx.grads = None
+            for g in (grad_hidden, grad_weight, grad_bias):
+                if g is not None:
+                    g.mul_(grad_out.to(g.dtype))
+        else:  # reduction="none", or a second backward of the same graph: recompute with per-prompt weights
+            needs = ctx.needs_input_grad[:3]
+            grads = _Grads(hidden, weight, bias, needs)
+            n, m, dh = hidden.shape
+            if reduction != "none":
+                grad_out = grad_out.expand(n)
+                if reduction == "mean":
+                    grad_out = grad_out / eligible_count(present).to(grad_out.dtype)
+            d = weight.shape[0]
+            w = weight.to(cdtype)
+            b = bias.to(cdtype) if bias is not None else None
+            loss_and_grad = per_prompt_loss_and_grad(impl)
+            with torch.autocast(hidden.device.type, enabled=False):
+                for start in range(0, n, chunk):
+                    stop = min(start + chunk, n)
+                    rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
+                    reps = F.linear(rows, w, b).view(stop - start, m, d)
+                    _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
+                    weights = grad_out[start:stop].to(grad_reps.dtype)[:, None, None]
+                    grads.add(start, stop, rows, (grad_reps * weights).reshape(-1, d), w)
+            grad_hidden, grad_weight, grad_bias = grads.finish()
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+
+
+class _Grads:
+    """Accumulates the three gradients chunk by chunk (weight and bias in fp32 or fp64)."""
+
+    def __init__(self, hidden, weight, bias, needs):
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.hidden = torch.empty_like(hidden) if needs[0] else None
+        self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
+        self.bias = (
+            torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
+        )
+        self._dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        self._m = hidden.shape[1]
+
+    def add(self, start: int, stop: int, rows: torch.Tensor, grad_rows: torch.Tensor, w: torch.Tensor) -> None:
+        """``rows``: the chunk's inputs ``(c*m, d_h)``; ``grad_rows``: dloss/dreps ``(c*m, d)``."""
+        grad_rows = grad_rows.to(rows.dtype)
+        if self.hidden is not None:
+            self.hidden[start:stop] = (grad_rows @ w).view(stop - start, self._m, -1).to(self.hidden.dtype)
+        if self.weight is not None:
+            self.weight += (grad_rows.T @ rows).to(self.weight.dtype)
+        if self.bias is not None:
+            self.bias += grad_rows.sum(dim=0).to(self.bias.dtype)
+
+    def finish(self):
+        weight = self.weight.to(self._dtypes[0]) if self.weight is not None else None
+        bias = self.bias.to(self._dtypes[1]) if self.bias is not None else None
+        return self.hidden, weight, bias
+
+
+def fused_linear_mlc_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    *,
+    tau: float = 1.0,
+    objective: str = "sv_softmax",
+    reduction: str = "mean",
+    impl: str = "auto",
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """MLC loss of ``hidden @ weight.T + bias`` without keeping the representations for backward.
+
+    Args:
+        hidden: ``(N, m, d_h)`` hidden states (fp32/bf16/fp16/fp64): N prompts, m variants.
+        weight: ``(d, d_h)`` extractor weight; bias: optional ``(d,)``.
+        mask: optional ``(N, m)`` bool, True where the variant is present.
+        tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss` (``impl`` picks the loss kernel;
+            the GEMMs always go to torch).
+        chunk_size: prompts per chunk (default: about 4096 rows, i.e. ``4096 // m`` prompts). Extra memory
+            is bounded by the chunk, not by N.
+
+    Returns:
+        The loss as ``mlc_loss(hidden @ weight.T + bias, mask, ...)`` returns it, with gradients for
+        hidden, weight and bias.
+    """
+    _check_linear_inputs(hidden, weight, bias)
+    n, m, _ = hidden.shape
+    check_mask(mask, n, m, hidden.device)
+    check_options(tau, objective, reduction)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    cdtype = _compute_dtype(hidden, weight, bias)
+    probe = hidden.new_empty((0, m, weight.shape[0]), dtype=cdtype)
+    name = resolve_impl(impl, probe)
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ROWS // m)
+    present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=hidden.device)
+    return _FusedLinearMLC.apply(hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype)
+
+
+class FusedLinearMLCLoss(nn.Module):
+    """Module form of :func:`fused_linear_mlc_loss`: ``forward(hidden, weight, bias=None, mask=None)``."""
+
+    def __init__(
+        self,
+        *,
+        tau: float = 1.0,
+        objective: str = "sv_softmax",
+        reduction: str = "mean",
+        impl: str = "auto",
+        chunk_size: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tau, self.objective, self.reduction, self.impl, self.chunk_size = (
+            tau,
+            objective,
+            reduction,
+            impl,
+            chunk_size,
+        )
+
+    def forward(self, hidden, weight, bias=None, mask=None) -> torch.Tensor:
+        return fused_linear_mlc_loss(
+            hidden,
+            weight,
+            bias,
+            mask,
+            tau=self.tau,
+            objective=self.objective,
+            reduction=self.reduction,
+            impl=self.impl,
+            chunk_size=self.chunk_size,
+        )
+
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, objective={self.objective!r}, reduction={self.reduction!r}, impl={self.impl!r}"

@@ -1,0 +1,111 @@
+"""``MLCHead``: the paper's trainable representation extractor ``r = W h + b``, saved with safetensors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHTS_NAME = "mlc_head.safetensors"
+CONFIG_NAME = "mlc_head_config.json"
+
+
+class MLCHead(nn.Module):
+    """Linear map from the model's hidden size to the representation size.
+
+    ``forward(hidden)``: ``(..., hidden_size)`` -> ``(..., rep_size)``. ``loss(hidden, mask)`` computes
+    the MLC loss of ``(N, m, hidden_size)`` hidden states through :func:`fused_linear_mlc_loss`,
+    without materialising the representations for backward.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        rep_size: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        for name, value in (("hidden_size", hidden_size), ("rep_size", rep_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MLCHead: {name} must be a positive int, got {value!r}")
+        self.hidden_size, self.rep_size = hidden_size, rep_size
+        self.proj = nn.Linear(hidden_size, rep_size, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.proj.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.proj.bias
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+    def loss(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss``."""
+        from .fused_linear import fused_linear_mlc_loss
+
+        return fused_linear_mlc_loss(hidden, self.proj.weight, self.proj.bias, mask, **kwargs)
+
+    def config(self) -> dict:
+        return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.proj.bias is not None}
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it."""
+        from safetensors.torch import save_file
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        tensors = {"weight": self.proj.weight.detach().contiguous().cpu()}
+        if self.proj.bias is not None:
+            tensors["bias"] = self.proj.bias.detach().contiguous().cpu()
+        save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
+        (out / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1) + "\n")
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        directory: str | Path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> MLCHead:
+        """Load a head written by :meth:`save_pretrained`; refuses files whose tensors do not match the config."""
+        from safetensors.torch import load_file
+
+        src = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (src / name).is_file():
+                raise FileNotFoundError(f"MLCHead.from_pretrained: {src / name} does not exist")
+        config = json.loads((src / CONFIG_NAME).read_text())
+        missing = {"hidden_size", "rep_size", "bias"} - set(config)
+        if missing:
+            raise ValueError(f"MLCHead.from_pretrained: {src / CONFIG_NAME} lacks {sorted(missing)}")
+        tensors = load_file(str(src / WEIGHTS_NAME))
+        expected = {"weight": (config["rep_size"], config["hidden_size"])}
+        if config["bias"]:
+            expected["bias"] = (config["rep_size"],)
+        if set(tensors) != set(expected):
+            raise ValueError(
+                f"MLCHead.from_pretrained: {src / WEIGHTS_NAME} holds {sorted(tensors)}, expected {sorted(expected)}"
+            )
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ValueError(
+                    f"MLCHead.from_pretrained: {key} in {src / WEIGHTS_NAME} has shape {tuple(tensors[key].shape)}, "
+                    f"expected {shape} from {CONFIG_NAME} (hidden_size={config['hidden_size']}, "
+                    f"rep_size={config['rep_size']})"
+                )
+        head = cls(config["hidden_size"], config["rep_size"], bias=config["bias"], device=device, dtype=dtype)
+        with torch.no_grad():
+            head.proj.weight.copy_(tensors["weight"])
+            if config["bias"]:
+                head.proj.bias.copy_(tensors["bias"])
+        return head

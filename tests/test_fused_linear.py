@@ -1,0 +1,170 @@
+"""The extractor fused with the loss (``fused_linear_mlc_loss``) and ``MLCHead`` checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import impl_device
+
+from mlc_kernels import FusedLinearMLCLoss, MLCHead, fused_linear_mlc_loss, mlc_loss
+
+
+def _problem(n=7, m=5, dh=12, d=6, seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, m, dh, generator=gen, dtype=torch.float64)
+    weight = torch.randn(d, dh, generator=gen, dtype=torch.float64) / dh**0.5
+    bias = torch.randn(d, generator=gen, dtype=torch.float64)
+    mask = torch.rand(n, m, generator=gen) > 0.25
+    return hidden.to(dtype), weight.to(dtype), bias.to(dtype), mask
+
+
+def _grads(fn, tensors, weights=None):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    (out if out.dim() == 0 else (out * weights).sum()).backward()
+    return out.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "native"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("chunk_size", [None, 1, 3])
+def test_matches_unfused_reference_float64(impl, reduction, chunk_size):
+    hidden, weight, bias, mask = _problem()
+    weights = torch.linspace(-1, 2, hidden.shape[0], dtype=torch.float64)
+    fused, fused_grads = _grads(
+        lambda h, w, b: fused_linear_mlc_loss(h, w, b, mask, impl=impl, reduction=reduction, chunk_size=chunk_size),
+        (hidden, weight, bias),
+        weights,
+    )
+    ref, ref_grads = _grads(
+        lambda h, w, b: mlc_loss(h @ w.T + b, mask, impl="reference", reduction=reduction),
+        (hidden, weight, bias),
+        weights,
+    )
+    torch.testing.assert_close(fused, ref, rtol=1e-10, atol=1e-12)
+    for got, want in zip(fused_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11)
+
+
+def test_triton_impl_matches_unfused():
+    dev = impl_device("triton")
+    hidden, weight, bias, mask = (t.float().to(dev) if t.dtype != torch.bool else t.to(dev) for t in _problem())
+    fused, fused_grads = _grads(
+        lambda h, w, b: fused_linear_mlc_loss(h, w, b, mask, impl="triton", chunk_size=3), (hidden, weight, bias)
+    )
+    ref, ref_grads = _grads(lambda h, w, b: mlc_loss(h @ w.T + b, mask, impl="torch"), (hidden, weight, bias))
+    torch.testing.assert_close(fused, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(fused_grads, ref_grads, strict=True):
+        assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+def test_without_bias_and_with_frozen_inputs():
+    hidden, weight, _, mask = _problem()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_mlc_loss(hidden, w, None, mask, impl="torch", chunk_size=2)
+    loss.backward()
+    ref_w = weight.clone().requires_grad_()
+    mlc_loss(hidden @ ref_w.T, mask, impl="reference").backward()
+    torch.testing.assert_close(w.grad, ref_w.grad, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_torch_impl():
+    hidden, weight, bias, mask = _problem(n=3, m=4, dh=5, d=3, seed=2)
+    inputs = tuple(t.clone().requires_grad_() for t in (hidden, weight, bias))
+    for reduction in ("mean", "none"):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b, reduction=reduction: fused_linear_mlc_loss(
+                h, w, b, mask, impl="torch", reduction=reduction, chunk_size=2
+            ),
+            inputs,
+        )
+
+
+def test_no_grad_forward_matches():
+    hidden, weight, bias, mask = _problem()
+    with torch.no_grad():
+        loss = fused_linear_mlc_loss(hidden, weight, bias, mask, impl="native", chunk_size=4)
+    torch.testing.assert_close(loss, mlc_loss(hidden @ weight.T + bias, mask, impl="reference"))
+
+
+def test_autocast_mixed_dtypes_follow_torch():
+    hidden, weight, bias, mask = _problem(dtype=torch.float32)
+    hidden = hidden.bfloat16()
+    with pytest.raises(TypeError, match="must share a dtype outside torch.autocast"):
+        fused_linear_mlc_loss(hidden, weight, bias, mask)
+    h, w, b = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = fused_linear_mlc_loss(h, w, b, mask, impl="torch", chunk_size=3)
+        expected = mlc_loss(torch.nn.functional.linear(hidden, weight, bias), mask, impl="torch")
+    loss.backward()
+    assert loss.dtype == torch.float32
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        ({"weight": torch.randn(6, 11, dtype=torch.float64)}, ValueError, "weight must have shape \\(d, d_h\\)"),
+        ({"bias": torch.randn(5, dtype=torch.float64)}, ValueError, "bias must have shape \\(d,\\) = \\(6,\\)"),
+        ({"hidden": torch.randn(7, 12, dtype=torch.float64)}, ValueError, "hidden must have shape \\(N, m, d_h\\)"),
+        ({"bias": torch.randn(6)}, TypeError, "must share a dtype"),
+        ({"mask": torch.ones(7, 4, dtype=torch.bool)}, ValueError, "mask must have shape"),
+        ({"hidden": torch.ones(7, 5, 12, dtype=torch.int32)}, TypeError, "hidden must be a float tensor"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+        ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+    ],
+)
+def test_bad_input(kwargs, exc, match):
+    hidden, weight, bias, mask = _problem()
+    args = {"hidden": hidden, "weight": weight, "bias": bias, "mask": mask, **kwargs}
+    options = {k: args.pop(k) for k in ("chunk_size", "reduction") if k in args}
+    with pytest.raises(exc, match=match):
+        fused_linear_mlc_loss(args["hidden"], args["weight"], args["bias"], args["mask"], **options)
+
+
+def test_module_and_head_loss():
+    hidden, _, _, mask = _problem(dtype=torch.float32)
+    head = MLCHead(12, 6)
+    module = FusedLinearMLCLoss(impl="torch", chunk_size=2)
+    direct = mlc_loss(head(hidden), mask, impl="torch")
+    torch.testing.assert_close(module(hidden, head.weight, head.bias, mask), direct)
+    torch.testing.assert_close(head.loss(hidden, mask, impl="torch"), direct)
+    assert "impl='torch'" in repr(module)
+
+
+def test_head_round_trip(tmp_path):
+    head = MLCHead(12, 6)
+    head.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "mlc_head.safetensors").is_file()
+    loaded = MLCHead.from_pretrained(tmp_path / "ckpt")
+    assert torch.equal(loaded.weight, head.weight) and torch.equal(loaded.bias, head.bias)
+    no_bias = MLCHead(12, 6, bias=False)
+    no_bias.save_pretrained(tmp_path / "nb")
+    assert MLCHead.from_pretrained(tmp_path / "nb").bias is None
+
+
+def test_head_refuses_mismatched_files(tmp_path):
+    from safetensors.torch import save_file
+
+    MLCHead(12, 6).save_pretrained(tmp_path)
+    save_file({"weight": torch.zeros(6, 8), "bias": torch.zeros(6)}, str(tmp_path / "mlc_head.safetensors"))
+    with pytest.raises(ValueError, match=r"weight .* has shape \(6, 8\), expected \(6, 12\)"):
+        MLCHead.from_pretrained(tmp_path)
+    save_file({"weight": torch.zeros(6, 12)}, str(tmp_path / "mlc_head.safetensors"))
+    with pytest.raises(ValueError, match="holds \\['weight'\\], expected \\['bias', 'weight'\\]"):
+        MLCHead.from_pretrained(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        MLCHead.from_pretrained(tmp_path / "missing")
+    with pytest.raises(ValueError, match="hidden_size must be a positive int"):
+        MLCHead(0, 4)
+
+
+def test_second_backward_of_the_same_graph_recomputes():
+    hidden, weight, bias, mask = _problem()
+    w = weight.clone().requires_grad_()
+    loss = fused_linear_mlc_loss(hidden, w, bias, mask, impl="native", chunk_size=3)
+    loss.backward(retain_graph=True)
+    first = w.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(w.grad, 2 * first)
