@@ -149,36 +149,46 @@ def cuda_peak_extra(reps: torch.Tensor, impl: str) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _child_peak_code(n: int, m: int, d: int, dtype: str, impl: str) -> str:
+def _child_peak_code(setup: str, step: str) -> str:
     # VmHWM (peak RSS of this process image) is reset to the current RSS by writing 5 to
     # /proc/self/clear_refs; ru_maxrss would carry the parent's RSS over fork+exec.
     return (
         "import torch, json\n"
-        "from mlc_kernels.benchmarks.runner import DTYPES\n"
-        "from mlc_kernels import mlc_loss\n"
+        "from mlc_kernels.benchmarks.runner import *\n"
         "def hwm():\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmHWM'):\n"
         "            return int(line.split()[1]) * 1024\n"
-        f"x = torch.randn({n}, {m}, {d}, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
-        f"small = torch.randn(2, 2, 8, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
-        f"mlc_loss(small, impl={impl!r}).backward()\n"  # load lazy modules before the baseline
+        f"{setup}\n"
         "open('/proc/self/clear_refs', 'w').write('5')\n"
         "before = hwm()\n"
-        f"mlc_loss(x, impl={impl!r}).backward()\n"
-        "print(json.dumps(hwm() - before))\n"
+        f"handed_back = {step}\n"
+        "print(json.dumps(hwm() - before - handed_back))\n"
     )
 
 
-def cpu_peak_extra(n: int, m: int, d: int, dtype: str, impl: str) -> int:
-    """Peak resident memory of one forward+backward above the inputs, in a fresh child process (Linux)."""
+def _run_child(code: str) -> int:
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks go back to the OS when freed: RSS tracks live memory
-    code = _child_peak_code(n, m, d, dtype, impl)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+def loss_step(reps: torch.Tensor, impl: str) -> int:
+    """One forward+backward of ``mlc_loss``; returns 0 (the gradient is not counted: see cpu_peak_extra)."""
+    mlc_loss(reps, impl=impl).backward()
+    return 0
+
+
+def cpu_peak_extra(n: int, m: int, d: int, dtype: str, impl: str) -> int:
+    """Peak resident memory of one forward+backward above the inputs, in a fresh child process (Linux)."""
+    setup = (
+        f"x = torch.randn({n}, {m}, {d}, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
+        f"loss_step(torch.randn(2, 2, 8, dtype=DTYPES[{dtype!r}]).requires_grad_(), {impl!r})"  # lazy imports
+    )
+    return _run_child(_child_peak_code(setup, f"loss_step(x, {impl!r})"))
 
 
 def run_grid(
@@ -298,6 +308,104 @@ def plot(rows: list[Row], path: Path) -> None:
     plt.close(fig)
 
 
+FUSED_LINEAR_SHAPE = (1024, 10, 4096, 1024)  # N, m, d_h, d
+
+
+@dataclass
+class FusedRow:
+    device: str
+    impl: str
+    dtype: str
+    N: int
+    m: int
+    d_h: int
+    d: int
+    variant: str
+    time_ms: float
+    peak_extra_bytes: int | None = None
+    time_vs_unfused: float | None = None
+    memory_vs_unfused: float | None = None
+
+
+def fused_linear_step(hidden, weight, bias, impl: str, fused: bool) -> int:
+    """One forward+backward of the fused loss or of the unfused composite (``linear`` then ``mlc_loss``,
+    same impl); returns the bytes of the gradients handed back (hidden, weight, bias)."""
+    from mlc_kernels import fused_linear_mlc_loss
+
+    for t in (hidden, weight, bias):
+        t.grad = None
+    if fused:
+        loss = fused_linear_mlc_loss(hidden, weight, bias, impl=impl)
+    else:
+        loss = mlc_loss(torch.nn.functional.linear(hidden, weight, bias), impl=impl)
+    loss.backward()
+    return sum(t.grad.numel() * t.grad.element_size() for t in (hidden, weight, bias))
+
+
+def fused_linear_inputs(n, m, dh, d, dtype, device):
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(n, m, dh, generator=gen).to(device=device, dtype=dtype).requires_grad_()
+    weight = (torch.randn(d, dh, generator=gen) / dh**0.5).to(device=device, dtype=dtype).requires_grad_()
+    bias = torch.zeros(d, device=device, dtype=dtype).requires_grad_()
+    return hidden, weight, bias
+
+
+def run_fused_linear(shape, impl: str, dtype: str, device: torch.device, budget_s: float, memory: bool) -> list:
+    """Time and peak memory of the fused linear loss against the unfused composite, same impl."""
+    n, m, dh, d = shape
+    hidden, weight, bias = fused_linear_inputs(n, m, dh, d, DTYPES[dtype], device)
+    rows = []
+    for variant, fused in (("unfused", False), ("fused", True)):
+        ms = time_call(
+            lambda _, f=fused: fused_linear_step(hidden, weight, bias, impl, f),
+            lambda: None,
+            device,
+            budget_s,
+            min_reps=3,
+            max_reps=10,
+        )
+        peak = None
+        if memory and device.type == "cuda":
+            for t in (hidden, weight, bias):
+                t.grad = None
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            handed_back = fused_linear_step(hidden, weight, bias, impl, fused)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before - handed_back
+        elif memory:
+            setup = (
+                f"h, w, b = fused_linear_inputs({n}, {m}, {dh}, {d}, DTYPES[{dtype!r}], torch.device('cpu'))\n"
+                f"fused_linear_step(*fused_linear_inputs(2, {m}, 8, 4, DTYPES[{dtype!r}], torch.device('cpu')), "
+                f"{impl!r}, {fused})"
+            )
+            peak = _run_child(_child_peak_code(setup, f"fused_linear_step(h, w, b, {impl!r}, {fused})"))
+        rows.append(FusedRow(device_name(device), impl, dtype, n, m, dh, d, variant, ms, peak))
+    unfused, fused_row = rows
+    fused_row.time_vs_unfused = fused_row.time_ms / unfused.time_ms
+    if fused_row.peak_extra_bytes is not None and unfused.peak_extra_bytes:
+        fused_row.memory_vs_unfused = fused_row.peak_extra_bytes / unfused.peak_extra_bytes
+    return rows
+
+
+def format_fused_table(rows: list) -> str:
+    head = (
+        f"{'impl':<8}{'dtype':<6}{'N':>6}{'m':>4}{'d_h':>6}{'d':>6}  {'variant':<9}"
+        f"{'ms':>10}{'extra MB':>10}{'t/unfused':>11}{'mem/unfused':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mb = f"{r.peak_extra_bytes / 2**20:.1f}" if r.peak_extra_bytes is not None else "-"
+        tr = f"{r.time_vs_unfused:.2f}" if r.time_vs_unfused else "-"
+        mr = f"{r.memory_vs_unfused:.2f}" if r.memory_vs_unfused is not None else "-"
+        lines.append(
+            f"{r.impl:<8}{r.dtype:<6}{r.N:>6}{r.m:>4}{r.d_h:>6}{r.d:>6}  {r.variant:<9}"
+            f"{r.time_ms:>10.1f}{mb:>10}{tr:>11}{mr:>13}"
+        )
+    return "\n".join(lines)
+
+
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
     """``"64x10x1024,256x10x4096"`` -> ``[(64, 10, 1024), (256, 10, 4096)]``."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
@@ -307,7 +415,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlc-bench", description="Benchmark the MLC loss implementations.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--grid", type=parse_grid, help="NxMxD,... (default: a CPU or GPU grid)")
-    parser.add_argument("--impls", default=None, help="comma list (default: reference,torch[,triton on CUDA])")
+    parser.add_argument(
+        "--impls", default=None, help="comma list (default: reference,torch and triton on CUDA, native on CPU)"
+    )
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")
     parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per impl and mode")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -319,12 +429,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-max-n", type=int, default=None, help="skip reference above this N (default: 256 on GPU)"
     )
+    parser.add_argument("--suite", choices=("loss", "fused-linear", "all"), default="all")
+    parser.add_argument(
+        "--fused-linear-shape",
+        type=lambda t: tuple(int(v) for v in t.split("x")),
+        default=FUSED_LINEAR_SHAPE,
+        help="NxMxD_HxD of the fused linear comparison (default 1024x10x4096x1024)",
+    )
+    parser.add_argument("--fused-linear-impl", default=None, help="loss impl of both variants (default: auto)")
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
     grid = args.grid or (GPU_GRID if gpu else CPU_GRID)
-    default_impls = ["reference", "torch", "triton"] if gpu else ["reference", "torch"]
+    default_impls = ["reference", "torch", "triton"] if gpu else ["reference", "torch", "native"]
     impls = args.impls.split(",") if args.impls else default_impls
     dtypes = args.dtypes.split(",") if args.dtypes else (["bf16"] if gpu else ["fp32"])
     torch.manual_seed(0)
@@ -335,23 +453,46 @@ def main(argv: list[str] | None = None) -> None:
         overrides = {int(k): KernelConfig(**v) for k, v in json.loads(args.triton_configs.read_text()).items()}
         print(f"Triton configurations from {args.triton_configs}: {overrides}")
     ref_max_n = args.reference_max_n if args.reference_max_n is not None else (256 if gpu else None)
-    rows = run_grid(
-        grid,
-        impls,
-        dtypes,
-        device,
-        args.budget,
-        memory=not args.no_memory,
-        progress=not args.quiet,
-        reference_max_n=ref_max_n,
-    )
-    if not rows:
-        raise SystemExit("mlc-bench: nothing ran (no impl could run on this device)")
-    print(f"MLC loss benchmark on {rows[0].device}, torch {torch.__version__}")
-    print(format_table(rows))
-    write_csv(rows, args.out / "mlc_bench.csv")
-    plot(rows, args.out / "mlc_bench.png")
-    print(f"wrote {args.out / 'mlc_bench.csv'} and {args.out / 'mlc_bench.png'}")
+    from mlc_kernels.ops.triton_kernels import kernel_config_override
+
+    if args.suite in ("loss", "all"):
+        with kernel_config_override(overrides):
+            rows = run_grid(
+                grid,
+                impls,
+                dtypes,
+                device,
+                args.budget,
+                memory=not args.no_memory,
+                progress=not args.quiet,
+                reference_max_n=ref_max_n,
+            )
+        if not rows:
+            raise SystemExit("mlc-bench: nothing ran (no impl could run on this device)")
+        print(f"MLC loss benchmark on {rows[0].device}, torch {torch.__version__}")
+        print(format_table(rows))
+        write_csv(rows, args.out / "mlc_bench.csv")
+        plot(rows, args.out / "mlc_bench.png")
+        print(f"wrote {args.out / 'mlc_bench.csv'} and {args.out / 'mlc_bench.png'}")
+    if args.suite in ("fused-linear", "all"):
+        fl_impl = "auto" if args.fused_linear_impl is None else args.fused_linear_impl
+        fl_dtype = "bf16" if gpu else "fp32"
+        from mlc_kernels.loss import resolve_impl
+
+        fl_impl = resolve_impl(
+            fl_impl, torch.empty(0, args.fused_linear_shape[1], 1, device=device, dtype=DTYPES[fl_dtype])
+        )
+        with kernel_config_override(overrides):
+            fl_rows = run_fused_linear(
+                args.fused_linear_shape, fl_impl, fl_dtype, device, args.budget, memory=not args.no_memory
+            )
+        print(
+            f"Fused linear MLC loss vs linear + mlc_loss on {fl_rows[0].device} (extra memory: above inputs, "
+            "parameters and the gradients handed back)"
+        )
+        print(format_fused_table(fl_rows))
+        write_csv(fl_rows, args.out / "fused_linear.csv")
+        print(f"wrote {args.out / 'fused_linear.csv'}")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from torch import nn
 from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, resolve_impl
 from .ops import per_prompt_loss_and_grad
 
-DEFAULT_CHUNK_ROWS = 4096
-"""Default chunk: this many rows (prompts x variants) per GEMM."""
+DEFAULT_CHUNK_ROWS = 1024
+"""Default chunk: about this many rows (prompts x variants) per GEMM; large enough to keep the GEMMs
+efficient, small enough that the chunk's representations and their gradient stay a few MB."""
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -81,7 +82,8 @@ class _FusedLinearMLC(torch.autograd.Function):
                 reps = F.linear(rows, w, b).view(stop - start, m, d)
                 if precompute:
                     loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
-                    grads.add(start, stop, rows, (grad_reps * scale.to(grad_reps.dtype)).reshape(-1, d), w)
+                    del reps
+                    grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)
                 else:
                     from .ops import per_prompt_loss
 
@@ -125,8 +127,9 @@ class _FusedLinearMLC(torch.autograd.Function):
                     rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
                     reps = F.linear(rows, w, b).view(stop - start, m, d)
                     _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
+                    del reps
                     weights = grad_out[start:stop].to(grad_reps.dtype)[:, None, None]
-                    grads.add(start, stop, rows, (grad_reps * weights).reshape(-1, d), w)
+                    grads.add(start, stop, rows, grad_reps.mul_(weights).view(-1, d), w)
             grad_hidden, grad_weight, grad_bias = grads.finish()
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
 
@@ -145,12 +148,22 @@ class _Grads:
         self._m = hidden.shape[1]
 
     def add(self, start: int, stop: int, rows: torch.Tensor, grad_rows: torch.Tensor, w: torch.Tensor) -> None:
-        """``rows``: the chunk's inputs ``(c*m, d_h)``; ``grad_rows``: dloss/dreps ``(c*m, d)``."""
+        """``rows``: the chunk's inputs ``(c*m, d_h)``; ``grad_rows``: dloss/dreps ``(c*m, d)``.
+
+        The GEMMs write into the gradient buffers directly where the dtypes allow (no chunk-sized temporaries).
+        """
         grad_rows = grad_rows.to(rows.dtype)
         if self.hidden is not None:
-            self.hidden[start:stop] = (grad_rows @ w).view(stop - start, self._m, -1).to(self.hidden.dtype)
+            target = self.hidden[start:stop].view(-1, self.hidden.shape[2])
+            if target.dtype == grad_rows.dtype:
+                torch.mm(grad_rows, w, out=target)
+            else:
+                target.copy_(grad_rows @ w)
         if self.weight is not None:
-            self.weight += (grad_rows.T @ rows).to(self.weight.dtype)
+            if self.weight.dtype == rows.dtype:
+                self.weight.addmm_(grad_rows.T, rows)
+            else:
+                self.weight += (grad_rows.T @ rows).to(self.weight.dtype)
         if self.bias is not None:
             self.bias += grad_rows.sum(dim=0).to(self.bias.dtype)
 
@@ -180,7 +193,7 @@ def fused_linear_mlc_loss(
         mask: optional ``(N, m)`` bool, True where the variant is present.
         tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss` (``impl`` picks the loss kernel;
             the GEMMs always go to torch).
-        chunk_size: prompts per chunk (default: about 4096 rows, i.e. ``4096 // m`` prompts). Extra memory
+        chunk_size: prompts per chunk (default: about 1024 rows, i.e. ``1024 // m`` prompts). Extra memory
             is bounded by the chunk, not by N.
 
     Returns:
