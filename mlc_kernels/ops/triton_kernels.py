@@ -63,14 +63,12 @@ def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):
     while (sweep < N_SWEEPS) & (off > tol):
         for step in range(0, k - 1):
             partner = _round_robin_partner(rows, step, k)
+            onehot = rows[None, :] == partner[:, None]
             paired = rows != partner
             first = rows < partner
-            by_col = tl.broadcast_to(partner[None, :], (M_PAD, M_PAD))
-            by_row = tl.broadcast_to(partner[:, None], (M_PAD, M_PAD))
-            a_cols = tl.gather(a, by_col, 1)  # A[i, P(j)]
             diag = tl.sum(tl.where(eye, a, 0.0), axis=1)
-            a_pq = tl.sum(tl.where(eye, a_cols, 0.0), axis=1)  # A[i, P(i)]
-            d_partner = tl.gather(diag, partner, 0)
+            a_pq = tl.sum(tl.where(onehot, a, 0.0), axis=1)
+            d_partner = tl.sum(tl.where(onehot, diag[None, :], 0.0), axis=1)
             a_pp = tl.where(first, diag, d_partner)
             a_qq = tl.where(first, d_partner, diag)
             diff = a_qq - a_pp
@@ -83,8 +81,10 @@ def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):
             c = 1.0 / tl.sqrt(1.0 + t * t)
             s = tl.where(first, t * c, -t * c)
             s_partner = tl.gather(s, partner, 0)  # J[P(i), i]
+            by_col = tl.broadcast_to(partner[None, :], (M_PAD, M_PAD))
+            by_row = tl.broadcast_to(partner[:, None], (M_PAD, M_PAD))
             # (A J)[i, j] = c_j A[i, j] + s_P(j) A[i, P(j)];  (J^T B)[i, j] = c_i B[i, j] + s_P(i) B[P(i), j]
-            b = a * c[None, :] + a_cols * s_partner[None, :]
+            b = a * c[None, :] + tl.gather(a, by_col, 1) * s_partner[None, :]
             a = b * c[:, None] + tl.gather(b, by_row, 0) * s_partner[:, None]
             v = v * c[None, :] + tl.gather(v, by_col, 1) * s_partner[None, :]
         off = tl.sum(tl.sum(tl.where(eye, 0.0, a * a), axis=1), axis=0)
@@ -254,12 +254,14 @@ def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
         if m_pad == 16:
             return KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=2)
         return KernelConfig(m_pad=32, block_d=64, num_warps=8, num_stages=2)
-    # 16-bit, from benchmarks/tune_triton.py on an H200 (results/nvidia-h200): few warps win (the
-    # m x m phase is latency-bound; more CTAs per SM overlap it with streaming) and 3 stages beat 2
-    # by 35%. One warp was faster still for m_pad=32 but spills (ptxas: 332 bytes). On sm_80 two
-    # warps spill for m_pad=16, so older GPUs take four.
-    if arch >= 90 or m_pad == 32:
-        return KernelConfig(m_pad=m_pad, block_d=128, num_warps=2, num_stages=3)
+    # 16-bit, from benchmarks/tune_triton.py on an H200 (results/nvidia-h200): for m_pad=16 two warps
+    # beat four by 25% (the m x m phase is latency-bound; more CTAs per SM overlap it with streaming)
+    # and 3 stages beat 2 by 35%; on sm_80 two warps spill, so older GPUs take four. For m_pad=32 one
+    # warp was fastest but spills (ptxas: 332 bytes); two and four warps were within 2%.
+    if m_pad == 32:
+        return KernelConfig(m_pad=32, block_d=128, num_warps=4, num_stages=3)
+    if arch >= 90:
+        return KernelConfig(m_pad=16, block_d=128, num_warps=2, num_stages=3)
     return KernelConfig(m_pad=16, block_d=128, num_warps=4, num_stages=3)
 
 
