@@ -22,11 +22,13 @@ from torch import nn
 from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, resolve_impl
 from .ops import per_prompt_loss_and_grad
 
-DEFAULT_CHUNK_ROWS = {"cpu": 1024, "cuda": 16384}
-"""Default chunk, in rows (prompts x variants) per GEMM. CPU: small, the chunk's representations and
-their gradient stay a few MB at no cost in time. CUDA: each launch of the fused kernel has a latency
-floor of about 0.2 ms (one program per prompt runs the eigensolver serially; H200 measurements in
-benchmarks/results/nvidia-h200), so chunks must hold thousands of prompts' rows to keep it hidden."""
+DEFAULT_CHUNK_ROWS = 1024
+"""Default chunk, in rows (prompts x variants) per GEMM: the chunk's representations and their gradient
+stay a few MB. On CPU this costs no time (1.01x, N=1024, m=10). On CUDA each launch of the fused Triton
+kernel has a latency floor of 0.2-0.6 ms (one program per prompt runs the eigensolver serially), so
+small chunks cost time: on an H200, 1024-row chunks gave 0.34x the memory at 3.3x the time of the
+unfused path, one 10240-row chunk 1.08x the memory at 1.13x the time (benchmarks/results/nvidia-h200).
+Pass ``chunk_size`` to trade memory for time."""
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -195,8 +197,8 @@ def fused_linear_mlc_loss(
         mask: optional ``(N, m)`` bool, True where the variant is present.
         tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss` (``impl`` picks the loss kernel;
             the GEMMs always go to torch).
-        chunk_size: prompts per chunk (default ``DEFAULT_CHUNK_ROWS[device] // m``: 1024 rows on CPU, 16384
-            on CUDA). Extra memory
+        chunk_size: prompts per chunk (default ``1024 // m``, about 1024 rows; see ``DEFAULT_CHUNK_ROWS``
+            for the time/memory trade-off on GPU). Extra memory
             is bounded by the chunk, not by N.
 
     Returns:
@@ -212,7 +214,7 @@ def fused_linear_mlc_loss(
     cdtype = _compute_dtype(hidden, weight, bias)
     probe = hidden.new_empty((0, m, weight.shape[0]), dtype=cdtype)
     name = resolve_impl(impl, probe)
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ROWS.get(hidden.device.type, 1024) // m)
+    chunk = chunk_size or max(1, DEFAULT_CHUNK_ROWS // m)
     present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=hidden.device)
     return _FusedLinearMLC.apply(hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype)
 
