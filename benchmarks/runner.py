@@ -389,6 +389,30 @@ def run_fused_linear(shape, impl: str, dtype: str, device: torch.device, budget_
     return rows
 
 
+def plot_fused(rows: list, path: Path) -> None:
+    """Time and extra memory of the fused linear loss next to the unfused composite."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(8, 3.5))
+    names = [r.variant for r in rows]
+    ax_t.bar(names, [r.time_ms for r in rows], color=["tab:gray", "tab:green"])
+    ax_t.set_ylabel("forward+backward time (ms)")
+    if all(r.peak_extra_bytes is not None for r in rows):
+        ax_m.bar(names, [r.peak_extra_bytes / 2**20 for r in rows], color=["tab:gray", "tab:green"])
+    ax_m.set_ylabel("extra peak memory (MB)")
+    r = rows[0]
+    fig.suptitle(
+        f"fused linear MLC loss, {r.impl} {r.dtype}, N={r.N} m={r.m} d_h={r.d_h} d={r.d} on {r.device}", fontsize=9
+    )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def format_fused_table(rows: list) -> str:
     head = (
         f"{'impl':<8}{'dtype':<6}{'N':>6}{'m':>4}{'d_h':>6}{'d':>6}  {'variant':<9}"
@@ -492,7 +516,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         print(format_fused_table(fl_rows))
         write_csv(fl_rows, args.out / "fused_linear.csv")
-        print(f"wrote {args.out / 'fused_linear.csv'}")
+        plot_fused(fl_rows, args.out / "fused_linear.png")
+        print(f"wrote {args.out / 'fused_linear.csv'} and {args.out / 'fused_linear.png'}")
 
 
 if __name__ == "__main__":
