@@ -232,26 +232,11 @@ class FusedLinearMLCLoss(nn.Module):
         chunk_size: int | None = None,
     ) -> None:
         super().__init__()
-        self.tau, self.objective, self.reduction, self.impl, self.chunk_size = (
-            tau,
-            objective,
-            reduction,
-            impl,
-            chunk_size,
-        )
+        self.options = {"tau": tau, "objective": objective, "reduction": reduction, "impl": impl}
+        self.options["chunk_size"] = chunk_size
 
     def forward(self, hidden, weight, bias=None, mask=None) -> torch.Tensor:
-        return fused_linear_mlc_loss(
-            hidden,
-            weight,
-            bias,
-            mask,
-            tau=self.tau,
-            objective=self.objective,
-            reduction=self.reduction,
-            impl=self.impl,
-            chunk_size=self.chunk_size,
-        )
+        return fused_linear_mlc_loss(hidden, weight, bias, mask, **self.options)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, objective={self.objective!r}, reduction={self.reduction!r}, impl={self.impl!r}"
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())

@@ -179,7 +179,7 @@ def mlc_loss(
 
 
 class MLCLoss(nn.Module):
-    """``nn.Module`` form of :func:`mlc_loss`; ``forward(reps, mask=None)``."""
+    """``nn.Module`` form of :func:`mlc_loss`; ``forward(reps, mask=None)``. Options as keywords."""
 
     def __init__(
         self,
@@ -191,18 +191,10 @@ class MLCLoss(nn.Module):
         validate: bool = False,
     ) -> None:
         super().__init__()
-        self.tau, self.objective, self.reduction, self.impl, self.validate = tau, objective, reduction, impl, validate
+        self.options = {"tau": tau, "objective": objective, "reduction": reduction, "impl": impl, "validate": validate}
 
     def forward(self, reps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        return mlc_loss(
-            reps,
-            mask,
-            tau=self.tau,
-            objective=self.objective,
-            reduction=self.reduction,
-            impl=self.impl,
-            validate=self.validate,
-        )
+        return mlc_loss(reps, mask, **self.options)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, objective={self.objective!r}, reduction={self.reduction!r}, impl={self.impl!r}"
+        return ", ".join(f"{key}={value!r}" for key, value in self.options.items())
