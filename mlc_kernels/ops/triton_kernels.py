@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import NORM_EPS, OBJECTIVES, singular_value_cutoff
+from .common import OBJECTIVES, singular_value_cutoff
 
 MAX_VARIANTS = 32
 """The largest m the kernel supports (the Jacobi tile is 16x16 for m <= 16, else 32x32)."""
@@ -385,4 +385,4 @@ def triton_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objec
     return loss
 
 
-__all__ = ["MAX_VARIANTS", "NORM_EPS", "mlc_fused_kernel", "kernel_config", "all_kernel_configs", "triton_mlc_loss"]
+__all__ = ["MAX_VARIANTS", "mlc_fused_kernel", "kernel_config", "all_kernel_configs", "triton_mlc_loss"]
