@@ -430,6 +430,71 @@ def format_fused_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def run_hf_capture(shape, device: torch.device, budget_s: float, memory: bool) -> list:
+    """The variant passes: naive vs truncated (same N), and the gradient cache vs truncated."""
+    from .hf_capture import HF_CONFIG, CaptureRow, build, inputs, variant_step
+
+    n, m, t = shape
+    layer = HF_CONFIG["num_hidden_layers"] // 2
+    model, head = build(device)
+    ids, att = inputs(n, m, t, device)
+    rows = []
+    for variant in ("naive", "truncated", "grad_cache"):
+        ms = time_call(
+            lambda _, v=variant: variant_step(model, head, ids, att, layer, v),
+            lambda: None,
+            device,
+            budget_s,
+            min_reps=2,
+            max_reps=5,
+        )
+        peak = None
+        if memory and device.type == "cuda":
+            model.zero_grad(set_to_none=True)
+            head.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            handed_back = variant_step(model, head, ids, att, layer, variant)
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before - handed_back
+        elif memory:
+            setup = (
+                "from mlc_kernels.benchmarks.hf_capture import build, inputs, variant_step\n"
+                "dev = torch.device('cpu')\n"
+                "model, head = build(dev)\n"
+                f"ids, att = inputs({n}, {m}, {t}, dev)\n"
+                f"variant_step(model, head, ids[:1, :2, :4], att[:1, :2, :4], {layer}, {variant!r})"
+            )
+            peak = _run_child(_child_peak_code(setup, f"variant_step(model, head, ids, att, {layer}, {variant!r})"))
+        rows.append(CaptureRow(device_name(device), n, m, t, layer, variant, ms, peak))
+    naive, truncated, cached = rows
+    for r in (truncated, cached):
+        r.time_vs_naive = r.time_ms / naive.time_ms
+        if r.peak_extra_bytes is not None and naive.peak_extra_bytes:
+            r.memory_vs_naive = r.peak_extra_bytes / naive.peak_extra_bytes
+    if cached.peak_extra_bytes is not None and truncated.peak_extra_bytes:
+        cached.memory_vs_truncated = cached.peak_extra_bytes / truncated.peak_extra_bytes
+    return rows
+
+
+def format_capture_table(rows: list) -> str:
+    head = (
+        f"{'variant':<12}{'N':>4}{'m':>4}{'T':>5}{'k':>4}{'ms':>10}{'extra MB':>10}"
+        f"{'t/naive':>9}{'mem/naive':>11}{'mem/truncated':>15}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        mb = f"{r.peak_extra_bytes / 2**20:.1f}" if r.peak_extra_bytes is not None else "-"
+        tn = f"{r.time_vs_naive:.2f}" if r.time_vs_naive else "-"
+        mn = f"{r.memory_vs_naive:.2f}" if r.memory_vs_naive is not None else "-"
+        mt = f"{r.memory_vs_truncated:.2f}" if r.memory_vs_truncated is not None else "-"
+        lines.append(
+            f"{r.variant:<12}{r.N:>4}{r.m:>4}{r.T:>5}{r.layer:>4}{r.time_ms:>10.1f}{mb:>10}{tn:>9}{mn:>11}{mt:>15}"
+        )
+    return "\n".join(lines)
+
+
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
     """``"64x10x1024,256x10x4096"`` -> ``[(64, 10, 1024), (256, 10, 4096)]``."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
@@ -453,7 +518,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-max-n", type=int, default=None, help="skip reference above this N (default: 256 on GPU)"
     )
-    parser.add_argument("--suite", choices=("loss", "fused-linear", "all"), default="all")
+    parser.add_argument("--suite", choices=("loss", "fused-linear", "hf-capture", "all"), default="all")
+    parser.add_argument(
+        "--hf-shape",
+        type=lambda t: tuple(int(v) for v in t.split("x")),
+        default=None,
+        help="NxMxT of the variant-pass comparison (default 8x10x32)",
+    )
     parser.add_argument(
         "--fused-linear-shape",
         type=lambda t: tuple(int(v) for v in t.split("x")),
@@ -518,6 +589,22 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(fl_rows, args.out / "fused_linear.csv")
         plot_fused(fl_rows, args.out / "fused_linear.png")
         print(f"wrote {args.out / 'fused_linear.csv'} and {args.out / 'fused_linear.png'}")
+    if args.suite in ("hf-capture", "all"):
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            print("hf-capture: skipped (pip install transformers)")
+            return
+        from .hf_capture import HF_SHAPE
+
+        cap_rows = run_hf_capture(args.hf_shape or HF_SHAPE, device, args.budget, memory=not args.no_memory)
+        print(
+            f"Variant passes on a mini Qwen2 (vocab 151936) on {cap_rows[0].device}: naive full forward with "
+            "output_hidden_states vs truncated at k vs truncated + gradient cache (1 prompt per chunk)"
+        )
+        print(format_capture_table(cap_rows))
+        write_csv(cap_rows, args.out / "hf_capture.csv")
+        print(f"wrote {args.out / 'hf_capture.csv'}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ def test_mlc_bench_writes_csv_and_plots(tmp_path, capsys):
     main(
         [
             "--grid", "3x4x16", "--impls", "reference,torch,native", "--budget", "0.01", "--no-memory",
-            "--fused-linear-shape", "6x4x16x8", "--out", str(tmp_path), "--quiet",
+            "--fused-linear-shape", "6x4x16x8", "--hf-shape", "1x2x4", "--out", str(tmp_path), "--quiet",
         ]
     )  # fmt: skip
     assert "MLC loss benchmark on" in capsys.readouterr().out
@@ -22,5 +22,7 @@ def test_mlc_bench_writes_csv_and_plots(tmp_path, capsys):
     assert all(float(r["speedup_vs_reference"]) > 0 for r in rows)
     fused = list(csv.DictReader(open(tmp_path / "fused_linear.csv")))
     assert [r["variant"] for r in fused] == ["unfused", "fused"]
+    capture = list(csv.DictReader(open(tmp_path / "hf_capture.csv")))
+    assert [r["variant"] for r in capture] == ["naive", "truncated", "grad_cache"]
     for name in ("mlc_bench.png", "fused_linear.png"):
         assert (tmp_path / name).stat().st_size > 1000

@@ -1,0 +1,297 @@
+"""Representations from Hugging Face decoder-only models: the hidden state of the last prompt token at
+decoder layer k, with the forward stopped right after that layer (DESIGN.md section 4).
+
+- :func:`last_prompt_hidden`: ``(B, hidden)`` for a padded batch (left or right padding);
+  :func:`last_prompt_hidden_packed` for a packed batch (flash-attention 2, position ids).
+- :func:`variant_representations`: the ``(N, m, hidden)`` tensor of N prompts' m variants, and its mask.
+- :func:`grad_cached_mlc_backward`: the representation-gradient cache (GradCache, Gao et al. 2021): variant
+  passes without autograd, the MLC loss and its gradient w.r.t. the representations, then chunk-by-chunk
+  recomputation with autograd, so activation memory is bounded by the chunk instead of N x m.
+
+Truncation works by a forward pre-hook on the module that follows layer k (decoder layer k+1, or the final
+norm when k is the last layer): it records its input hidden states and raises a private exception that
+stops the forward there. Nothing after layer k runs; backward reaches only layers <= k. Hooks are removed
+in ``finally``, so the model is left as it was even when the forward raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to end the forward after the requested layer."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model under PEFT / DDP / FSDP / compile wrappers."""
+    seen = set()
+    while id(model) not in seen:
+        seen.add(id(model))
+        for attr in ("_orig_mod", "module"):
+            inner = getattr(model, attr, None)
+            if isinstance(inner, nn.Module) and not isinstance(model, nn.ModuleList):
+                model = inner
+                break
+        else:
+            get_base = getattr(model, "get_base_model", None)
+            if callable(get_base) and get_base() is not model:
+                model = get_base()
+            else:
+                break
+    return model
+
+
+def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
+    """The stack of decoder layers of ``model`` and the module run right after it (final norm), if found.
+
+    Looks where transformers keeps them (``model.model.layers``: Llama, Qwen2/3, Mistral, Gemma, Phi3;
+    ``transformer.h``: GPT-2 style; ``model.decoder.layers``: OPT), through PEFT and other wrappers.
+    """
+    base = _unwrap(model)
+    decoder = base.get_decoder() if callable(getattr(base, "get_decoder", None)) else base
+    candidates = [
+        (decoder, "layers"),
+        (base, "layers"),
+        (getattr(base, "transformer", None), "h"),
+        (getattr(decoder, "decoder", None), "layers"),
+    ]
+    for owner, name in candidates:
+        layers = getattr(owner, name, None) if owner is not None else None
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            norm = None
+            for norm_name in ("norm", "final_layernorm", "ln_f", "final_layer_norm"):
+                candidate = getattr(owner, norm_name, None)
+                if isinstance(candidate, nn.Module):
+                    norm = candidate
+                    break
+            return layers, norm
+    raise TypeError(
+        f"{type(model).__name__}: cannot find a stack of decoder layers (looked for model.layers, "
+        "model.model.layers, transformer.h, model.decoder.layers); MLC capture supports decoder-only "
+        "transformers models"
+    )
+
+
+def resolve_layer(model: nn.Module, layer: int) -> int:
+    """1-based index of decoder layer ``layer`` (negative counts from the end); raises naming the range."""
+    n_layers = len(decoder_layers(model)[0])
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0 or not -n_layers <= layer <= n_layers:
+        raise ValueError(
+            f"layer must be in 1..{n_layers} or -{n_layers}..-1 for {type(_unwrap(model)).__name__} "
+            f"({n_layers} decoder layers), got {layer!r}"
+        )
+    return layer if layer > 0 else n_layers + 1 + layer
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row of ``attention_mask`` ``(B, T)``, left or right padding."""
+    if attention_mask.dim() != 2:
+        raise ValueError(f"attention_mask must be (B, T), got {tuple(attention_mask.shape)}")
+    present = attention_mask.bool()
+    if not bool(present.any(dim=1).all()):
+        raise ValueError("attention_mask has a row with no token")
+    t = present.shape[1]
+    return (t - 1) - present.flip(dims=[1]).int().argmax(dim=1)
+
+
+@contextlib.contextmanager
+def _capture_after_layer(model: nn.Module, layer: int, stop: bool) -> Iterator[dict]:
+    layers, norm = decoder_layers(model)
+    k = resolve_layer(model, layer)
+    target = layers[k] if k < len(layers) else norm
+    captured: dict = {}
+    if target is None:  # last layer and no final norm: record the layer's output instead
+
+        def post_hook(module, args, output):
+            captured["hidden"] = output[0] if isinstance(output, tuple) else output
+            if stop:
+                raise _StopForward
+
+        handle = layers[k - 1].register_forward_hook(post_hook)
+    else:
+
+        def pre_hook(module, args, kwargs):
+            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
+            if stop:
+                raise _StopForward
+
+        handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def last_prompt_hidden(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    *,
+    truncate: bool = True,
+    **model_kwargs,
+) -> torch.Tensor:
+    """Hidden state ``(B, hidden_size)`` of the last non-padding token after decoder layer ``layer``.
+
+    ``layer`` counts decoder layers from 1 (negative: from the end). For ``layer < L`` the result equals
+    ``output_hidden_states[layer]`` at that token; for ``layer = L`` it is the last layer's output *before*
+    the final norm (transformers' ``hidden_states[L]`` has the norm applied). With ``truncate`` the forward
+    stops after the layer: no later layers, no final norm, no LM head, no logits. Extra keyword arguments go
+    to the model (e.g. ``position_ids``).
+    """
+    index = last_token_index(attention_mask)
+    with _capture_after_layer(model, layer, stop=truncate) as captured:
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        except _StopForward:
+            pass
+    hidden = captured["hidden"]
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
+
+
+def packed_last_index(position_ids: torch.Tensor) -> torch.Tensor:
+    """Index of the last token of each sequence in a packed row: ``position_ids`` ``(1, total)`` restart
+    at 0 where a sequence starts (the layout of transformers' ``DataCollatorWithFlattening``)."""
+    if position_ids.dim() != 2 or position_ids.shape[0] != 1:
+        raise ValueError(f"position_ids of a packed batch must be (1, total), got {tuple(position_ids.shape)}")
+    starts = (position_ids[0] == 0).nonzero().flatten()
+    if starts.numel() == 0 or int(starts[0]) != 0:
+        raise ValueError("position_ids of a packed batch must start at 0 for every sequence")
+    total = position_ids.shape[1]
+    return torch.cat([starts[1:] - 1, starts.new_tensor([total - 1])])
+
+
+def last_prompt_hidden_packed(
+    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, layer: int, *, truncate: bool = True
+) -> torch.Tensor:
+    """:func:`last_prompt_hidden` for a packed batch without padding: ``input_ids`` and ``position_ids``
+    ``(1, total)``, sequences delimited by position 0. Needs an attention implementation that honours
+    packed position ids (``attn_implementation="flash_attention_2"``, flash-attn on CUDA); eager and
+    SDPA attention would attend across sequences. Returns ``(num_sequences, hidden_size)``."""
+    impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
+    if impl not in ("flash_attention_2", "flash_attention_3"):
+        raise ValueError(
+            f"last_prompt_hidden_packed needs attn_implementation='flash_attention_2' (got {impl!r}): "
+            "other attention implementations mix the packed sequences"
+        )
+    index = packed_last_index(position_ids)
+    with _capture_after_layer(model, layer, stop=truncate) as captured:
+        try:
+            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
+        except _StopForward:
+            pass
+    return captured["hidden"][0, index.to(captured["hidden"].device)]
+
+
+def variant_representations(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    variant_mask: torch.Tensor | None = None,
+    *,
+    truncate: bool = True,
+    micro_batch: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Representations of all variants: ``input_ids``/``attention_mask`` ``(N, m, T)``, ``variant_mask``
+    ``(N, m)`` bool (False: missing translation, not run). Returns ``(reps (N, m, hidden), mask (N, m))``;
+    missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once."""
+    if input_ids.dim() != 3 or attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and attention_mask must both be (N, m, T), got {tuple(input_ids.shape)} and "
+            f"{tuple(attention_mask.shape)}"
+        )
+    n, m, t = input_ids.shape
+    mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
+    if tuple(mask.shape) != (n, m):
+        raise ValueError(f"variant_mask must be (N, m) = {(n, m)}, got {tuple(mask.shape)}")
+    flat = mask.reshape(-1).nonzero().flatten()
+    ids, att = input_ids.reshape(-1, t)[flat], attention_mask.reshape(-1, t)[flat]
+    step = micro_batch or max(len(flat), 1)
+    parts = [
+        last_prompt_hidden(model, ids[s : s + step], att[s : s + step], layer, truncate=truncate)
+        for s in range(0, len(flat), step)
+    ]
+    hidden = torch.cat(parts) if parts else None
+    size = hidden.shape[-1] if hidden is not None else _unwrap(model).config.hidden_size
+    dtype = hidden.dtype if hidden is not None else next(model.parameters()).dtype
+    reps = torch.zeros(n * m, size, dtype=dtype, device=input_ids.device)
+    if hidden is not None:
+        reps = reps.index_put((flat,), hidden)
+    return reps.view(n, m, size), mask
+
+
+def _rng_state(device: torch.device) -> tuple:
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+@contextlib.contextmanager
+def _replay_rng(state: tuple, device: torch.device):
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], device)
+        yield
+
+
+def grad_cached_mlc_backward(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    variant_mask: torch.Tensor | None = None,
+    *,
+    chunk_prompts: int = 1,
+) -> torch.Tensor:
+    """MLC loss with the representation-gradient cache; accumulates gradients into ``model`` (and into
+    whatever ``loss_fn`` closes over, e.g. an ``MLCHead``) and returns the loss, detached.
+
+    1. the truncated variant passes run without autograd, chunk by chunk, recording the RNG state;
+    2. ``loss_fn(reps, mask)`` (a scalar, weight included) is backpropagated to the detached
+       ``(N, m, hidden)`` representations (and to the loss's own parameters);
+    3. each chunk of ``chunk_prompts`` prompts is recomputed with autograd under its recorded RNG state
+       (so dropout matches) and its representations' gradient is backpropagated into the model.
+
+    Peak activation memory is that of one chunk's truncated passes. Gradients add up across calls,
+    as under gradient accumulation.
+    """
+    n, m, t = input_ids.shape
+    device = input_ids.device
+    mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
+    states, parts = [], []
+    with torch.no_grad():
+        for start in range(0, n, chunk_prompts):
+            stop = min(start + chunk_prompts, n)
+            states.append(_rng_state(device))
+            parts.append(
+                variant_representations(
+                    model, input_ids[start:stop], attention_mask[start:stop], layer, mask[start:stop]
+                )[0]
+            )
+    after_first_pass = _rng_state(device)
+    reps = torch.cat(parts).detach().requires_grad_()
+    loss = loss_fn(reps, mask)
+    loss.backward()
+    grad = reps.grad
+    for index, start in enumerate(range(0, n, chunk_prompts)):
+        stop = min(start + chunk_prompts, n)
+        if not bool(mask[start:stop].any()):
+            continue
+        with _replay_rng(states[index], device):
+            chunk_reps, _ = variant_representations(
+                model, input_ids[start:stop], attention_mask[start:stop], layer, mask[start:stop]
+            )
+        present = mask[start:stop]
+        torch.autograd.backward(chunk_reps[present], grad[start:stop][present])
+    torch.set_rng_state(after_first_pass[0])
+    if after_first_pass[1] is not None:
+        torch.cuda.set_rng_state(after_first_pass[1], device)
+    return loss.detach()
