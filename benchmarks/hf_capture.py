@@ -12,10 +12,20 @@ import torch
 from mlc_kernels import MLCHead, mlc_loss
 
 HF_SHAPE = (8, 10, 32)  # N prompts, m variants, T tokens
+HF_SHAPE_GPU = (8, 10, 64)
 HF_CONFIG = dict(  # mini Qwen2-style: realistic vocabulary, small body
     vocab_size=151936, hidden_size=256, intermediate_size=704, num_hidden_layers=8, num_attention_heads=4,
     num_key_value_heads=2, tie_word_embeddings=True, max_position_embeddings=128,
 )  # fmt: skip
+HF_CONFIG_GPU = dict(  # larger body for a GPU, run in bf16
+    HF_CONFIG, hidden_size=1024, intermediate_size=2816, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=4,
+)  # fmt: skip
+
+
+def config_for(device: torch.device) -> tuple[dict, torch.dtype]:
+    """The model configuration and dtype of the benchmark on ``device`` (larger, bf16 on CUDA)."""
+    return (HF_CONFIG_GPU, torch.bfloat16) if device.type == "cuda" else (HF_CONFIG, torch.float32)
 
 
 @dataclass
@@ -33,15 +43,16 @@ class CaptureRow:
     memory_vs_truncated: float | None = None
 
 
-def build(device: torch.device, dtype: torch.dtype = torch.float32, seed: int = 0):
+def build(device: torch.device, seed: int = 0):
     import transformers
 
+    config, dtype = config_for(device)
     torch.manual_seed(seed)
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**HF_CONFIG)).to(device=device, dtype=dtype)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**config)).to(device=device, dtype=dtype)
     # Frozen (tied) embeddings: their dense gradient is written sparsely into zero pages, which would
     # make a resident-memory measurement undercount what is handed back. Activations are unchanged.
     model.get_input_embeddings().weight.requires_grad_(False)
-    head = MLCHead(HF_CONFIG["hidden_size"], 128).to(device=device, dtype=dtype)
+    head = MLCHead(config["hidden_size"], 128).to(device=device, dtype=dtype)
     return model.train(), head
 
 

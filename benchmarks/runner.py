@@ -432,10 +432,10 @@ def format_fused_table(rows: list) -> str:
 
 def run_hf_capture(shape, device: torch.device, budget_s: float, memory: bool) -> list:
     """The variant passes: naive vs truncated (same N), and the gradient cache vs truncated."""
-    from .hf_capture import HF_CONFIG, CaptureRow, build, inputs, variant_step
+    from .hf_capture import CaptureRow, build, config_for, inputs, variant_step
 
     n, m, t = shape
-    layer = HF_CONFIG["num_hidden_layers"] // 2
+    layer = config_for(device)[0]["num_hidden_layers"] // 2
     model, head = build(device)
     ids, att = inputs(n, m, t, device)
     rows = []
@@ -595,9 +595,10 @@ def main(argv: list[str] | None = None) -> None:
         except ImportError:
             print("hf-capture: skipped (pip install transformers)")
             return
-        from .hf_capture import HF_SHAPE
+        from .hf_capture import HF_SHAPE, HF_SHAPE_GPU
 
-        cap_rows = run_hf_capture(args.hf_shape or HF_SHAPE, device, args.budget, memory=not args.no_memory)
+        shape = args.hf_shape or (HF_SHAPE_GPU if gpu else HF_SHAPE)
+        cap_rows = run_hf_capture(shape, device, args.budget, memory=not args.no_memory)
         print(
             f"Variant passes on a mini Qwen2 (vocab 151936) on {cap_rows[0].device}: naive full forward with "
             "output_hidden_states vs truncated at k vs truncated + gradient cache (1 prompt per chunk)"
