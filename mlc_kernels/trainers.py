@@ -1,0 +1,223 @@
+"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons`` (DESIGN.md section 4).
+
+The variant prompts of each record (the base-language prompt and its translations) are tokenised with the
+chat template into a column ``mlc_variant_ids``; a collator wrapping TRL's own keeps all variants of a
+prompt in the same micro-batch and pads them; the trainer runs the variant passes truncated at layer k
+(:func:`mlc_kernels.hf.variant_representations`), the extractor ``MLCHead`` (registered on the model as
+``mlc_head``, so optimizers, checkpoints, DDP and FSDP see it) and the fused linear MLC loss. TRL's own
+alignment loss, with its chunked LM head, is left as it is. The MLC loss and consistency metrics go to
+the trainer's logs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .fused_linear import fused_linear_mlc_loss
+from .head import MLCHead
+from .hf import resolve_layer, variant_representations
+from .loss import IMPLEMENTATIONS
+from .metrics import consistency_metrics
+from .ops.common import OBJECTIVES
+
+MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
+VARIANT_COLUMN = "mlc_variant_ids"
+
+
+@dataclass
+class MLCArguments:
+    """Options of the MLC term. ``layer`` counts decoder layers from 1 (negative: from the end; None: the
+    middle layer)."""
+
+    languages: tuple[str, ...] = ("en",)
+    base_language: str = "en"
+    weight: float = 0.1
+    tau: float = 1.0
+    layer: int | None = None
+    objective: str = "sv_softmax"
+    rep_size: int = 256
+    impl: str = "auto"
+    log_metrics: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def check(self, model: torch.nn.Module) -> int:
+        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
+            raise ValueError(f"MLCArguments.weight must be a number >= 0, got {self.weight!r}")
+        if not isinstance(self.tau, (int, float)) or self.tau <= 0:
+            raise ValueError(f"MLCArguments.tau must be > 0, got {self.tau!r}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.impl not in IMPLEMENTATIONS:
+            raise ValueError(f"MLCArguments.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
+        if isinstance(self.rep_size, bool) or not isinstance(self.rep_size, int) or self.rep_size < 1:
+            raise ValueError(f"MLCArguments.rep_size must be a positive int, got {self.rep_size!r}")
+        if self.base_language not in self.languages or len(set(self.languages)) != len(self.languages):
+            raise ValueError(
+                f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "
+                f"got {list(self.languages)}"
+            )
+        from .hf import decoder_layers
+
+        n_layers = len(decoder_layers(model)[0])
+        return resolve_layer(model, self.layer if self.layer is not None else max(1, n_layers // 2))
+
+
+def prompt_text(prompt) -> str:
+    """The user text of a prompt given as a string or as a conversation (list of messages)."""
+    if isinstance(prompt, str):
+        return prompt
+    return next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
+
+
+def add_variant_ids(dataset, tokenizer, args: MLCArguments):
+    """Add the column ``mlc_variant_ids``: for each language of ``args.languages`` the chat-templated
+    prompt (base prompt for the base language, else ``variants[lang]``) as token ids; ``[]`` if missing.
+    Raises naming the record and the field when a record is malformed."""
+
+    def encode(text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        if getattr(tokenizer, "chat_template", None):
+            templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text)["input_ids"])
+
+    def add(record, index):
+        if "prompt" not in record:
+            raise ValueError(f"record {index}: missing field 'prompt'")
+        variants = record.get("variants")
+        if not isinstance(variants, dict):
+            raise ValueError(
+                f"record {index}: field 'variants' must be a mapping language -> prompt, got {type(variants).__name__}"
+            )
+        ids = []
+        for lang in args.languages:
+            text = prompt_text(record["prompt"]) if lang == args.base_language else variants.get(lang)
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"record {index}: field 'variants.{lang}' must be a string, got {type(text).__name__}")
+            ids.append(encode(text) if text else [])
+        return {VARIANT_COLUMN: ids}
+
+    return dataset.map(add, with_indices=True)
+
+
+class MLCCollator:
+    """Wraps a TRL collator: pops ``mlc_variant_ids`` from the examples, collates the rest with the inner
+    collator, and adds ``mlc_input_ids``/``mlc_attention_mask`` ``(N, m, T)`` (left-padded) and ``mlc_mask``
+    ``(N, m)``. Every example is one prompt with all its variants, so a micro-batch never splits them."""
+
+    def __init__(self, inner, pad_token_id: int) -> None:
+        self.inner, self.pad_token_id = inner, pad_token_id
+
+    def __call__(self, examples: list[dict]) -> dict:
+        variants = [ex.pop(VARIANT_COLUMN) for ex in examples]
+        batch = self.inner(examples)
+        n, m = len(variants), len(variants[0])
+        t = max(1, max(len(v) for row in variants for v in row))
+        ids = torch.full((n, m, t), self.pad_token_id, dtype=torch.long)
+        att = torch.zeros(n, m, t, dtype=torch.long)
+        mask = torch.zeros(n, m, dtype=torch.bool)
+        for i, row in enumerate(variants):
+            for j, tokens in enumerate(row):
+                if tokens:
+                    ids[i, j, t - len(tokens) :] = torch.tensor(tokens)
+                    att[i, j, t - len(tokens) :] = 1
+                    mask[i, j] = True
+        batch.update(mlc_input_ids=ids, mlc_attention_mask=att, mlc_mask=mask)
+        return batch
+
+
+class MLCTrainerMixin:
+    """Adds the MLC term to a TRL trainer (put it before the trainer class in the bases)."""
+
+    mlc_args: MLCArguments
+
+    def _mlc_setup(self, mlc_args: MLCArguments) -> None:
+        self.mlc_args = mlc_args
+        self.mlc_layer = mlc_args.check(self.model)
+        base = self.model
+        config = getattr(base, "config", None)
+        hidden = getattr(config, "hidden_size", None)
+        if hidden is None:
+            raise ValueError(f"{type(base).__name__}: config.hidden_size is needed for the MLC extractor")
+        if not hasattr(base, "mlc_head"):
+            param = next(base.parameters())
+            base.add_module("mlc_head", MLCHead(hidden, mlc_args.rep_size, device=param.device, dtype=param.dtype))
+        pad = getattr(self.processing_class, "pad_token_id", None)
+        self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0)
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and VARIANT_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, VARIANT_COLUMN]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mlc_inputs = {k: inputs.pop(k) for k in MLC_KEYS if k in inputs}
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not mlc_inputs or self.mlc_args.weight == 0:
+            return out
+        align = out[0] if return_outputs else out
+        mlc = self._mlc_loss(model, mlc_inputs)
+        loss = align + self.mlc_args.weight * mlc
+        return (loss, out[1]) if return_outputs else loss
+
+    def _mlc_loss(self, model, inputs: dict) -> torch.Tensor:
+        unwrapped = self.accelerator.unwrap_model(model)
+        head = unwrapped.mlc_head
+        reps, mask = variant_representations(
+            unwrapped, inputs["mlc_input_ids"], inputs["mlc_attention_mask"], self.mlc_layer, inputs["mlc_mask"]
+        )
+        a = self.mlc_args
+        loss = fused_linear_mlc_loss(reps, head.weight, head.bias, mask, tau=a.tau, objective=a.objective, impl=a.impl)
+        if a.log_metrics and hasattr(self, "_metrics"):
+            mode = "train" if model.training else "eval"
+            with torch.no_grad():
+                stats = consistency_metrics(head(reps.detach()), mask)
+            self._metrics[mode]["mlc/loss"].append(loss.item())
+            valid = stats["valid"]
+            if bool(valid.any()):
+                self._metrics[mode]["mlc/s1_share"].append(stats["s1_share"][valid].mean().item())
+                self._metrics[mode]["mlc/between_prompt_cosine"].append(float(stats["between_prompt_cosine"]))
+                for j, lang in enumerate(a.languages):
+                    cos = stats["cosine_to_consensus"][:, j]
+                    cos = cos[~torch.isnan(cos)]
+                    if cos.numel():
+                        self._metrics[mode][f"mlc/cos_{lang}"].append(cos.mean().item())
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        out = Path(output_dir if output_dir is not None else self.args.output_dir)
+        self.accelerator.unwrap_model(self.model).mlc_head.save_pretrained(out / "mlc_head")
+
+
+def _trainer_with_mlc(base_cls):
+    class Trainer(MLCTrainerMixin, base_cls):
+        def __init__(self, *args, mlc_args: MLCArguments, train_dataset=None, eval_dataset=None, **kwargs):
+            tokenizer = kwargs.get("processing_class")
+            if tokenizer is None:
+                raise ValueError(f"{base_cls.__name__} with MLC needs processing_class (the tokenizer)")
+            if train_dataset is not None:
+                train_dataset = add_variant_ids(train_dataset, tokenizer, mlc_args)
+            if eval_dataset is not None:
+                eval_dataset = add_variant_ids(eval_dataset, tokenizer, mlc_args)
+            super().__init__(*args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
+            self._mlc_setup(mlc_args)
+
+    Trainer.__name__ = Trainer.__qualname__ = f"{base_cls.__name__.removesuffix('Trainer')}MLCTrainer"
+    return Trainer
+
+
+def __getattr__(name: str):
+    """``DPOMLCTrainer``, ``SFTMLCTrainer``: TRL's trainers with the MLC term (built on first access)."""
+    import trl
+
+    table = {"DPOMLCTrainer": "DPOTrainer", "SFTMLCTrainer": "SFTTrainer"}
+    if name in table:
+        cls = _trainer_with_mlc(getattr(trl, table[name]))
+        globals()[name] = cls
+        return cls
+    raise AttributeError(name)

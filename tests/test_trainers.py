@@ -1,0 +1,122 @@
+"""TRL trainers with the MLC term on a mini model (random init, no network)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+datasets = pytest.importorskip("datasets")
+transformers = pytest.importorskip("transformers")
+
+from mlc_kernels import MLCHead  # noqa: E402
+from mlc_kernels.trainers import MLCArguments, MLCCollator, add_variant_ids  # noqa: E402
+
+LANGS = ("en", "zh", "sw")
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(60)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tk = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
+    tk.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
+        "{% else %}<|assistant|> {{ m['content'] }} <eos> {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+    )
+    return tk
+
+
+def tiny_model(vocab: int):
+    torch.manual_seed(0)
+    config = transformers.Qwen2Config(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(config)
+
+
+def records(kind: str, n: int = 8):
+    rows = []
+    for i in range(n):
+        row = {
+            "prompt": [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}],
+            "variants": {"zh": f"w{i + 20} w{i + 21}", "sw": None if i % 3 == 0 else f"w{i + 40} w{i + 41} w{i + 42}"},
+        }
+        if kind == "dpo":
+            row["chosen"] = [{"role": "assistant", "content": "w4 w5"}]
+            row["rejected"] = [{"role": "assistant", "content": f"w{i + 6}"}]
+        else:
+            row["completion"] = [{"role": "assistant", "content": "w4 w5"}]
+        rows.append(row)
+    return datasets.Dataset.from_list(rows)
+
+
+def _train(kind: str, tmp_path, weight: float = 0.5):
+    from mlc_kernels.trainers import DPOMLCTrainer, SFTMLCTrainer
+
+    tk = tiny_tokenizer()
+    model = tiny_model(len(tk))
+    common = dict(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], logging_steps=1,
+        use_cpu=True, save_strategy="no", learning_rate=1e-2,
+    )  # fmt: skip
+    mlc = MLCArguments(languages=LANGS, weight=weight, layer=2, rep_size=8, impl="torch")
+    if kind == "dpo":
+        trainer = DPOMLCTrainer(
+            model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**common), train_dataset=records("dpo"),
+            processing_class=tk, mlc_args=mlc,
+        )  # fmt: skip
+    else:
+        trainer = SFTMLCTrainer(
+            model=model, args=trl.SFTConfig(**common), train_dataset=records("sft"), processing_class=tk, mlc_args=mlc
+        )
+    head_before = model.mlc_head.weight.detach().clone()
+    trainer.train()
+    return trainer, model, head_before
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sft"])
+def test_one_short_run_trains_the_extractor_and_logs_mlc(kind, tmp_path):
+    trainer, model, head_before = _train(kind, tmp_path)
+    assert isinstance(model.mlc_head, MLCHead)
+    assert not torch.equal(model.mlc_head.weight.detach(), head_before)  # the optimizer saw the extractor
+    logs = [entry for entry in trainer.state.log_history if "mlc/loss" in entry]
+    assert logs and all(torch.isfinite(torch.tensor(e["mlc/loss"])) for e in logs)
+    assert {"mlc/s1_share", "mlc/cos_en", "mlc/cos_zh", "mlc/cos_sw"} <= set(logs[0])
+    trainer.save_model(str(tmp_path / "ckpt"))
+    loaded = MLCHead.from_pretrained(tmp_path / "ckpt" / "mlc_head")
+    assert torch.equal(loaded.weight, model.mlc_head.weight.detach().cpu())
+
+
+def test_collator_keeps_variants_together_and_masks_missing():
+    tk = tiny_tokenizer()
+    ds = add_variant_ids(records("dpo", n=3), tk, MLCArguments(languages=LANGS))
+    examples = [dict(ds[i]) for i in range(3)]
+    batch = MLCCollator(lambda ex: {"n": len(ex)}, pad_token_id=0)(examples)
+    assert batch["n"] == 3
+    assert batch["mlc_input_ids"].shape[:2] == (3, 3)
+    assert batch["mlc_mask"].tolist() == [[True, True, False], [True, True, True], [True, True, True]]
+    # left padding: the last column is a real token wherever the variant is present
+    assert (batch["mlc_attention_mask"][..., -1].bool() == batch["mlc_mask"]).all()
+
+
+def test_bad_configs_and_records():
+    model = tiny_model(65)
+    with pytest.raises(ValueError, match="weight must be a number >= 0"):
+        MLCArguments(weight=-1.0).check(model)
+    with pytest.raises(ValueError, match="layer must be in 1..4"):
+        MLCArguments(layer=9).check(model)
+    with pytest.raises(ValueError, match="include base_language"):
+        MLCArguments(languages=("zh",)).check(model)
+    tk = tiny_tokenizer()
+    bad = datasets.Dataset.from_list([{"prompt": "w1", "chosen": "w2", "rejected": "w3", "variants": None}])
+    with pytest.raises(ValueError, match="record 0: field 'variants' must be a mapping"):
+        add_variant_ids(bad, tk, MLCArguments(languages=LANGS))
