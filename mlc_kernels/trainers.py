@@ -161,6 +161,7 @@ class MLCTrainerMixin:
             return out
         align = out[0] if return_outputs else out
         mlc = self._mlc_loss(model, mlc_inputs)
+        self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
         loss = align + self.mlc_args.weight * mlc
         return (loss, out[1]) if return_outputs else loss
 
@@ -172,21 +173,32 @@ class MLCTrainerMixin:
         )
         a = self.mlc_args
         loss = fused_linear_mlc_loss(reps, head.weight, head.bias, mask, tau=a.tau, objective=a.objective, impl=a.impl)
-        if a.log_metrics and hasattr(self, "_metrics"):
-            mode = "train" if model.training else "eval"
+        if a.log_metrics:
             with torch.no_grad():
                 stats = consistency_metrics(head(reps.detach()), mask)
-            self._metrics[mode]["mlc/loss"].append(loss.item())
+            values = {"mlc/loss": loss.item()}
             valid = stats["valid"]
             if bool(valid.any()):
-                self._metrics[mode]["mlc/s1_share"].append(stats["s1_share"][valid].mean().item())
-                self._metrics[mode]["mlc/between_prompt_cosine"].append(float(stats["between_prompt_cosine"]))
+                values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()
+                values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
                 for j, lang in enumerate(a.languages):
                     cos = stats["cosine_to_consensus"][:, j]
                     cos = cos[~torch.isnan(cos)]
                     if cos.numel():
-                        self._metrics[mode][f"mlc/cos_{lang}"].append(cos.mean().item())
+                        values[f"mlc/cos_{lang}"] = cos.mean().item()
+            self._mlc_log(model, values)
         return loss
+
+    def _mlc_log(self, model, values: dict[str, float]) -> None:
+        """Into the trainer's own metric store: ``_metrics`` (TRL trainers) or ``store_metrics`` (experimental)."""
+        if not self.mlc_args.log_metrics:
+            return
+        mode = "train" if model.training else "eval"
+        if hasattr(self, "_metrics"):
+            for key, value in values.items():
+                self._metrics[mode][key].append(value)
+        elif hasattr(self, "store_metrics"):
+            self.store_metrics(values, train_eval=mode)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         super()._save(output_dir, state_dict=state_dict)
@@ -211,13 +223,37 @@ def _trainer_with_mlc(base_cls):
     return Trainer
 
 
-def __getattr__(name: str):
-    """``DPOMLCTrainer``, ``SFTMLCTrainer``: TRL's trainers with the MLC term (built on first access)."""
-    import trl
+_TRAINERS = {  # name -> (module, TRL trainer, TRL config)
+    "DPOMLCTrainer": ("trl", "DPOTrainer", "DPOConfig"),
+    "SFTMLCTrainer": ("trl", "SFTTrainer", "SFTConfig"),
+    "ORPOMLCTrainer": ("trl.experimental.orpo", "ORPOTrainer", "ORPOConfig"),
+    "CPOMLCTrainer": ("trl.experimental.cpo", "CPOTrainer", "CPOConfig"),  # SimPO: CPOConfig(loss_type="simpo")
+}
+ALGORITHM_TRAINERS = {"dpo": "DPOMLCTrainer", "sft": "SFTMLCTrainer", "orpo": "ORPOMLCTrainer", "cpo": "CPOMLCTrainer",
+                      "simpo": "CPOMLCTrainer"}  # fmt: skip
 
-    table = {"DPOMLCTrainer": "DPOTrainer", "SFTMLCTrainer": "SFTTrainer"}
-    if name in table:
-        cls = _trainer_with_mlc(getattr(trl, table[name]))
+
+def trl_classes(algorithm: str):
+    """``(trainer class with MLC, TRL config class)`` of ``algorithm`` (dpo, sft, orpo, cpo, simpo)."""
+    import importlib
+    import os
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    if algorithm not in ALGORITHM_TRAINERS:
+        raise ValueError(f"algorithm must be one of {tuple(ALGORITHM_TRAINERS)}, got {algorithm!r}")
+    name = ALGORITHM_TRAINERS[algorithm]
+    module, _, config = _TRAINERS[name]
+    return __getattr__(name), getattr(importlib.import_module(module), config)
+
+
+def __getattr__(name: str):
+    """``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer``, ``CPOMLCTrainer``: TRL's trainers with the
+    MLC term (built on first access; ORPO and CPO/SimPO live in ``trl.experimental`` in TRL 1.x)."""
+    import importlib
+
+    if name in _TRAINERS:
+        module, trainer, _ = _TRAINERS[name]
+        cls = _trainer_with_mlc(getattr(importlib.import_module(module), trainer))
         globals()[name] = cls
         return cls
     raise AttributeError(name)

@@ -60,37 +60,36 @@ def records(kind: str, n: int = 8):
 
 
 def _train(kind: str, tmp_path, weight: float = 0.5):
-    from mlc_kernels.trainers import DPOMLCTrainer, SFTMLCTrainer
+    from mlc_kernels.trainers import trl_classes
 
     tk = tiny_tokenizer()
     model = tiny_model(len(tk))
+    trainer_cls, config_cls = trl_classes(kind)
     common = dict(
         output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], logging_steps=1,
         use_cpu=True, save_strategy="no", learning_rate=1e-2,
     )  # fmt: skip
+    if kind == "simpo":
+        common.update(loss_type="simpo", cpo_alpha=0.0)
     mlc = MLCArguments(languages=LANGS, weight=weight, layer=2, rep_size=8, impl="torch")
-    if kind == "dpo":
-        trainer = DPOMLCTrainer(
-            model=model, ref_model=copy.deepcopy(model), args=trl.DPOConfig(**common), train_dataset=records("dpo"),
-            processing_class=tk, mlc_args=mlc,
-        )  # fmt: skip
-    else:
-        trainer = SFTMLCTrainer(
-            model=model, args=trl.SFTConfig(**common), train_dataset=records("sft"), processing_class=tk, mlc_args=mlc
-        )
+    extra = {"ref_model": copy.deepcopy(model)} if kind == "dpo" else {}
+    trainer = trainer_cls(
+        model=model, args=config_cls(**common), train_dataset=records("sft" if kind == "sft" else "dpo"),
+        processing_class=tk, mlc_args=mlc, **extra,
+    )  # fmt: skip
     head_before = model.mlc_head.weight.detach().clone()
     trainer.train()
     return trainer, model, head_before
 
 
-@pytest.mark.parametrize("kind", ["dpo", "sft"])
+@pytest.mark.parametrize("kind", ["dpo", "sft", "orpo", "cpo", "simpo"])
 def test_one_short_run_trains_the_extractor_and_logs_mlc(kind, tmp_path):
     trainer, model, head_before = _train(kind, tmp_path)
     assert isinstance(model.mlc_head, MLCHead)
     assert not torch.equal(model.mlc_head.weight.detach(), head_before)  # the optimizer saw the extractor
     logs = [entry for entry in trainer.state.log_history if "mlc/loss" in entry]
     assert logs and all(torch.isfinite(torch.tensor(e["mlc/loss"])) for e in logs)
-    assert {"mlc/s1_share", "mlc/cos_en", "mlc/cos_zh", "mlc/cos_sw"} <= set(logs[0])
+    assert {"mlc/s1_share", "mlc/cos_en", "mlc/cos_zh", "mlc/cos_sw", "mlc/align_loss"} <= set(logs[0])
     trainer.save_model(str(tmp_path / "ckpt"))
     loaded = MLCHead.from_pretrained(tmp_path / "ckpt" / "mlc_head")
     assert torch.equal(loaded.weight, model.mlc_head.weight.detach().cpu())
