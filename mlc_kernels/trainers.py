@@ -40,6 +40,7 @@ class MLCArguments:
     objective: str = "sv_softmax"
     rep_size: int = 256
     impl: str = "auto"
+    generation_prompt: bool = True
     log_metrics: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -76,12 +77,16 @@ def prompt_text(prompt) -> str:
 def add_variant_ids(dataset, tokenizer, args: MLCArguments):
     """Add the column ``mlc_variant_ids``: for each language of ``args.languages`` the chat-templated
     prompt (base prompt for the base language, else ``variants[lang]``) as token ids; ``[]`` if missing.
+    With ``args.generation_prompt`` the template's assistant header ends the prompt (its last token is
+    where the response starts); without it the last token is the prompt's own.
     Raises naming the record and the field when a record is malformed."""
 
     def encode(text: str) -> list[int]:
         messages = [{"role": "user", "content": text}]
         if getattr(tokenizer, "chat_template", None):
-            templated = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            templated = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=args.generation_prompt, tokenize=False
+            )
             return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
         return list(tokenizer(text)["input_ids"])
 

@@ -1,0 +1,65 @@
+"""The ``mlc`` command: demo, train (with checkpoint and extractor), eval, and config errors before training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("trl")
+
+from mlc_kernels.cli import demo_model, demo_tokenizer, main  # noqa: E402
+from mlc_kernels.sample_data import load_sample  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    records = load_sample("train")
+    texts = [r["prompt"] for r in records] + [t for r in records for t in r["variants"].values() if t]
+    tokenizer = demo_tokenizer(texts + [r["chosen"] for r in records] + [r["rejected"] for r in records])
+    demo_model(len(tokenizer)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_demo_reports_before_and_after(tmp_path, capsys):
+    main(["demo", "--out", str(tmp_path), "--steps", "3"])
+    out = capsys.readouterr().out
+    assert "before" in out and "after" in out and "not safety" in out
+    for name in ("mlc_demo_eval.png", "mlc_demo_training.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+
+
+def test_train_then_eval_with_the_extractor(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4",
+          "--algorithm", "sft", "--mlc-rep-size", "16", "--mlc-layer", "2"])  # fmt: skip
+    assert (out / "mlc_head" / "mlc_head.safetensors").is_file() and (out / "training.png").is_file()
+    main(
+        ["eval", "--model", str(out), "--extractor", str(out / "mlc_head"), "--out", str(tmp_path), "--mlc-layer", "2"]
+    )
+    result = json.loads((tmp_path / "eval.json").read_text())
+    assert set(result["cosine_to_consensus"]) == {"en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku"}
+    assert "cosine to consensus per language" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "extra,match",
+    [
+        (["--mlc-layer", "9"], "layer must be in 1..4"),
+        (["--algorithm", "ppo"], "--algorithm must be one of"),
+        (["--mlc-weight", "-0.5"], "weight must be a number >= 0"),
+        (["--languages", "en"], "no translated variants"),
+    ],
+)
+def test_bad_configs_fail_before_training(tiny_checkpoint, tmp_path, extra, match):
+    with pytest.raises(SystemExit, match=match):
+        main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--max-steps", "1", *extra])
+
+
+def test_dataset_without_variants_is_refused(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
+    with pytest.raises(ValueError, match="record 0: missing field 'variants'"):
+        main(["train", "--model", str(tiny_checkpoint), "--dataset", str(bad), "--output-dir", str(tmp_path)])
