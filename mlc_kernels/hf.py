@@ -295,3 +295,65 @@ def grad_cached_mlc_backward(
     if after_first_pass[1] is not None:
         torch.cuda.set_rng_state(after_first_pass[1], device)
     return loss.detach()
+
+
+class _GradCachedLoss(torch.autograd.Function):
+    """Forward: the MLC loss of representations computed without autograd, and its gradients w.r.t. the
+    representations and the loss's parameters. Backward: recompute each chunk of variant passes with
+    autograd (replaying its RNG state) and backpropagate ``grad_output * dloss/dreps`` into the model."""
+
+    @staticmethod
+    def forward(ctx, runner: dict, *params: torch.Tensor) -> torch.Tensor:
+        reps = runner["reps"].detach().requires_grad_()
+        with torch.enable_grad():
+            loss = runner["loss_fn"](reps, runner["mask"])
+            grads = torch.autograd.grad(loss, [reps, *params], allow_unused=True)
+        ctx.runner, ctx.grads = runner, grads
+        return loss.detach()
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        runner, (grad_reps, *grad_params) = ctx.runner, ctx.grads
+        model, ids, att, mask, layer, chunk = (runner[k] for k in ("model", "ids", "att", "mask", "layer", "chunk"))
+        device = ids.device
+        for index, start in enumerate(range(0, ids.shape[0], chunk)):
+            stop = min(start + chunk, ids.shape[0])
+            present = mask[start:stop]
+            if not bool(present.any()):
+                continue
+            with torch.enable_grad(), _replay_rng(runner["states"][index], device):
+                chunk_reps, _ = variant_representations(model, ids[start:stop], att[start:stop], layer, present)
+                torch.autograd.backward(chunk_reps[present], grad_output * grad_reps[start:stop][present])
+        return (None, *[g * grad_output if g is not None else None for g in grad_params])
+
+
+def grad_cached_mlc_loss(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    params: list[torch.Tensor],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    variant_mask: torch.Tensor | None = None,
+    *,
+    chunk_prompts: int = 1,
+) -> torch.Tensor:
+    """The gradient-cached MLC loss as a differentiable scalar: use it like any loss term (``total =
+    align + w * grad_cached_mlc_loss(...)``; one ``backward``). ``params`` are the parameters of
+    ``loss_fn`` itself (e.g. the ``MLCHead``'s); the model's gradients arrive during backward, when each
+    chunk of variant passes is recomputed with autograd. Memory as in :func:`grad_cached_mlc_backward`."""
+    n, m, _ = input_ids.shape
+    device = input_ids.device
+    mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
+    states, parts = [], []
+    with torch.no_grad():
+        for start in range(0, n, chunk_prompts):
+            stop = min(start + chunk_prompts, n)
+            states.append(_rng_state(device))
+            parts.append(variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
+                                                 mask[start:stop])[0])  # fmt: skip
+    runner = {
+        "model": model, "loss_fn": loss_fn, "reps": torch.cat(parts), "mask": mask, "ids": input_ids,
+        "att": attention_mask, "layer": layer, "chunk": chunk_prompts, "states": states,
+    }  # fmt: skip
+    return _GradCachedLoss.apply(runner, *params)

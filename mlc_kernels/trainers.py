@@ -41,6 +41,8 @@ class MLCArguments:
     rep_size: int = 256
     impl: str = "auto"
     generation_prompt: bool = True
+    grad_cache: bool = False
+    chunk_prompts: int = 1
     log_metrics: bool = True
     extra: dict = field(default_factory=dict)
 
@@ -173,26 +175,46 @@ class MLCTrainerMixin:
     def _mlc_loss(self, model, inputs: dict) -> torch.Tensor:
         unwrapped = self.accelerator.unwrap_model(model)
         head = unwrapped.mlc_head
-        reps, mask = variant_representations(
-            unwrapped, inputs["mlc_input_ids"], inputs["mlc_attention_mask"], self.mlc_layer, inputs["mlc_mask"]
-        )
         a = self.mlc_args
-        loss = fused_linear_mlc_loss(reps, head.weight, head.bias, mask, tau=a.tau, objective=a.objective, impl=a.impl)
-        if a.log_metrics:
-            with torch.no_grad():
-                stats = consistency_metrics(head(reps.detach()), mask)
-            values = {"mlc/loss": loss.item()}
-            valid = stats["valid"]
-            if bool(valid.any()):
-                values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()
-                values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
-                for j, lang in enumerate(a.languages):
-                    cos = stats["cosine_to_consensus"][:, j]
-                    cos = cos[~torch.isnan(cos)]
-                    if cos.numel():
-                        values[f"mlc/cos_{lang}"] = cos.mean().item()
-            self._mlc_log(model, values)
+        ids, att, present = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_mask"]
+
+        def loss_of(reps, mask):
+            return fused_linear_mlc_loss(
+                reps, head.weight, head.bias, mask, tau=a.tau, objective=a.objective, impl=a.impl
+            )
+
+        if a.grad_cache and model.training:
+            from .hf import grad_cached_mlc_loss
+
+            params = [p for p in head.parameters() if p.requires_grad]
+            loss = grad_cached_mlc_loss(unwrapped, loss_of, params, ids, att, self.mlc_layer, present,
+                                        chunk_prompts=a.chunk_prompts)  # fmt: skip
+            if a.log_metrics:  # one more no-grad pass, for the metrics only
+                with torch.no_grad():
+                    reps, mask = variant_representations(unwrapped, ids, att, self.mlc_layer, present)
+                self._log_consistency(model, head, reps, mask, loss)
+            return loss
+        reps, mask = variant_representations(unwrapped, ids, att, self.mlc_layer, present)
+        loss = loss_of(reps, mask)
+        self._log_consistency(model, head, reps, mask, loss)
         return loss
+
+    def _log_consistency(self, model, head, reps, mask, loss) -> None:
+        if not self.mlc_args.log_metrics:
+            return
+        with torch.no_grad():
+            stats = consistency_metrics(head(reps.detach()), mask)
+        values = {"mlc/loss": loss.item()}
+        valid = stats["valid"]
+        if bool(valid.any()):
+            values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()
+            values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
+            for j, lang in enumerate(self.mlc_args.languages):
+                cos = stats["cosine_to_consensus"][:, j]
+                cos = cos[~torch.isnan(cos)]
+                if cos.numel():
+                    values[f"mlc/cos_{lang}"] = cos.mean().item()
+        self._mlc_log(model, values)
 
     def _mlc_log(self, model, values: dict[str, float]) -> None:
         """Into the trainer's own metric store: ``_metrics`` (TRL trainers) or ``store_metrics`` (experimental)."""
