@@ -495,6 +495,34 @@ def format_capture_table(rows: list) -> str:
     return "\n".join(lines)
 
 
+def run_train_step(device: torch.device, budget_s: float, memory: bool) -> list[dict]:
+    """A whole DPO step with and without MLC (see benchmarks/train_step.py); ratios to DPO alone."""
+    from .train_step import VARIANTS, build, step
+
+    rows = []
+    for variant in VARIANTS:
+        trainer, model, optimizer, batch = build(variant)
+        ms = time_call(lambda _, t=trainer, mo=model, o=optimizer, b=batch: step(t, mo, o, b), lambda: None, device,
+                       budget_s, min_reps=2, max_reps=3)  # fmt: skip
+        del trainer, model, optimizer, batch
+        peak = None
+        if memory and device.type == "cpu":
+            setup = (
+                "from mlc_kernels.benchmarks.train_step import build, step\n"
+                f"t, mo, o, b = build({variant!r})\n"
+                "step(t, mo, o, b)"  # allocates gradients and optimizer states before the baseline
+            )
+            peak = _run_child(_child_peak_code(setup, "step(t, mo, o, b) or 0"))
+        rows.append({"device": device_name(device), "variant": variant, "step_ms": round(ms, 1),
+                     "peak_extra_bytes": peak})  # fmt: skip
+    base = rows[0]
+    for r in rows:
+        r["time_vs_dpo"] = round(r["step_ms"] / base["step_ms"], 3)
+        if r["peak_extra_bytes"] is not None and base["peak_extra_bytes"]:
+            r["memory_vs_dpo"] = round(r["peak_extra_bytes"] / base["peak_extra_bytes"], 3)
+    return rows
+
+
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
     """``"64x10x1024,256x10x4096"`` -> ``[(64, 10, 1024), (256, 10, 4096)]``."""
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
@@ -518,7 +546,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--reference-max-n", type=int, default=None, help="skip reference above this N (default: 256 on GPU)"
     )
-    parser.add_argument("--suite", choices=("loss", "fused-linear", "hf-capture", "all"), default="all")
+    parser.add_argument(
+        "--suite",
+        choices=("loss", "fused-linear", "hf-capture", "train-step", "all"),
+        default="all",
+        help="all = loss, fused-linear and hf-capture; train-step (several minutes on CPU) runs only when named",
+    )
     parser.add_argument(
         "--hf-shape",
         type=lambda t: tuple(int(v) for v in t.split("x")),
@@ -589,6 +622,22 @@ def main(argv: list[str] | None = None) -> None:
         write_csv(fl_rows, args.out / "fused_linear.csv")
         plot_fused(fl_rows, args.out / "fused_linear.png")
         print(f"wrote {args.out / 'fused_linear.csv'} and {args.out / 'fused_linear.png'}")
+    if args.suite == "train-step":
+        rows = run_train_step(device, args.budget, memory=not args.no_memory)
+        print(
+            "A whole DPO step (hidden 512, 8 layers, vocab 151936; 8 prompts, 32+64 tokens) with and without MLC"
+            " (m=10, k=4); extra = peak above parameters, gradients, optimizer states and inputs"
+        )
+        for r in rows:
+            print(r)
+        path = args.out / "train_step.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"wrote {path}")
+        return
     if args.suite in ("hf-capture", "all"):
         try:
             import transformers  # noqa: F401
