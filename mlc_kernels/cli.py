@@ -189,6 +189,18 @@ def build_trainer(
     )
 
 
+def apply_liger_kernels(model) -> None:
+    """Patch ``model`` with Liger-Kernel's Triton kernels (RMSNorm, RoPE, SwiGLU, ...) through its own patch
+    function. CUDA only: Liger's kernels are GPU kernels; an explicit request elsewhere is refused."""
+    if not torch.cuda.is_available():
+        raise SystemExit("mlc train: --liger-kernels needs a CUDA device (Liger's model kernels are GPU kernels)")
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as err:
+        raise SystemExit("mlc train: --liger-kernels needs liger-kernel (pip install liger-kernel)") from err
+    _apply_liger_kernel_to_instance(model=model)
+
+
 def _check_dataset_has_variants(records, mlc: MLCArguments) -> None:
     others = [lang for lang in mlc.languages if lang != mlc.base_language]
     if not any(r["variants"].get(lang) for r in records for lang in others):
@@ -218,6 +230,8 @@ def cmd_train(args) -> None:
         mlc.check(model)
     except ValueError as err:
         raise SystemExit(f"mlc train: {err}") from err
+    if args.liger_kernels:
+        apply_liger_kernels(model)
     _check_dataset_has_variants(records, mlc)
     out = Path(args.output_dir)
     trainer = build_trainer(
@@ -329,6 +343,7 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--batch-size", type=int, default=8)
     p_train.add_argument("--learning-rate", type=float, default=5e-6)
     p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--liger-kernels", action="store_true", help="Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA)")
     _add_mlc_options(p_train)
     p_eval = sub.add_parser("eval", help="per-language consistency table")
     p_eval.add_argument("--model", required=True)

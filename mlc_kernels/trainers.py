@@ -11,7 +11,7 @@ the trainer's logs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -44,7 +44,6 @@ class MLCArguments:
     grad_cache: bool = False
     chunk_prompts: int = 1
     log_metrics: bool = True
-    extra: dict = field(default_factory=dict)
 
     def check(self, model: torch.nn.Module) -> int:
         """Raise a clear error for a bad option; returns the resolved 1-based layer."""
@@ -56,8 +55,10 @@ class MLCArguments:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MLCArguments.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        if isinstance(self.rep_size, bool) or not isinstance(self.rep_size, int) or self.rep_size < 1:
-            raise ValueError(f"MLCArguments.rep_size must be a positive int, got {self.rep_size!r}")
+        for name in ("rep_size", "chunk_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"MLCArguments.{name} must be a positive int, got {value!r}")
         if self.base_language not in self.languages or len(set(self.languages)) != len(self.languages):
             raise ValueError(
                 f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "

@@ -63,3 +63,29 @@ def test_dataset_without_variants_is_refused(tiny_checkpoint, tmp_path):
     bad.write_text(json.dumps({"prompt": "hi", "chosen": "a", "rejected": "b"}) + "\n")
     with pytest.raises(ValueError, match="record 0: missing field 'variants'"):
         main(["train", "--model", str(tiny_checkpoint), "--dataset", str(bad), "--output-dir", str(tmp_path)])
+
+
+def test_liger_kernels_option(tiny_checkpoint, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusal is tested without CUDA; see test_liger_kernels_on_gpu")
+    with pytest.raises(SystemExit, match="--liger-kernels needs a CUDA device"):
+        main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--liger-kernels"])
+
+
+@pytest.mark.gpu
+def test_liger_kernels_on_gpu(tiny_checkpoint):
+    pytest.importorskip("liger_kernel")
+    import torch
+    import transformers
+
+    from mlc_kernels.cli import apply_liger_kernels
+    from mlc_kernels.hf import last_prompt_hidden
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint).cuda()
+    ids = torch.randint(4, 100, (2, 8), device="cuda")
+    att = torch.ones_like(ids)
+    before = last_prompt_hidden(model, ids, att, 2)
+    apply_liger_kernels(model)
+    torch.testing.assert_close(last_prompt_hidden(model, ids, att, 2), before, rtol=1e-3, atol=1e-3)
