@@ -241,6 +241,32 @@ def _replay_rng(state: tuple, device: torch.device):
         yield
 
 
+def _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk) -> tuple[torch.Tensor, list]:
+    """The representations of all variants without autograd, chunk by chunk, and each chunk's RNG state."""
+    states, parts = [], []
+    with torch.no_grad():
+        for start in range(0, input_ids.shape[0], chunk):
+            stop = start + chunk
+            states.append(_rng_state(input_ids.device))
+            parts.append(variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
+                                                 mask[start:stop])[0])  # fmt: skip
+    return torch.cat(parts), states
+
+
+def _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk, states, grad_reps) -> None:
+    """Recompute each chunk of variant passes with autograd under its recorded RNG state and backpropagate
+    ``grad_reps`` (dloss/dreps, ``(N, m, hidden)``) into the model."""
+    for index, start in enumerate(range(0, input_ids.shape[0], chunk)):
+        stop = start + chunk
+        present = mask[start:stop]
+        if not bool(present.any()):
+            continue
+        with torch.enable_grad(), _replay_rng(states[index], input_ids.device):
+            chunk_reps, _ = variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
+                                                    present)  # fmt: skip
+            torch.autograd.backward(chunk_reps[present], grad_reps[start:stop][present])
+
+
 def grad_cached_mlc_backward(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -263,34 +289,15 @@ def grad_cached_mlc_backward(
     Peak activation memory is that of one chunk's truncated passes. Gradients add up across calls,
     as under gradient accumulation.
     """
-    n, m, t = input_ids.shape
+    n, m, _ = input_ids.shape
     device = input_ids.device
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
-    states, parts = [], []
-    with torch.no_grad():
-        for start in range(0, n, chunk_prompts):
-            stop = min(start + chunk_prompts, n)
-            states.append(_rng_state(device))
-            parts.append(
-                variant_representations(
-                    model, input_ids[start:stop], attention_mask[start:stop], layer, mask[start:stop]
-                )[0]
-            )
+    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     after_first_pass = _rng_state(device)
-    reps = torch.cat(parts).detach().requires_grad_()
+    reps = reps.detach().requires_grad_()
     loss = loss_fn(reps, mask)
     loss.backward()
-    grad = reps.grad
-    for index, start in enumerate(range(0, n, chunk_prompts)):
-        stop = min(start + chunk_prompts, n)
-        if not bool(mask[start:stop].any()):
-            continue
-        with _replay_rng(states[index], device):
-            chunk_reps, _ = variant_representations(
-                model, input_ids[start:stop], attention_mask[start:stop], layer, mask[start:stop]
-            )
-        present = mask[start:stop]
-        torch.autograd.backward(chunk_reps[present], grad[start:stop][present])
+    _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk_prompts, states, reps.grad)
     torch.set_rng_state(after_first_pass[0])
     if after_first_pass[1] is not None:
         torch.cuda.set_rng_state(after_first_pass[1], device)
@@ -313,17 +320,9 @@ class _GradCachedLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        runner, (grad_reps, *grad_params) = ctx.runner, ctx.grads
-        model, ids, att, mask, layer, chunk = (runner[k] for k in ("model", "ids", "att", "mask", "layer", "chunk"))
-        device = ids.device
-        for index, start in enumerate(range(0, ids.shape[0], chunk)):
-            stop = min(start + chunk, ids.shape[0])
-            present = mask[start:stop]
-            if not bool(present.any()):
-                continue
-            with torch.enable_grad(), _replay_rng(runner["states"][index], device):
-                chunk_reps, _ = variant_representations(model, ids[start:stop], att[start:stop], layer, present)
-                torch.autograd.backward(chunk_reps[present], grad_output * grad_reps[start:stop][present])
+        r, (grad_reps, *grad_params) = ctx.runner, ctx.grads
+        _backprop_variant_chunks(r["model"], r["ids"], r["att"], r["layer"], r["mask"], r["chunk"], r["states"],
+                                 grad_output * grad_reps)  # fmt: skip
         return (None, *[g * grad_output if g is not None else None for g in grad_params])
 
 
@@ -343,17 +342,10 @@ def grad_cached_mlc_loss(
     ``loss_fn`` itself (e.g. the ``MLCHead``'s); the model's gradients arrive during backward, when each
     chunk of variant passes is recomputed with autograd. Memory as in :func:`grad_cached_mlc_backward`."""
     n, m, _ = input_ids.shape
-    device = input_ids.device
-    mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
-    states, parts = [], []
-    with torch.no_grad():
-        for start in range(0, n, chunk_prompts):
-            stop = min(start + chunk_prompts, n)
-            states.append(_rng_state(device))
-            parts.append(variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
-                                                 mask[start:stop])[0])  # fmt: skip
+    mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
+    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     runner = {
-        "model": model, "loss_fn": loss_fn, "reps": torch.cat(parts), "mask": mask, "ids": input_ids,
+        "model": model, "loss_fn": loss_fn, "reps": reps, "mask": mask, "ids": input_ids,
         "att": attention_mask, "layer": layer, "chunk": chunk_prompts, "states": states,
     }  # fmt: skip
     return _GradCachedLoss.apply(runner, *params)
