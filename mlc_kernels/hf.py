@@ -144,6 +144,12 @@ def last_prompt_hidden(
     stops after the layer: no later layers, no final norm, no LM head, no logits. Extra keyword arguments go
     to the model (e.g. ``position_ids``).
     """
+    if truncate and isinstance(model, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "last_prompt_hidden(truncate=True) on a DistributedDataParallel wrapper: stopping inside DDP's forward "
+            "skips its gradient synchronisation; pass the wrapped module (model.module) and synchronise through "
+            "a completed DDP forward (multi-process MLC training is not supported yet)"
+        )
     index = last_token_index(attention_mask)
     with _capture_after_layer(model, layer, stop=truncate) as captured:
         try:

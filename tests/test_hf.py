@@ -254,3 +254,19 @@ def test_packed_batch_matches_padded_with_flash_attention():
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None].cuda()
     packed = last_prompt_hidden_packed(model, packed_ids, position_ids, 2)
     torch.testing.assert_close(packed.float(), padded.float(), rtol=2e-2, atol=2e-2)
+
+
+def test_truncated_pass_refuses_a_ddp_wrapper(tmp_path):
+    import torch.distributed as dist
+
+    model = tiny_model("llama")
+    ids, att = batch()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        with pytest.raises(ValueError, match="skips its gradient synchronisation"):
+            last_prompt_hidden(ddp, ids, att, 2)
+        torch.testing.assert_close(last_prompt_hidden(ddp, ids, att, 2, truncate=False),
+                                   last_prompt_hidden(model, ids, att, 2))  # fmt: skip
+    finally:
+        dist.destroy_process_group()
