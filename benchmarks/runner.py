@@ -649,7 +649,7 @@ def main(argv: list[str] | None = None) -> None:
         shape = args.hf_shape or (HF_SHAPE_GPU if gpu else HF_SHAPE)
         cap_rows = run_hf_capture(shape, device, args.budget, memory=not args.no_memory)
         print(
-            f"Variant passes on a mini Qwen2 (vocab 151936) on {cap_rows[0].device}: naive full forward with "
+            f"Variant passes on a Qwen2-style model (vocab 151936) on {cap_rows[0].device}: naive full forward with "
             "output_hidden_states vs truncated at k vs truncated + gradient cache (1 prompt per chunk)"
         )
         print(format_capture_table(cap_rows))
