@@ -127,6 +127,16 @@ def _capture_after_layer(model: nn.Module, layer: int, stop: bool) -> Iterator[d
         handle.remove()
 
 
+def _hidden_after_layer(model: nn.Module, layer: int, truncate: bool, **inputs) -> torch.Tensor:
+    """All hidden states ``(B, T, hidden)`` after decoder layer ``layer``; with ``truncate`` the forward stops there."""
+    with _capture_after_layer(model, layer, stop=truncate) as captured:
+        try:
+            model(use_cache=False, **inputs)
+        except _StopForward:
+            pass
+    return captured["hidden"]
+
+
 def last_prompt_hidden(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -151,12 +161,8 @@ def last_prompt_hidden(
             "a completed DDP forward (multi-process MLC training is not supported yet)"
         )
     index = last_token_index(attention_mask)
-    with _capture_after_layer(model, layer, stop=truncate) as captured:
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-        except _StopForward:
-            pass
-    hidden = captured["hidden"]
+    hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, attention_mask=attention_mask,
+                                 **model_kwargs)  # fmt: skip
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
 
 
@@ -186,12 +192,8 @@ def last_prompt_hidden_packed(
             "other attention implementations mix the packed sequences"
         )
     index = packed_last_index(position_ids)
-    with _capture_after_layer(model, layer, stop=truncate) as captured:
-        try:
-            model(input_ids=input_ids, position_ids=position_ids, use_cache=False)
-        except _StopForward:
-            pass
-    return captured["hidden"][0, index.to(captured["hidden"].device)]
+    hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, position_ids=position_ids)
+    return hidden[0, index.to(hidden.device)]
 
 
 def variant_representations(
@@ -299,14 +301,11 @@ def grad_cached_mlc_backward(
     device = input_ids.device
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
     reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
-    after_first_pass = _rng_state(device)
     reps = reps.detach().requires_grad_()
     loss = loss_fn(reps, mask)
     loss.backward()
+    # the replays run under fork_rng: the RNG continues as after the first pass
     _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk_prompts, states, reps.grad)
-    torch.set_rng_state(after_first_pass[0])
-    if after_first_pass[1] is not None:
-        torch.cuda.set_rng_state(after_first_pass[1], device)
     return loss.detach()
 
 
