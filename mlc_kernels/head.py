@@ -15,9 +15,12 @@ CONFIG_NAME = "mlc_head_config.json"
 class MLCHead(nn.Module):
     """Linear map from the model's hidden size to the representation size.
 
-    ``forward(hidden)``: ``(..., hidden_size)`` -> ``(..., rep_size)``. ``loss(hidden, mask)`` computes
-    the MLC loss of ``(N, m, hidden_size)`` hidden states through :func:`fused_linear_mlc_loss`,
-    without materialising the representations for backward.
+    ``forward(hidden)``: ``(..., hidden_size)`` -> ``(..., rep_size)``. ``forward(hidden, mask, loss=True)``
+    (or ``loss(hidden, mask)``) computes the MLC loss of ``(N, m, hidden_size)`` hidden states through
+    :func:`fused_linear_mlc_loss`, without materialising the representations for backward. The loss goes
+    through ``forward`` so that an engine sharding the head as its own unit (FSDP) gathers its parameters
+    around the call; for that reason the class lists itself in ``_no_split_modules`` when registered on a
+    transformers model by the trainers.
     """
 
     def __init__(
@@ -44,14 +47,22 @@ class MLCHead(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return self.proj.bias
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden)
-
-    def loss(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-        """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss``."""
+    def forward(
+        self, hidden: torch.Tensor, mask: torch.Tensor | None = None, *, loss: bool = False, **loss_options
+    ) -> torch.Tensor:
+        """Projection of ``hidden``; with ``loss=True`` the fused MLC loss of ``hidden`` ``(N, m, hidden_size)``
+        and ``mask`` ``(N, m)`` instead (``loss_options`` as :func:`fused_linear_mlc_loss`)."""
+        if not loss:
+            if mask is not None or loss_options:
+                raise ValueError("MLCHead: mask and loss options need loss=True")
+            return self.proj(hidden)
         from .fused_linear import fused_linear_mlc_loss
 
-        return fused_linear_mlc_loss(hidden, self.proj.weight, self.proj.bias, mask, **kwargs)
+        return fused_linear_mlc_loss(hidden, self.proj.weight, self.proj.bias, mask, **loss_options)
+
+    def loss(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **loss_options) -> torch.Tensor:
+        """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss``."""
+        return self(hidden, mask, loss=True, **loss_options)
 
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.proj.bias is not None}

@@ -8,23 +8,23 @@ decoder layer k, with the forward stopped right after that layer (DESIGN.md sect
   passes without autograd, the MLC loss and its gradient w.r.t. the representations, then chunk-by-chunk
   recomputation with autograd, so activation memory is bounded by the chunk instead of N x m.
 
-Truncation works by a forward pre-hook on the module that follows layer k (decoder layer k+1, or the final
-norm when k is the last layer): it records its input hidden states and raises a private exception that
-stops the forward there. Nothing after layer k runs; backward reaches only layers <= k. Hooks are removed
-in ``finally``, so the model is left as it was even when the forward raises.
+Truncation runs the model's own forward over a shortened stack: the decoder layer list is swapped for its
+first k layers for the duration of the call, a forward hook on layer k records its output, and the forward
+completes normally (final norm on the captured states, LM head on the last position only via
+``logits_to_keep=1``). Layers after k never run and backward reaches only layers <= k. Because the forward
+completes, every hook an engine put on the model (FSDP's unshard/reshard and pre-backward hooks, DeepSpeed
+ZeRO-3's parameter fetches) runs its full cycle; nothing is left half-done. The layer list and the hook are
+restored in ``finally``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook to end the forward after the requested layer."""
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -99,41 +99,44 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (t - 1) - present.flip(dims=[1]).int().argmax(dim=1)
 
 
+def _layer_list_owner(model: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding the decoder layer list and the attribute name of the list."""
+    layers, _ = decoder_layers(model)
+    for module in _unwrap(model).modules():
+        for name, child in module.named_children():
+            if child is layers:
+                return module, name
+    raise TypeError(f"{type(model).__name__}: the decoder layer list has no owner module")  # unreachable for HF
+
+
 @contextlib.contextmanager
-def _capture_after_layer(model: nn.Module, layer: int, stop: bool) -> Iterator[dict]:
-    layers, norm = decoder_layers(model)
+def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[dict]:
+    """Captures the hidden states after decoder layer ``layer``; with ``truncate`` the model's layer list holds
+    only the first ``layer`` layers while the context is open."""
+    layers, _ = decoder_layers(model)
     k = resolve_layer(model, layer)
-    target = layers[k] if k < len(layers) else norm
     captured: dict = {}
-    if target is None:  # last layer and no final norm: record the layer's output instead
 
-        def post_hook(module, args, output):
-            captured["hidden"] = output[0] if isinstance(output, tuple) else output
-            if stop:
-                raise _StopForward
+    def post_hook(module, args, output):
+        captured["hidden"] = output[0] if isinstance(output, tuple) else output
 
-        handle = layers[k - 1].register_forward_hook(post_hook)
-    else:
-
-        def pre_hook(module, args, kwargs):
-            captured["hidden"] = args[0] if args else kwargs["hidden_states"]
-            if stop:
-                raise _StopForward
-
-        handle = target.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    handle = layers[k - 1].register_forward_hook(post_hook)
+    owner, name = _layer_list_owner(model)
     try:
+        if truncate and k < len(layers):
+            setattr(owner, name, nn.ModuleList(layers[:k]))
         yield captured
     finally:
+        setattr(owner, name, layers)
         handle.remove()
 
 
 def _hidden_after_layer(model: nn.Module, layer: int, truncate: bool, **inputs) -> torch.Tensor:
-    """All hidden states ``(B, T, hidden)`` after decoder layer ``layer``; with ``truncate`` the forward stops there."""
-    with _capture_after_layer(model, layer, stop=truncate) as captured:
-        try:
-            model(use_cache=False, **inputs)
-        except _StopForward:
-            pass
+    """All hidden states ``(B, T, hidden)`` after decoder layer ``layer``; with ``truncate`` no later layer runs."""
+    if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
+        inputs["logits_to_keep"] = 1  # the LM head runs on one position; its output is discarded
+    with _truncated_stack(model, layer, truncate) as captured:
+        model(use_cache=False, **inputs)
     return captured["hidden"]
 
 
@@ -150,16 +153,10 @@ def last_prompt_hidden(
 
     ``layer`` counts decoder layers from 1 (negative: from the end). For ``layer < L`` the result equals
     ``output_hidden_states[layer]`` at that token; for ``layer = L`` it is the last layer's output *before*
-    the final norm (transformers' ``hidden_states[L]`` has the norm applied). With ``truncate`` the forward
-    stops after the layer: no later layers, no final norm, no LM head, no logits. Extra keyword arguments go
-    to the model (e.g. ``position_ids``).
+    the final norm (transformers' ``hidden_states[L]`` has the norm applied). With ``truncate`` no layer after
+    ``layer`` runs (the final norm and an LM head on one position still run; their output is discarded).
+    Extra keyword arguments go to the model (e.g. ``position_ids``).
     """
-    if truncate and isinstance(model, nn.parallel.DistributedDataParallel):
-        raise ValueError(
-            "last_prompt_hidden(truncate=True) on a DistributedDataParallel wrapper: stopping inside DDP's forward "
-            "skips its gradient synchronisation; pass the wrapped module (model.module) and synchronise through "
-            "a completed DDP forward (multi-process MLC training is not supported yet)"
-        )
     index = last_token_index(attention_mask)
     hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, attention_mask=attention_mask,
                                  **model_kwargs)  # fmt: skip

@@ -16,10 +16,9 @@ from pathlib import Path
 
 import torch
 
-from .fused_linear import fused_linear_mlc_loss
 from .head import MLCHead
 from .hf import resolve_layer, variant_representations
-from .loss import IMPLEMENTATIONS
+from .loss import IMPLEMENTATIONS, eligible_count
 from .metrics import consistency_metrics
 from .ops.common import OBJECTIVES
 
@@ -154,6 +153,10 @@ class MLCTrainerMixin:
         if not hasattr(base, "mlc_head"):
             param = next(base.parameters())
             base.add_module("mlc_head", MLCHead(hidden, mlc_args.rep_size, device=param.device, dtype=param.dtype))
+        no_split = getattr(base, "_no_split_modules", None)  # FSDP's transformer wrap policy reads it
+        if no_split is not None and "MLCHead" not in no_split:
+            base._no_split_modules = {*no_split, "MLCHead"} if isinstance(no_split, set) else [*no_split, "MLCHead"]
+        self._mlc_step_count: int | None = None
         pad = getattr(self.processing_class, "pad_token_id", None)
         self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0)
 
@@ -162,50 +165,97 @@ class MLCTrainerMixin:
         if self._signature_columns is not None and VARIANT_COLUMN not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, VARIANT_COLUMN]
 
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Also counts the MLC-eligible prompts (>= 2 present variants) of the optimizer step's micro-batches,
+        summed over processes: the denominator of ``reduction="mean"`` over the global batch."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        masks = [batch["mlc_mask"] for batch in batch_samples if "mlc_mask" in batch]
+        self._mlc_step_count = None
+        if masks:
+            count = sum((m.sum(dim=1) >= 2).sum() for m in masks).to(self.accelerator.device)
+            self._mlc_step_count = int(self.accelerator.reduce(count, reduction="sum"))
+        return batch_samples, num_items_in_batch
+
+    def _mlc_scale(self, model, mask: torch.Tensor, num_items_in_batch) -> float:
+        """Factor turning this micro-batch's summed MLC loss into its share of the mean over the global batch.
+
+        Gradients are averaged over the W processes (DDP, FSDP, DeepSpeed) and, unless the alignment loss is
+        normalised by ``num_items_in_batch``, the trainer divides each micro-batch loss by the G accumulation
+        steps; with C eligible prompts in the step over all processes the factor is ``W * G / C``, so the
+        update equals one process's mean over the whole batch. Evaluation and a batch seen outside
+        ``get_batch_samples`` use the local mean."""
+        count = self._mlc_step_count
+        if not model.training or count is None:
+            return 1.0 / eligible_count(mask).item()
+        scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled_for_ga is None:
+            scaled_for_ga = (
+                getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
+            ) or getattr(self, "compute_loss_func", None) is not None
+        steps = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
+        return self.accelerator.num_processes * steps / max(count, 1)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mlc_inputs = {k: inputs.pop(k) for k in MLC_KEYS if k in inputs}
         out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if not mlc_inputs or self.mlc_args.weight == 0:
+        if not mlc_inputs:
             return out
+        m = mlc_inputs["mlc_mask"].shape[1]
+        if m != len(self.mlc_args.languages):
+            raise ValueError(
+                f"MLC batch on process {self.accelerator.process_index} of {self.accelerator.num_processes} has "
+                f"{m} variants per prompt, expected {len(self.mlc_args.languages)} (languages "
+                f"{list(self.mlc_args.languages)}): a prompt's variants were split across processes or "
+                "micro-batches; keep MLCCollator's (N, m, T) layout, which dispatching and splitting batches "
+                "along the first dimension preserves"
+            )
         align = out[0] if return_outputs else out
-        mlc = self._mlc_loss(model, mlc_inputs)
+        mlc = self._mlc_loss(model, mlc_inputs, self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch))
         self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
         loss = align + self.mlc_args.weight * mlc
         return (loss, out[1]) if return_outputs else loss
 
-    def _mlc_loss(self, model, inputs: dict) -> torch.Tensor:
-        unwrapped = self.accelerator.unwrap_model(model)
-        head = unwrapped.mlc_head
+    def _variant_runner(self, model):
+        """The module the variant passes go through: the model under DDP/DeepSpeed wrappers (their
+        gradient hooks sit on the parameters), the FSDP1 root wrapper itself (it gathers the root's
+        parameters), and the model as is under FSDP2 (sharded in place)."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return model if isinstance(model, FullyShardedDataParallel) else self.accelerator.unwrap_model(model)
+
+    def _mlc_loss(self, model, inputs: dict, scale) -> torch.Tensor:
+        """This micro-batch's MLC term: the summed per-prompt loss times ``scale`` (see :meth:`_mlc_scale`)."""
+        runner = self._variant_runner(model)
+        head = self.accelerator.unwrap_model(model).mlc_head  # the registered child: an FSDP unit if sharded
         a = self.mlc_args
         ids, att, present = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_mask"]
 
         def loss_of(reps, mask):
-            return fused_linear_mlc_loss(
-                reps, head.weight, head.bias, mask, tau=a.tau, objective=a.objective, impl=a.impl
-            )
+            return head(reps, mask, loss=True, tau=a.tau, objective=a.objective, reduction="sum", impl=a.impl) * scale
 
         if a.grad_cache and model.training:
             from .hf import grad_cached_mlc_loss
 
             params = [p for p in head.parameters() if p.requires_grad]
-            loss = grad_cached_mlc_loss(unwrapped, loss_of, params, ids, att, self.mlc_layer, present,
+            loss = grad_cached_mlc_loss(runner, loss_of, params, ids, att, self.mlc_layer, present,
                                         chunk_prompts=a.chunk_prompts)  # fmt: skip
             if a.log_metrics:  # one more no-grad pass, for the metrics only
                 with torch.no_grad():
-                    reps, mask = variant_representations(unwrapped, ids, att, self.mlc_layer, present)
-                self._log_consistency(model, head, reps, mask, loss)
+                    reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
+                self._log_consistency(model, head, reps, mask, loss.detach() / scale)
             return loss
-        reps, mask = variant_representations(unwrapped, ids, att, self.mlc_layer, present)
+        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
         loss = loss_of(reps, mask)
-        self._log_consistency(model, head, reps, mask, loss)
+        self._log_consistency(model, head, reps, mask, loss.detach() / scale)
         return loss
 
-    def _log_consistency(self, model, head, reps, mask, loss) -> None:
+    def _log_consistency(self, model, head, reps, mask, summed_loss: torch.Tensor) -> None:
+        """This process's micro-batch: mean MLC loss, s1 share, between-prompt and per-language cosines."""
         if not self.mlc_args.log_metrics:
             return
         with torch.no_grad():
             stats = consistency_metrics(head(reps.detach()), mask)
-        values = {"mlc/loss": loss.item()}
+        values = {"mlc/loss": summed_loss.item() / eligible_count(mask).item()}
         valid = stats["valid"]
         if bool(valid.any()):
             values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()

@@ -1,6 +1,9 @@
+
 """Layer-k capture from Hugging Face decoder-only models (mini models from configs, random init)."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -256,17 +259,24 @@ def test_packed_batch_matches_padded_with_flash_attention():
     torch.testing.assert_close(packed.float(), padded.float(), rtol=2e-2, atol=2e-2)
 
 
-def test_truncated_pass_refuses_a_ddp_wrapper(tmp_path):
+def test_truncated_pass_completes_inside_a_ddp_wrapper(tmp_path):
+    """The truncated forward completes (no exception through DDP's forward), so DDP's reducer is prepared and
+    backward through the wrapper gives the unwrapped model's gradients, only for layers <= k."""
     import torch.distributed as dist
 
     model = tiny_model("llama")
+    reference = copy.deepcopy(model)
     ids, att = batch()
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        ddp = torch.nn.parallel.DistributedDataParallel(model)
-        with pytest.raises(ValueError, match="skips its gradient synchronisation"):
-            last_prompt_hidden(ddp, ids, att, 2)
-        torch.testing.assert_close(last_prompt_hidden(ddp, ids, att, 2, truncate=False),
-                                   last_prompt_hidden(model, ids, att, 2))  # fmt: skip
+        ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        last_prompt_hidden(ddp, ids, att, 2).square().sum().backward()
+        last_prompt_hidden(reference, ids, att, 2).square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+            if q.grad is None:
+                assert p.grad is None or not p.grad.any(), name
+            else:
+                torch.testing.assert_close(p.grad, q.grad, msg=name)
+        assert ddp.module.model.layers[3].self_attn.q_proj.weight.grad is None
     finally:
         dist.destroy_process_group()
