@@ -284,6 +284,39 @@ class MLCTrainerMixin:
         self.accelerator.unwrap_model(self.model).mlc_head.save_pretrained(out / "mlc_head")
 
 
+def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
+    """Refuse, with the reason, the setups where MLC training would be wrong or fail late; turn off DDP's
+    unused-parameter search (unset by default in transformers, which then enables it).
+
+    The variant passes run outside DDP's forward, so DDP's search, which follows only the alignment forward's
+    outputs, would mark the extractor ready before its gradient arrives ("marked ready twice")."""
+    if args is None:
+        return
+    if getattr(args, "ddp_find_unused_parameters", None) is True:
+        raise ValueError(
+            "ddp_find_unused_parameters=True cannot be used with MLC: the variant passes and the extractor run "
+            "outside DDP's forward, and the unused-parameter search would mark them ready before their gradients "
+            "arrive; leave it unset (the MLC trainers set False: every parameter gets a gradient every step)"
+        )
+    args.ddp_find_unused_parameters = False
+    if mlc_args.grad_cache and getattr(args, "world_size", 1) > 1:
+        raise ValueError(
+            f"MLCArguments.grad_cache runs nested backward passes, which DDP/FSDP/DeepSpeed gradient hooks do not "
+            f"support; use grad_cache=False with {args.world_size} processes (activation checkpointing bounds "
+            "memory instead)"
+        )
+    import importlib.util
+    import os
+
+    wants_deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
+        "1", "true")  # fmt: skip
+    if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
+        raise ImportError(
+            "a DeepSpeed config was given (TrainingArguments.deepspeed or accelerate launch with a DeepSpeed "
+            "config) but the deepspeed package is not installed: pip install deepspeed"
+        )
+
+
 def _trainer_with_mlc(base_cls):
     class Trainer(MLCTrainerMixin, base_cls):
         def __init__(self, *args, mlc_args: MLCArguments, train_dataset=None, eval_dataset=None, **kwargs):
@@ -294,6 +327,7 @@ def _trainer_with_mlc(base_cls):
                 train_dataset = add_variant_ids(train_dataset, tokenizer, mlc_args)
             if eval_dataset is not None:
                 eval_dataset = add_variant_ids(eval_dataset, tokenizer, mlc_args)
+            check_distributed_setup(kwargs.get("args"), mlc_args)
             super().__init__(*args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
             self._mlc_setup(mlc_args)
 

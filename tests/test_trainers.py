@@ -11,52 +11,10 @@ trl = pytest.importorskip("trl")
 datasets = pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 
+from trl_fixtures import LANGS, records, tiny_model, tiny_tokenizer  # noqa: E402
+
 from mlc_kernels import MLCHead  # noqa: E402
 from mlc_kernels.trainers import MLCArguments, MLCCollator, add_variant_ids  # noqa: E402
-
-LANGS = ("en", "zh", "sw")
-
-
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    words = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>"] + [f"w{i}" for i in range(60)]
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tk = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
-    tk.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|> {{ m['content'] }} "
-        "{% else %}<|assistant|> {{ m['content'] }} <eos> {% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-    )
-    return tk
-
-
-def tiny_model(vocab: int):
-    torch.manual_seed(0)
-    config = transformers.Qwen2Config(
-        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2,
-    )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(config)
-
-
-def records(kind: str, n: int = 8):
-    rows = []
-    for i in range(n):
-        row = {
-            "prompt": [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}],
-            "variants": {"zh": f"w{i + 20} w{i + 21}", "sw": None if i % 3 == 0 else f"w{i + 40} w{i + 41} w{i + 42}"},
-        }
-        if kind == "dpo":
-            row["chosen"] = [{"role": "assistant", "content": "w4 w5"}]
-            row["rejected"] = [{"role": "assistant", "content": f"w{i + 6}"}]
-        else:
-            row["completion"] = [{"role": "assistant", "content": "w4 w5"}]
-        rows.append(row)
-    return datasets.Dataset.from_list(rows)
 
 
 def _train(kind: str, tmp_path, weight: float = 0.5):

@@ -1,0 +1,166 @@
+"""MLC training beyond one process, on the CPU with gloo: DDP through the TRL trainer (2 processes via torchrun,
+with and without gradient accumulation), FSDP2 (``fully_shard``, the engine of accelerate's FSDP2), resume
+from a checkpoint, the shipped accelerate configs and the errors of bad setups."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+trl = pytest.importorskip("trl")
+transformers = pytest.importorskip("transformers")
+accelerate = pytest.importorskip("accelerate")
+
+from trl_fixtures import LANGS, records, tiny_model, tiny_tokenizer  # noqa: E402
+
+from mlc_kernels.trainers import MLCArguments, trl_classes  # noqa: E402
+
+WORKER = Path(__file__).parent / "distributed_worker.py"
+ROOT = Path(__file__).parent.parent
+
+
+def launch(tmp_path: Path, name: str, processes: int, *args: str) -> dict:
+    """Run the worker on ``processes`` CPU processes (torchrun for more than one); returns rank 0's result."""
+    out = tmp_path / f"{name}.pt"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter aborts torchrun
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    worker = [str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name)]
+    if processes == 1:
+        cmd = [sys.executable, *worker]
+    else:
+        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={processes}", *worker]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    result = torch.load(out)
+    assert result["world"] == processes
+    return result
+
+
+def assert_same_step(got: dict, want: dict) -> None:
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6)
+    assert set(got["grads"]) == set(want["grads"])
+    assert any(name.startswith("mlc_head.") for name in want["grads"]), "the extractor has no gradient"
+    for name, grad in want["grads"].items():
+        scale = grad.abs().max().clamp_min(1e-12)
+        torch.testing.assert_close(got["grads"][name] / scale, grad / scale, rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.fixture(scope="module")
+def single_process_step(tmp_path_factory) -> dict:
+    return launch(tmp_path_factory.mktemp("single"), "single", 1, "trainer", "--per-device", "4")
+
+
+@pytest.mark.parametrize("per_device,accumulation", [(2, 1), (1, 2)])
+def test_ddp_step_equals_one_process_on_the_full_batch(single_process_step, tmp_path, per_device, accumulation):
+    """2 processes x per_device x accumulation = the same 4 prompts; the processes hold 2 and 1 MLC-eligible
+    prompts (1 and 1, 1 and 0 per micro-batch), so only the global-batch mean reproduces the gradients."""
+    got = launch(tmp_path, "ddp", 2, "trainer", "--per-device", str(per_device), "--accumulation", str(accumulation))
+    assert_same_step(got, single_process_step)
+
+
+def test_fsdp2_truncated_passes_and_extractor_match_one_process(tmp_path):
+    want = launch(tmp_path, "fsdp_single", 1, "fsdp2")
+    got = launch(tmp_path, "fsdp", 2, "fsdp2")
+    assert_same_step(got, want)
+
+
+def _dpo_trainer(out: Path, *, steps: int, save_steps: int | None = None, callbacks=()):
+    trainer_cls, config_cls = trl_classes("dpo")
+    tokenizer = tiny_tokenizer()
+    config = config_cls(
+        output_dir=str(out), per_device_train_batch_size=2, max_steps=steps, learning_rate=1e-2, logging_steps=1,
+        report_to=[], save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=3,
+        data_seed=3, use_cpu=True, bf16=False, max_length=32, full_determinism=True, disable_tqdm=True,
+    )  # fmt: skip
+    return trainer_cls(
+        model=tiny_model(len(tokenizer)), ref_model=tiny_model(len(tokenizer)), args=config,
+        processing_class=tokenizer, train_dataset=records("dpo", missing_zh=(2,)),
+        mlc_args=MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl="torch"),
+        callbacks=list(callbacks),
+    )  # fmt: skip
+
+
+def test_resume_continues_exactly(tmp_path):
+    """6 steps straight == 3 steps, stop, resume from the checkpoint, 3 more (8 records, 2 per step: the
+    resumed run crosses an epoch boundary, so the shuffled order of epoch 2 must be restored too)."""
+    straight = _dpo_trainer(tmp_path / "straight", steps=6)
+    straight.train()
+
+    class StopAtThree(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step == 3
+
+    first = _dpo_trainer(tmp_path / "run", steps=6, save_steps=3, callbacks=[StopAtThree()])
+    first.train()
+    checkpoint = tmp_path / "run" / "checkpoint-3"
+    assert (checkpoint / "mlc_head" / "mlc_head.safetensors").is_file()
+    assert first.state.global_step == 3
+    resumed = _dpo_trainer(tmp_path / "run", steps=6, save_steps=3)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 6
+    want = dict(straight.model.named_parameters())
+    for name, p in resumed.model.named_parameters():
+        assert torch.equal(p, want[name]), name
+    initial = _dpo_trainer(tmp_path / "init", steps=1).model.mlc_head.weight
+    assert not torch.equal(resumed.model.mlc_head.weight, initial)  # the extractor was trained, saved, restored
+    losses = [log["loss"] for log in straight.state.log_history if "loss" in log]
+    resumed_losses = [log["loss"] for log in resumed.state.log_history if "loss" in log]
+    assert resumed_losses[-3:] == losses[-3:]
+
+
+def test_find_unused_parameters_is_refused_and_defaulted_off(tmp_path):
+    trainer = _dpo_trainer(tmp_path / "default", steps=1)
+    assert trainer.args.ddp_find_unused_parameters is False
+    trainer_cls, config_cls = trl_classes("dpo")
+    config = config_cls(output_dir=str(tmp_path / "x"), use_cpu=True, ddp_find_unused_parameters=True, report_to=[])
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="ddp_find_unused_parameters"):
+        trainer_cls(model=tiny_model(len(tokenizer)), args=config, processing_class=tokenizer,
+                    train_dataset=records("dpo"), mlc_args=MLCArguments(languages=LANGS))  # fmt: skip
+
+
+def test_variants_split_across_processes_are_refused(tmp_path):
+    trainer = _dpo_trainer(tmp_path / "split", steps=1)
+    batch = next(iter(trainer.get_train_dataloader()))
+    for key in ("mlc_input_ids", "mlc_attention_mask", "mlc_mask"):
+        batch[key] = batch[key][:, :2]  # what a split of the variant axis over 2 processes would leave
+    with pytest.raises(ValueError, match="split across processes"):
+        trainer.compute_loss(trainer.model, batch)
+
+
+def test_gradient_cache_refuses_several_processes(tmp_path, monkeypatch):
+    trainer_cls, config_cls = trl_classes("dpo")
+    monkeypatch.setattr(config_cls, "world_size", property(lambda self: 2))
+    config = config_cls(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    tokenizer = tiny_tokenizer()
+    with pytest.raises(ValueError, match="grad_cache"):
+        trainer_cls(model=tiny_model(len(tokenizer)), args=config, processing_class=tokenizer,
+                    train_dataset=records("dpo"), mlc_args=MLCArguments(languages=LANGS, grad_cache=True))  # fmt: skip
+
+
+CONFIGS = {
+    "ddp.yaml": {"distributed_type": "MULTI_GPU"},
+    "fsdp2.yaml": {"distributed_type": "FSDP"},
+    "deepspeed_zero2.yaml": {"distributed_type": "DEEPSPEED"},
+    "deepspeed_zero3.yaml": {"distributed_type": "DEEPSPEED"},
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_shipped_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "integrations" / "accelerate" / name))
+    assert config.distributed_type.value == CONFIGS[name]["distributed_type"]
+    if name == "fsdp2.yaml":
+        assert str(config.fsdp_config["fsdp_version"]) == "2"
+        assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    if name.startswith("deepspeed"):
+        assert config.deepspeed_config["zero_stage"] == int(name[-6])
