@@ -165,15 +165,21 @@ def build_trainer(
     batch_size: int,
     learning_rate: float,
     seed: int = 0,
+    gradient_accumulation_steps: int = 1,
+    save_steps: int = 0,
+    deepspeed: str | None = None,
 ):
-    """The TRL trainer of ``algorithm`` with the MLC term, on ``records``."""
+    """The TRL trainer of ``algorithm`` with the MLC term, on ``records``. ``batch_size`` is per process;
+    ``save_steps`` > 0 writes a resumable checkpoint (model, extractor, optimizer, scheduler, RNG, data
+    position) every that many optimizer steps; ``deepspeed``: a DeepSpeed JSON config."""
     from .trainers import trl_classes
 
     trainer_cls, config_cls = trl_classes(algorithm)
     options = dict(
         output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
-        logging_steps=1, report_to=[], save_strategy="no", seed=seed, use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=False,
+        gradient_accumulation_steps=gradient_accumulation_steps, logging_steps=1, report_to=[],
+        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=seed,
+        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, deepspeed=deepspeed,
     )  # fmt: skip
     if algorithm == "simpo":
         options.update(loss_type="simpo", cpo_alpha=0.0)
@@ -215,11 +221,30 @@ def _mlc_arguments(args) -> MLCArguments:
     )  # fmt: skip
 
 
-def cmd_train(args) -> None:
-    import transformers
+def _check_train_arguments(args) -> None:
+    import importlib.util
 
     if args.algorithm not in ALGORITHMS:
         raise SystemExit(f"mlc train: --algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}")
+    for name in ("max_steps", "batch_size", "gradient_accumulation_steps"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"mlc train: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.save_steps < 0:
+        raise SystemExit(f"mlc train: --save-steps must be >= 0 (0: no intermediate checkpoint), got {args.save_steps}")
+    if args.deepspeed is not None:
+        if not Path(args.deepspeed).is_file():
+            raise SystemExit(f"mlc train: --deepspeed must be a DeepSpeed JSON config file, {args.deepspeed} is not")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise SystemExit("mlc train: --deepspeed needs the deepspeed package (pip install deepspeed)")
+    resume = args.resume_from_checkpoint
+    if resume not in (None, "last") and not Path(resume).is_dir():
+        raise SystemExit(f"mlc train: --resume-from-checkpoint must be a checkpoint folder or 'last', got {resume}")
+
+
+def cmd_train(args) -> None:
+    import transformers
+
+    _check_train_arguments(args)
     records = (
         load_sample("train", args.algorithm) if args.dataset == "sample" else load_records(args.dataset, args.algorithm)
     )
@@ -245,12 +270,21 @@ def cmd_train(args) -> None:
         batch_size=args.batch_size,
         learning_rate=args.learning_rate,
         seed=args.seed,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        save_steps=args.save_steps,
+        deepspeed=args.deepspeed,
     )
-    trainer.train()
+    resume = args.resume_from_checkpoint
+    if resume == "last":
+        resume = transformers.trainer_utils.get_last_checkpoint(str(out))
+        if resume is None:
+            raise SystemExit(f"mlc train: --resume-from-checkpoint last: no checkpoint-* folder in {out}")
+    trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(out))
-    tokenizer.save_pretrained(str(out))
-    plot_training(trainer.state.log_history, mlc.languages, out / "training.png")
-    print(f"mlc train: checkpoint and extractor (mlc_head/) in {out}; curves in {out / 'training.png'}")
+    if trainer.accelerator.is_main_process:
+        tokenizer.save_pretrained(str(out))
+        plot_training(trainer.state.log_history, mlc.languages, out / "training.png")
+        print(f"mlc train: checkpoint and extractor (mlc_head/) in {out}; curves in {out / 'training.png'}")
 
 
 def cmd_eval(args) -> None:
@@ -340,9 +374,13 @@ def main(argv: list[str] | None = None) -> None:
     p_train.add_argument("--algorithm", default="dpo", help=f"one of {ALGORITHMS}")
     p_train.add_argument("--output-dir", required=True)
     p_train.add_argument("--max-steps", type=int, default=100)
-    p_train.add_argument("--batch-size", type=int, default=8)
+    p_train.add_argument("--batch-size", type=int, default=8, help="prompts per process and micro-batch")
+    p_train.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p_train.add_argument("--learning-rate", type=float, default=5e-6)
     p_train.add_argument("--seed", type=int, default=0)
+    p_train.add_argument("--save-steps", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
+    p_train.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint-N folder, or 'last'")
+    p_train.add_argument("--deepspeed", default=None, help="DeepSpeed JSON config (or use accelerate launch)")
     p_train.add_argument("--liger-kernels", action="store_true", help="Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA)")
     _add_mlc_options(p_train)
     p_eval = sub.add_parser("eval", help="per-language consistency table")

@@ -51,6 +51,9 @@ def test_train_then_eval_with_the_extractor(tiny_checkpoint, tmp_path, capsys):
         (["--algorithm", "ppo"], "--algorithm must be one of"),
         (["--mlc-weight", "-0.5"], "weight must be a number >= 0"),
         (["--languages", "en"], "no translated variants"),
+        (["--gradient-accumulation-steps", "0"], "--gradient-accumulation-steps must be >= 1"),
+        (["--resume-from-checkpoint", "/nonexistent/checkpoint-3"], "must be a checkpoint folder or 'last'"),
+        (["--deepspeed", "/nonexistent/ds.json"], "--deepspeed must be a DeepSpeed JSON config file"),
     ],
 )
 def test_bad_configs_fail_before_training(tiny_checkpoint, tmp_path, extra, match):
@@ -89,3 +92,27 @@ def test_liger_kernels_on_gpu(tiny_checkpoint):
     before = last_prompt_hidden(model, ids, att, 2)
     apply_liger_kernels(model)
     torch.testing.assert_close(last_prompt_hidden(model, ids, att, 2), before, rtol=1e-3, atol=1e-3)
+
+
+def test_deepspeed_config_without_the_package_is_refused(tiny_checkpoint, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is not None:
+        pytest.skip("deepspeed is installed here")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    with pytest.raises(SystemExit, match=r"needs the deepspeed package \(pip install deepspeed\)"):
+        main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--deepspeed", str(config)])
+
+
+def test_train_resumes_from_the_last_checkpoint(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--batch-size", "2",
+              "--algorithm", "sft", "--mlc-rep-size", "8", "--mlc-layer", "2", "--save-steps", "1"]  # fmt: skip
+    main([*common, "--max-steps", "2"])
+    assert (out / "checkpoint-2" / "mlc_head" / "mlc_head.safetensors").is_file()
+    with pytest.raises(SystemExit, match="no checkpoint-"):
+        main([*common, "--max-steps", "3", "--output-dir", str(tmp_path / "empty"), "--resume-from-checkpoint", "last"])
+    main([*common, "--max-steps", "3", "--resume-from-checkpoint", "last"])
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [log["step"] for log in state["log_history"] if "loss" in log] == [1, 2, 3]

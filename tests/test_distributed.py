@@ -25,19 +25,24 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 ROOT = Path(__file__).parent.parent
 
 
-def launch(tmp_path: Path, name: str, processes: int, *args: str) -> dict:
-    """Run the worker on ``processes`` CPU processes (torchrun for more than one); returns rank 0's result."""
-    out = tmp_path / f"{name}.pt"
+def run_processes(processes: int, *command: str) -> subprocess.CompletedProcess:
+    """``python *command`` on ``processes`` CPU processes (torchrun --standalone for more than one)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter aborts torchrun
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    worker = [str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name)]
     if processes == 1:
-        cmd = [sys.executable, *worker]
+        cmd = [sys.executable, *command]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
-        cmd = [torchrun, "--standalone", f"--nproc_per_node={processes}", *worker]
+        cmd = [torchrun, "--standalone", f"--nproc_per_node={processes}", *command]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return proc
+
+
+def launch(tmp_path: Path, name: str, processes: int, *args: str) -> dict:
+    """Run the worker on ``processes`` CPU processes; returns rank 0's result."""
+    out = tmp_path / f"{name}.pt"
+    run_processes(processes, str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name))
     result = torch.load(out)
     assert result["world"] == processes
     return result
@@ -69,6 +74,28 @@ def test_fsdp2_truncated_passes_and_extractor_match_one_process(tmp_path):
     want = launch(tmp_path, "fsdp_single", 1, "fsdp2")
     got = launch(tmp_path, "fsdp", 2, "fsdp2")
     assert_same_step(got, want)
+
+
+def test_mlc_train_runs_unchanged_on_two_processes(tmp_path):
+    """The ``mlc train`` command under torchrun (what ``accelerate launch`` runs for DDP): DPO + MLC on the
+    embedded sample, 2 processes, gradient accumulation 2, a checkpoint with the extractor."""
+    from mlc_kernels.cli import demo_model, demo_tokenizer
+    from mlc_kernels.sample_data import load_sample
+
+    records = load_sample("train")
+    texts = [r["prompt"] for r in records] + [t for r in records for t in r["variants"].values() if t]
+    tokenizer = demo_tokenizer(texts + [r["chosen"] for r in records] + [r["rejected"] for r in records])
+    demo_model(len(tokenizer)).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "run"
+    proc = run_processes(2, "-m", "mlc_kernels.cli", "train", "--model", str(tmp_path / "model"), "--output-dir",
+                         str(out), "--max-steps", "2", "--batch-size", "2", "--gradient-accumulation-steps", "2",
+                         "--save-steps", "2", "--languages", "en,zh,ru", "--mlc-layer", "2", "--mlc-rep-size", "8",
+                         "--mlc-impl", "torch")  # fmt: skip
+    assert proc.stdout.count("mlc train: checkpoint and extractor") == 1  # printed by the main process only
+    state = (out / "checkpoint-2" / "trainer_state.json").read_text()
+    assert '"mlc/loss"' in state and '"global_step": 2' in state
+    assert (out / "mlc_head" / "mlc_head.safetensors").is_file()
 
 
 def _dpo_trainer(out: Path, *, steps: int, save_steps: int | None = None, callbacks=()):
