@@ -62,7 +62,7 @@ def run_trainer(args) -> None:
     config = config_cls(
         output_dir=args.output_dir, per_device_train_batch_size=args.per_device, max_steps=1,
         gradient_accumulation_steps=args.accumulation, learning_rate=1e-3, max_grad_norm=0.0, logging_steps=1,
-        report_to=[], save_strategy="no", seed=0, use_cpu=not torch.cuda.is_available(), beta=0.1,
+        report_to=[], save_strategy="no", seed=0, use_cpu=args.device == "cpu", beta=0.1,
         max_length=32, dataloader_drop_last=True, bf16=False,
     )  # fmt: skip
     mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl)
@@ -73,7 +73,9 @@ def run_trainer(args) -> None:
     trainer.train()
     loss = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
     if trainer.accelerator.is_main_process:
-        torch.save({"loss": loss, "grads": captured["grads"], "world": trainer.accelerator.num_processes}, args.out)
+        torch.save({"loss": loss, "grads": captured["grads"], "world": trainer.accelerator.num_processes,
+                    "engine": trainer.accelerator.distributed_type.value,
+                    "head_class": type(trainer.model.mlc_head).__name__}, args.out)  # fmt: skip
 
 
 def run_fsdp2(args) -> None:
@@ -140,7 +142,10 @@ def main() -> None:
     parser.add_argument("--per-device", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--impl", default="torch")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer mode: where to train")
     args = parser.parse_args()
+    if args.device == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
     args.output_dir = args.output_dir or str(Path(args.out).parent / "run")
     {"trainer": run_trainer, "fsdp2": run_fsdp2}[args.mode](args)
 

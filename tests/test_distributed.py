@@ -25,11 +25,16 @@ WORKER = Path(__file__).parent / "distributed_worker.py"
 ROOT = Path(__file__).parent.parent
 
 
-def run_processes(processes: int, *command: str) -> subprocess.CompletedProcess:
-    """``python *command`` on ``processes`` CPU processes (torchrun --standalone for more than one)."""
+def run_processes(processes: int, *command: str, launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``python *command`` on ``processes`` CPU processes (torchrun --standalone for more than one), or on
+    the GPU under ``launcher`` (e.g. ``accelerate launch ...``)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter aborts torchrun
+    if launcher is None and "--device" not in command:
+        env["CUDA_VISIBLE_DEVICES"] = ""  # gloo processes on the CPU, also on a GPU machine
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    if processes == 1:
+    if launcher is not None:
+        cmd = [*launcher, *command]
+    elif processes == 1:
         cmd = [sys.executable, *command]
     else:
         torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or "torchrun"
@@ -39,10 +44,11 @@ def run_processes(processes: int, *command: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def launch(tmp_path: Path, name: str, processes: int, *args: str) -> dict:
+def launch(tmp_path: Path, name: str, processes: int, *args: str, launcher: list[str] | None = None) -> dict:
     """Run the worker on ``processes`` CPU processes; returns rank 0's result."""
     out = tmp_path / f"{name}.pt"
-    run_processes(processes, str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name))
+    run_processes(processes, str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name),
+                  launcher=launcher)  # fmt: skip
     result = torch.load(out)
     assert result["world"] == processes
     return result
@@ -73,6 +79,20 @@ def test_ddp_step_equals_one_process_on_the_full_batch(single_process_step, tmp_
 def test_fsdp2_truncated_passes_and_extractor_match_one_process(tmp_path):
     want = launch(tmp_path, "fsdp_single", 1, "fsdp2")
     got = launch(tmp_path, "fsdp", 2, "fsdp2")
+    assert_same_step(got, want)
+
+
+@pytest.mark.gpu
+def test_fsdp2_through_accelerate_on_one_gpu(tmp_path):
+    """The shipped FSDP2 config through ``accelerate launch`` (1 GPU: the multi-GPU runs are the CPU tests
+    above): the trainer step equals plain single-GPU training, and the extractor is its own FSDP unit."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "integrations" / "accelerate" / "fsdp2.yaml"), "--num_processes", "1",
+                "--mixed_precision", "no"]  # fmt: skip
+    want = launch(tmp_path, "gpu_single", 1, "trainer", "--device", "cuda")
+    got = launch(tmp_path, "gpu_fsdp2", 1, "trainer", "--device", "cuda", launcher=launcher)
+    assert want["engine"] == "NO" and got["engine"] == "FSDP"
+    assert got["head_class"].startswith("FSDP"), got["head_class"]
     assert_same_step(got, want)
 
 
