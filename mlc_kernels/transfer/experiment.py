@@ -1,0 +1,244 @@
+"""Align in the base language only (DPO, SFT; with and without MLC), evaluate in every language.
+
+For each seed and condition the pretrained model is copied and aligned with the TRL trainer of the
+algorithm (:func:`mlc_kernels.trainers.trl_classes`); the conditions without MLC use the same trainer with
+MLC weight 0 (identical data, order and optimizer). The MLC variants are the training prompts' translations
+into every derived language; no target-language response is ever trained on. Then per language: safety and
+helpfulness on held-out prompts (:mod:`.evaluation`) and the layer-k consistency of held-out prompts.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from ..trainers import MLCArguments
+from .evaluation import behaviour
+from .pretrain import ModelConfig, pretrained
+from .world import World, WorldConfig
+
+CONDITIONS = ("dpo", "dpo+mlc", "sft", "sft+mlc")
+BASE_ROW = "base model"
+
+
+@dataclass(frozen=True)
+class AlignConfig:
+    """Alignment and evaluation settings. ``mlc_layer`` counts decoder layers from 1."""
+
+    dpo_steps: int = 120
+    sft_steps: int = 60
+    batch_size: int = 16
+    learning_rate: float = 1e-3
+    beta: float = 0.1
+    train_prompts: int = 512
+    mlc_weight: float = 1.0
+    mlc_tau: float = 1.0
+    mlc_layer: int = 2
+    mlc_rep_size: int = 64
+    eval_per_kind: int = 64
+    consistency_prompts: int = 64
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    world: WorldConfig = WorldConfig()
+    model: ModelConfig = ModelConfig()
+    align: AlignConfig = AlignConfig()
+    seeds: tuple[int, ...] = (0, 1, 2)
+    conditions: tuple[str, ...] = CONDITIONS
+
+
+QUICK = TransferConfig()
+FULL = TransferConfig(align=replace(AlignConfig(), eval_per_kind=256), seeds=(0, 1, 2, 3, 4))
+
+
+def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
+    return MLCArguments(
+        languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
+        tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, generation_prompt=True,
+    )  # fmt: skip
+
+
+def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int, out: Path):
+    """Align a copy of ``model`` under ``condition`` (one of :data:`CONDITIONS`); returns ``(model, logs)``."""
+    import transformers
+
+    from ..sample_data import to_dataset
+    from ..trainers import trl_classes
+
+    algorithm, with_mlc = condition.split("+")[0], condition.endswith("+mlc")
+    trainer_cls, config_cls = trl_classes(algorithm)
+    mlc = mlc_arguments(world, align, align.mlc_weight if with_mlc else 0.0)
+    steps = align.dpo_steps if algorithm == "dpo" else align.sft_steps
+    records = world.alignment_records()[: align.train_prompts]
+    options = dict(
+        output_dir=str(out), per_device_train_batch_size=align.batch_size, max_steps=steps,
+        learning_rate=align.learning_rate, logging_steps=max(1, steps // 6), report_to=[], save_strategy="no",
+        seed=seed, use_cpu=True, disable_tqdm=True, max_length=256,
+    )  # fmt: skip
+    if algorithm == "dpo":
+        options["beta"] = align.beta
+    policy = copy.deepcopy(model)
+    extra = {"ref_model": copy.deepcopy(model)} if algorithm == "dpo" else {}
+    transformers.logging.set_verbosity_error()
+    trainer = trainer_cls(
+        model=policy, args=config_cls(**options), processing_class=tokenizer, mlc_args=mlc,
+        train_dataset=to_dataset(records, algorithm, mlc.languages, mlc.base_language), **extra,
+    )  # fmt: skip
+    trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    trainer.train()
+    policy.eval()
+    return policy, trainer.state.log_history
+
+
+def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
+    """Layer-k consistency of held-out prompts (hidden states, no extractor): per-language cosine to the
+    prompt's consensus direction, s1 share, and between-prompt cosine (collapse if near 1)."""
+    from ..cli import evaluate
+
+    records = world.heldout_records()[: align.consistency_prompts]
+    return evaluate(model, tokenizer, records, mlc_arguments(world, align, 0.0))
+
+
+def run_transfer(config: TransferConfig, out: Path, cache_dir: Path | None, log=print) -> dict:
+    """Pretrain (or load the cache), evaluate the base model, align and evaluate every condition x seed.
+
+    Returns ``{"languages", "base", "rows": {row: {seed: behaviour}}, "consistency": {row: {seed: ...}},
+    "timings": {...}}``; behaviour maps language -> safety / helpfulness / private_refusal (percent)."""
+    world = World(config.world)
+    start = time.time()
+    model, tokenizer, cached = pretrained(world, config.model, cache_dir, log)
+    timings = {"pretrain_s": time.time() - start, "pretrain_cached": cached}
+    rows: dict[str, dict[int, dict]] = {BASE_ROW: {}}
+    consist: dict[str, dict[int, dict]] = {BASE_ROW: {}}
+    base_behaviour = behaviour(model, tokenizer, world, config.align.eval_per_kind)
+    base_consistency = consistency(model, tokenizer, world, config.align)
+    for seed in config.seeds:  # the base model does not depend on the alignment seed
+        rows[BASE_ROW][seed], consist[BASE_ROW][seed] = base_behaviour, base_consistency
+    log(f"base model: {summarise(base_behaviour, world)}")
+    for seed in config.seeds:
+        for condition in config.conditions:
+            run_start = time.time()
+            torch.manual_seed(seed)
+            aligned, _ = align_model(model, tokenizer, world, condition, config.align, seed, out / "runs")
+            rows.setdefault(condition, {})[seed] = behaviour(aligned, tokenizer, world, config.align.eval_per_kind)
+            consist.setdefault(condition, {})[seed] = consistency(aligned, tokenizer, world, config.align)
+            log(f"seed {seed} {condition:<8} ({time.time() - run_start:.0f} s): "
+                f"{summarise(rows[condition][seed], world)}, between-prompt cosine "
+                f"{consist[condition][seed]['between_prompt_cosine']:.3f}")  # fmt: skip
+    timings["total_s"] = time.time() - start
+    return {"languages": [lang.code for lang in config.world.languages], "rows": rows, "consistency": consist,
+            "timings": timings}  # fmt: skip
+
+
+def summarise(result: dict[str, dict[str, float]], world: World) -> str:
+    """One line: base-language and mean derived-language safety and helpfulness."""
+    derived = world.config.derived
+    safety = statistics.mean(result[lang]["safety"] for lang in derived)
+    helpful = statistics.mean(result[lang]["helpfulness"] for lang in derived)
+    base = result[world.config.base]
+    return (f"safety {world.config.base} {base['safety']:.0f} / others {safety:.1f}, "
+            f"helpfulness {world.config.base} {base['helpfulness']:.0f} / others {helpful:.1f}")  # fmt: skip
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), statistics.pstdev(values) if len(values) > 1 else 0.0
+
+
+def table_rows(results: dict, metric: str) -> list[dict]:
+    """Per row (condition): per-language mean and std over seeds, the mean over the non-base languages
+    (over languages and seeds), and the variance across languages of the per-language means."""
+    languages = results["languages"]
+    out = []
+    for row, by_seed in results["rows"].items():
+        entry = {"row": row}
+        for lang in languages:
+            entry[lang] = _mean_std([by_seed[s][lang][metric] for s in by_seed])
+        entry["avg"] = _mean_std([statistics.mean(by_seed[s][lang][metric] for lang in languages[1:]) for s in by_seed])
+        entry["var"] = statistics.pvariance([entry[lang][0] for lang in languages])
+        out.append(entry)
+    return out
+
+
+def format_table(results: dict) -> str:
+    """The paper-shaped tables (safety, helpfulness: mean ± std over seeds) and the consistency table."""
+    languages = results["languages"]
+    lines = []
+    for metric, title in (("safety", "safety rate on held-out unsafe prompts (%)"),
+                          ("helpfulness", "helpfulness on held-out benign prompts (%)")):  # fmt: skip
+        lines.append(f"{title}, mean ± std over seeds; avg = non-base languages; var = across all languages")
+        lines.append(f"{'':<11}" + "".join(f"{lang:>13}" for lang in languages) + f"{'avg':>13}{'var':>8}")
+        for entry in table_rows(results, metric):
+            cells = "".join(f"{entry[key][0]:>7.1f} ±{entry[key][1]:>4.1f}" for key in [*languages, "avg"])
+            lines.append(f"{entry['row']:<11}{cells}{entry['var']:>8.1f}")
+        lines.append("")
+    lines.append("layer-k consistency of held-out prompts (hidden states): cosine to the consensus per language, "
+                 "s1 share, between-prompt cosine; mean over seeds")  # fmt: skip
+    lines.append(f"{'':<11}" + "".join(f"{lang:>8}" for lang in languages) + f"{'s1':>8}{'between':>9}")
+    for row, by_seed in results["consistency"].items():
+        runs = list(by_seed.values())
+        cos = "".join(f"{statistics.mean(r['cosine_to_consensus'][lang] for r in runs):>8.3f}" for lang in languages)
+        s1 = statistics.mean(r["s1_share"] for r in runs)
+        between = statistics.mean(r["between_prompt_cosine"] for r in runs)
+        lines.append(f"{row:<11}{cos}{s1:>8.3f}{between:>9.3f}")
+    return "\n".join(lines)
+
+
+def final_line(results: dict) -> str:
+    """``transfer: dpo=.. dpo+mlc=.. benign_dpo=.. benign_dpo+mlc=..``: means over non-base languages and seeds."""
+
+    def avg(row: str, metric: str) -> float:
+        by_seed = results["rows"][row]
+        return statistics.mean(by_seed[s][lang][metric] for s in by_seed for lang in results["languages"][1:])
+
+    safety = avg("dpo", "safety"), avg("dpo+mlc", "safety")
+    helpful = avg("dpo", "helpfulness"), avg("dpo+mlc", "helpfulness")
+    return (f"transfer: dpo={safety[0]:.1f} dpo+mlc={safety[1]:.1f} "
+            f"benign_dpo={helpful[0]:.1f} benign_dpo+mlc={helpful[1]:.1f}")  # fmt: skip
+
+
+def write_csv(results: dict, path: Path) -> None:
+    """One line per row x seed x language: safety, helpfulness, private_refusal (percent)."""
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["row", "seed", "language", "safety", "helpfulness", "private_refusal"])
+        for row, by_seed in results["rows"].items():
+            for seed, result in by_seed.items():
+                for lang in results["languages"]:
+                    r = result[lang]
+                    writer.writerow([row, seed, lang, f"{r['safety']:.2f}", f"{r['helpfulness']:.2f}",
+                                     f"{r['private_refusal']:.2f}"])  # fmt: skip
+
+
+def plot(results: dict, path: Path) -> None:
+    """Grouped bars per language: safety (top) and helpfulness (bottom), mean ± std over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    languages = results["languages"]
+    fig, axes = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    for ax, metric in zip(axes, ("safety", "helpfulness"), strict=True):
+        entries = table_rows(results, metric)
+        width = 0.8 / len(entries)
+        for i, entry in enumerate(entries):
+            xs = [j + i * width for j in range(len(languages) + 1)]
+            keys = [*languages, "avg"]
+            ax.bar(xs, [entry[k][0] for k in keys], width, yerr=[entry[k][1] for k in keys], label=entry["row"],
+                   capsize=2)  # fmt: skip
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(0, 105)
+    axes[1].set_xticks([j + 0.4 - 0.4 / len(results["rows"]) for j in range(len(languages) + 1)],
+                       [*languages, "avg (non-base)"])  # fmt: skip
+    axes[0].legend(fontsize=8, ncol=len(results["rows"]))
+    axes[0].set_title("alignment in the base language only; held-out prompts in every language")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,122 @@
+"""Pretraining of a tiny decoder-only model (transformers ``Qwen2Config``, random init) on a world's texts.
+
+A short torch loop on the causal-LM loss over every language's documents (mixed and shuffled), on CPU.
+The checkpoint (model + tokenizer) is cached under ``<cache_dir>/<hash of world and model config>`` and
+reused; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .world import World, WorldConfig, world_tokenizer
+
+DEFAULT_CACHE = Path("~/.cache/mlc_kernels/transfer").expanduser()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The tiny model and its pretraining: ``steps`` optimizer steps of ``batch_size`` documents."""
+
+    hidden_size: int = 64
+    layers: int = 4
+    heads: int = 4
+    intermediate_size: int = 256
+    steps: int = 800
+    batch_size: int = 32
+    learning_rate: float = 3e-3
+    seed: int = 0
+
+
+def cache_key(world: WorldConfig, model: ModelConfig) -> str:
+    """Hash of everything the pretrained checkpoint depends on."""
+    blob = json.dumps({"world": asdict(world), "model": asdict(model)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def new_model(vocab_size: int, config: ModelConfig):
+    """A ``Qwen2ForCausalLM`` from a config, randomly initialised with ``config.seed``."""
+    import transformers
+
+    torch.manual_seed(config.seed)
+    model_config = transformers.Qwen2Config(
+        vocab_size=vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=256, tie_word_embeddings=True, pad_token_id=0,
+    )  # fmt: skip
+    return transformers.Qwen2ForCausalLM(model_config)
+
+
+def pretrain(world: World, config: ModelConfig, log=print):
+    """Pretrain a fresh model on ``world.pretraining_texts()``; returns ``(model, tokenizer)``.
+    Linear warm-up (5%) then cosine decay; right-padded batches, loss on every non-pad token."""
+    tokenizer = world_tokenizer(world)
+    docs = [doc for texts in world.pretraining_texts().values() for doc in texts]
+    encoded = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
+    model = new_model(len(tokenizer), config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
+    warmup = max(1, config.steps // 20)
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    rng = random.Random(config.seed)
+    order: list[int] = []
+    model.train()
+    start = time.time()
+    for step in range(config.steps):
+        if len(order) < config.batch_size:
+            fresh = list(range(len(encoded)))
+            rng.shuffle(fresh)
+            order += fresh
+        batch, order = [encoded[i] for i in order[: config.batch_size]], order[config.batch_size :]
+        width = max(len(ids) for ids in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        att = torch.zeros(len(batch), width, dtype=torch.long)
+        for row, tokens in enumerate(batch):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+            att[row, : len(tokens)] = 1
+        labels = ids.masked_fill(att == 0, -100)
+        loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if (step + 1) % max(1, config.steps // 10) == 0 or step + 1 == config.steps:
+            log(f"  pretrain step {step + 1}/{config.steps}: loss {loss.item():.3f} ({time.time() - start:.0f} s)")
+    model.eval()
+    return model, tokenizer
+
+
+def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAULT_CACHE, log=print):
+    """The pretrained ``(model, tokenizer)`` of ``world``: loaded from ``cache_dir/<key>`` when there, else
+    pretrained (and saved there unless ``cache_dir`` is None). Returns ``(model, tokenizer, cached)``."""
+    import transformers
+
+    path = Path(cache_dir) / cache_key(world.config, config) if cache_dir is not None else None
+    if path is not None and (path / "config.json").is_file():
+        log(f"pretrained checkpoint: cached in {path}")
+        model = transformers.Qwen2ForCausalLM.from_pretrained(path)
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+        model.eval()
+        return model, tokenizer, True
+    log(f"pretraining {config.layers}-layer model (hidden {config.hidden_size}) for {config.steps} steps")
+    model, tokenizer = pretrain(world, config, log)
+    if path is not None:
+        path.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        log(f"pretrained checkpoint saved in {path}")
+    return model, tokenizer, False
