@@ -4,15 +4,18 @@
 # (default "tests tune bench"; "distributed" runs the FSDP2-through-accelerate test alone).
 # Runs from the repo root on a CUDA machine with nothing installed and no network (torch and
 # triton from the image; this repo on PYTHONPATH). Wheels in .whl/ (TRL, datasets: the image lacks
-# them) are installed into /tmp/site first. Usage: bash benchmarks/gpu_check.sh OUT_DIR
+# them) are installed into /tmp/site-packages first (the folder name matters: datasets' dill pickles modules
+# by value unless their path contains "site-packages"). Usage: bash benchmarks/gpu_check.sh OUT_DIR
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 sections=" ${SECTIONS:-tests tune bench} "
 mkdir -p "$out"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages .whl/*.whl \
+    && export PYTHONPATH="/tmp/site-packages${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# the package as installed (mlc_kernels.benchmarks maps to benchmarks/), editable, offline
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "editable install failed"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 {

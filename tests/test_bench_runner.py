@@ -10,8 +10,8 @@ from mlc_kernels.benchmarks.runner import main
 def test_mlc_bench_writes_csv_and_plots(tmp_path, capsys):
     main(
         [
-            "--grid", "3x4x16", "--impls", "reference,torch,native", "--budget", "0.01", "--no-memory",
-            "--fused-linear-shape", "6x4x16x8", "--hf-shape", "1x2x4", "--out", str(tmp_path), "--quiet",
+            "--device", "cpu", "--grid", "3x4x16", "--impls", "reference,torch,native", "--budget", "0.01",
+            "--no-memory", "--fused-linear-shape", "6x4x16x8", "--hf-shape", "1x2x4", "--out", str(tmp_path), "--quiet",
         ]
     )  # fmt: skip
     assert "MLC loss benchmark on" in capsys.readouterr().out
