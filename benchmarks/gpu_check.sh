@@ -31,13 +31,13 @@ pytest_run() {  # name, timeout, pytest arguments...
 }
 python3 -m pip list 2>/dev/null | grep -iE "^(trl|datasets|accelerate|transformers|pyarrow) " >>"$out/env.txt"
 
-if [[ $sections == *" tests "* ]]; then
-  echo "== tests (whole suite: Triton compiled on the GPU) =="
-  pytest_run pytest 300 tests
-fi
 if [[ $sections == *" distributed "* ]]; then
   echo "== FSDP2 through accelerate launch on one GPU vs plain training =="
   pytest_run pytest_distributed 200 tests/test_distributed.py -m gpu
+fi
+if [[ $sections == *" tests "* ]]; then
+  echo "== tests (whole suite: Triton compiled on the GPU) =="
+  pytest_run pytest 300 tests
 fi
 if [[ $sections == *" tune "* ]]; then
   echo "== Triton configuration sweep (${TUNE_MODE:---quick}) =="
