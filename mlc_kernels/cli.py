@@ -70,6 +70,8 @@ def evaluate(model, tokenizer, records, mlc: MLCArguments, head=None) -> dict:
     layer = mlc.check(model)
     ds = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
     batch = MLCCollator(lambda ex: {}, tokenizer.pad_token_id or 0)([{VARIANT_COLUMN: r} for r in ds[VARIANT_COLUMN]])
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
     was_training = model.training
     model.eval()
     reps, mask = variant_representations(
@@ -77,7 +79,7 @@ def evaluate(model, tokenizer, records, mlc: MLCArguments, head=None) -> dict:
     )
     model.train(was_training)
     if head is not None:
-        reps = head(reps)
+        reps = head.to(device)(reps)
     stats = consistency_metrics(reps.float(), mask)
     per_lang = {}
     for j, lang in enumerate(mlc.languages):

@@ -152,7 +152,9 @@ class MLCTrainerMixin:
             raise ValueError(f"{type(base).__name__}: config.hidden_size is needed for the MLC extractor")
         if not hasattr(base, "mlc_head"):
             param = next(base.parameters())
-            base.add_module("mlc_head", MLCHead(hidden, mlc_args.rep_size, device=param.device, dtype=param.dtype))
+            # initialised on the CPU (CPU generator, seeded by the trainer): the same extractor on any device
+            head = MLCHead(hidden, mlc_args.rep_size, dtype=param.dtype)
+            base.add_module("mlc_head", head.to(param.device))
         no_split = getattr(base, "_no_split_modules", None)  # FSDP's transformer wrap policy reads it
         if no_split is not None and "MLCHead" not in no_split:
             base._no_split_modules = {*no_split, "MLCHead"} if isinstance(no_split, set) else [*no_split, "MLCHead"]
