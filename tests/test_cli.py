@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -99,8 +100,7 @@ def test_deepspeed_config_without_the_package_is_refused(tiny_checkpoint, tmp_pa
 
     if importlib.util.find_spec("deepspeed") is not None:
         pytest.skip("deepspeed is installed here")
-    config = tmp_path / "ds.json"
-    config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto"}))
+    config = Path(__file__).parent.parent / "integrations" / "deepspeed" / "zero2.json"  # the shipped config
     with pytest.raises(SystemExit, match=r"needs the deepspeed package \(pip install deepspeed\)"):
         main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--deepspeed", str(config)])
 

@@ -211,3 +211,12 @@ def test_shipped_accelerate_configs_load(name):
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     if name.startswith("deepspeed"):
         assert config.deepspeed_config["zero_stage"] == int(name[-6])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_shipped_deepspeed_configs(stage):
+    import json
+
+    config = json.loads((ROOT / "integrations" / "deepspeed" / f"zero{stage}.json").read_text())
+    assert config["zero_optimization"]["stage"] == stage
+    assert config["train_micro_batch_size_per_gpu"] == "auto"  # filled in by the trainer from its arguments
