@@ -67,15 +67,27 @@ class MLCHead(nn.Module):
     def config(self) -> dict:
         return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.proj.bias is not None}
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+        """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it.
+        ``state_dict`` (keys ``weight``/``bias``, or ``proj.weight``/``proj.bias``): full tensors to write
+        instead of the module's own, e.g. gathered by an engine that shards the head."""
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        tensors = {"weight": self.proj.weight.detach().contiguous().cpu()}
-        if self.proj.bias is not None:
-            tensors["bias"] = self.proj.bias.detach().contiguous().cpu()
+        source = {k.removeprefix("proj."): v for k, v in (state_dict or dict(self.proj.named_parameters())).items()}
+        names = ["weight"] + (["bias"] if self.proj.bias is not None else [])
+        if sorted(source) != sorted(names):
+            raise ValueError(f"MLCHead.save_pretrained: state_dict holds {sorted(source)}, expected {names}")
+        tensors = {}
+        for name in names:
+            tensor = source[name]
+            if hasattr(tensor, "full_tensor"):
+                raise ValueError(
+                    f"MLCHead.save_pretrained: {name} is a sharded DTensor; pass the gathered state_dict "
+                    "(the trainers do: the engine's full state dict)"
+                )
+            tensors[name] = tensor.detach().contiguous().cpu()
         save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         (out / CONFIG_NAME).write_text(json.dumps(self.config(), indent=1) + "\n")
         return out

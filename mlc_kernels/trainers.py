@@ -281,9 +281,16 @@ class MLCTrainerMixin:
             self.store_metrics(values, train_eval=mode)
 
     def _save(self, output_dir: str | None = None, state_dict=None):
+        """The checkpoint, plus the extractor alone in ``<out>/mlc_head`` (written by the saving process; under
+        FSDP/DeepSpeed from the full state dict the engine gathered for the checkpoint)."""
+        prefix = "mlc_head."  # taken first: saving may drop keys from state_dict
+        gathered = {k.removeprefix(prefix): v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
         super()._save(output_dir, state_dict=state_dict)
+        if not self.args.should_save:
+            return
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
-        self.accelerator.unwrap_model(self.model).mlc_head.save_pretrained(out / "mlc_head")
+        head = self.accelerator.unwrap_model(self.model).mlc_head
+        head.save_pretrained(out / "mlc_head", state_dict=gathered or None)
 
 
 def check_distributed_setup(args, mlc_args: MLCArguments) -> None:

@@ -162,6 +162,23 @@ def test_resume_continues_exactly(tmp_path):
     assert resumed_losses[-3:] == losses[-3:]
 
 
+def test_checkpoint_writes_the_extractor_from_the_gathered_state_dict(tmp_path):
+    """Under FSDP/DeepSpeed the trainer's ``_save`` gets the engine's full state dict: the extractor folder is
+    written from it, not from the (sharded) module."""
+    from mlc_kernels import MLCHead
+
+    trainer = _dpo_trainer(tmp_path / "save", steps=1)
+    state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    state["mlc_head.proj.weight"] = torch.full_like(state["mlc_head.proj.weight"], 0.5)
+    want = {k: v for k, v in state.items() if k.startswith("mlc_head.")}
+    trainer._save(str(tmp_path / "ckpt"), state_dict=state)
+    head = MLCHead.from_pretrained(tmp_path / "ckpt" / "mlc_head")
+    assert torch.equal(head.weight, want["mlc_head.proj.weight"])
+    assert torch.equal(head.bias, want["mlc_head.proj.bias"])
+    with pytest.raises(ValueError, match=r"holds \['weight'\], expected \['weight', 'bias'\]"):
+        head.save_pretrained(tmp_path / "bad", state_dict={"weight": head.weight})
+
+
 def test_find_unused_parameters_is_refused_and_defaulted_off(tmp_path):
     trainer = _dpo_trainer(tmp_path / "default", steps=1)
     assert trainer.args.ddp_find_unused_parameters is False
