@@ -356,6 +356,12 @@ def cmd_demo(args) -> None:
     print(DISCLAIMER)
 
 
+def cmd_transfer(args) -> None:
+    from .transfer.experiment import run_from_args
+
+    run_from_args(args)
+
+
 def _add_mlc_options(p) -> None:
     p.add_argument("--languages", default=",".join(LANGUAGES), help="comma list; the first is the base language")
     p.add_argument("--mlc-weight", type=float, default=0.1)
@@ -398,6 +404,16 @@ def main(argv: list[str] | None = None) -> None:
     p_demo.add_argument("--learning-rate", type=float, default=3e-3)
     p_demo.add_argument("--mlc-weight", type=float, default=1.0)
     p_demo.add_argument("--seed", type=int, default=0)
+    p_transfer = sub.add_parser("transfer", help="cross-lingual transfer of base-language alignment (synthetic world)")
+    p_transfer.add_argument("--quick", action="store_true", help="3 seeds, 64+64 prompts per language (< 10 min)")
+    p_transfer.add_argument("--out", default="transfer_out", help="folder for the table, CSV, JSON and PNG")
+    p_transfer.add_argument("--cache-dir", default=None, help="checkpoint cache (~/.cache/mlc_kernels/transfer)")
+    p_transfer.add_argument("--no-cache", action="store_true", help="pretrain afresh and keep nothing")
+    p_transfer.add_argument("--seeds", default=None, help="comma list of alignment seeds (quick: 0,1,2; full: 0..4)")
+    p_transfer.add_argument("--mlc-layer", type=int, default=None, help="decoder layer k (default 2 of 4)")
+    p_transfer.add_argument("--mlc-weight", type=float, default=None, help="MLC weight (default 1.0)")
+    p_transfer.add_argument("--mlc-tau", type=float, default=None, help="MLC temperature (default 1.0)")
+    p_transfer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     sub.add_parser("bench", help="kernel benchmarks (mlc-bench)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
@@ -407,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](args)
+    {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "transfer": cmd_transfer}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,9 @@ from .pretrain import ModelConfig, pretrained
 from .world import World, WorldConfig
 
 CONDITIONS = ("dpo", "dpo+mlc", "sft", "sft+mlc")
+EXTRACTORS = ("linear", "linear_nobias", "identity")
+"""``linear``: the paper's trainable ``r = W h + b`` (the trainers' default); ``linear_nobias``: ``r = W h``;
+``identity``: ``r = h``, frozen (the MLC loss then acts on the hidden states themselves)."""
 BASE_ROW = "base model"
 
 
@@ -41,6 +44,8 @@ class AlignConfig:
     mlc_tau: float = 1.0
     mlc_layer: int = 2
     mlc_rep_size: int = 64
+    mlc_extractor: str = "linear"
+    mlc_generation_prompt: bool = True
     eval_per_kind: int = 64
     consistency_prompts: int = 64
 
@@ -61,8 +66,28 @@ FULL = TransferConfig(align=replace(AlignConfig(), eval_per_kind=256), seeds=(0,
 def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
-        tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, generation_prompt=True,
+        tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size,
+        generation_prompt=align.mlc_generation_prompt,
     )  # fmt: skip
+
+
+def attach_extractor(model, align: AlignConfig) -> None:
+    """Register ``model.mlc_head`` for the non-default extractors (the trainers keep an existing one)."""
+    from ..head import MLCHead
+
+    if align.mlc_extractor not in EXTRACTORS:
+        raise ValueError(f"mlc_extractor must be one of {EXTRACTORS}, got {align.mlc_extractor!r}")
+    if align.mlc_extractor == "linear":
+        return
+    hidden = model.config.hidden_size
+    if align.mlc_extractor == "linear_nobias":
+        model.add_module("mlc_head", MLCHead(hidden, align.mlc_rep_size, bias=False))
+        return
+    head = MLCHead(hidden, hidden, bias=False)
+    with torch.no_grad():
+        head.proj.weight.copy_(torch.eye(hidden))
+    head.requires_grad_(False)
+    model.add_module("mlc_head", head)
 
 
 def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int, out: Path):
@@ -85,6 +110,8 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     if algorithm == "dpo":
         options["beta"] = align.beta
     policy = copy.deepcopy(model)
+    if with_mlc:
+        attach_extractor(policy, align)
     extra = {"ref_model": copy.deepcopy(model)} if algorithm == "dpo" else {}
     transformers.logging.set_verbosity_error()
     trainer = trainer_cls(
@@ -97,13 +124,34 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     return policy, trainer.state.log_history
 
 
+@torch.no_grad()
 def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
-    """Layer-k consistency of held-out prompts (hidden states, no extractor): per-language cosine to the
-    prompt's consensus direction, s1 share, and between-prompt cosine (collapse if near 1)."""
-    from ..cli import evaluate
+    """Layer-k consistency of held-out prompts, on hidden states (no extractor) *centred* by their mean over
+    all prompts and languages (every prompt ends with the same ``<|assistant|>`` token, which gives all raw
+    states a large common component): per-language cosine to the prompt's consensus direction, s1 share and
+    between-prompt cosine (near 1 = collapse); ``between_raw``: the between-prompt cosine without centring."""
+    from ..hf import variant_representations
+    from ..metrics import consistency_metrics
+    from ..sample_data import to_dataset
+    from ..trainers import VARIANT_COLUMN, MLCCollator, add_variant_ids
 
+    mlc = mlc_arguments(world, align, 0.0)
     records = world.heldout_records()[: align.consistency_prompts]
-    return evaluate(model, tokenizer, records, mlc_arguments(world, align, 0.0))
+    dataset = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
+    collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id)
+    batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
+    reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], align.mlc_layer,
+                                         batch["mlc_mask"], micro_batch=64)  # fmt: skip
+    raw = consistency_metrics(reps.float(), mask)
+    centred = reps.float() - reps.float()[mask].mean(dim=0)
+    stats = consistency_metrics(centred, mask)
+    cos = stats["cosine_to_consensus"]
+    return {
+        "cosine_to_consensus": {lang: cos[:, j].nanmean().item() for j, lang in enumerate(mlc.languages)},
+        "s1_share": stats["s1_share"].nanmean().item(),
+        "between_prompt_cosine": float(stats["between_prompt_cosine"]),
+        "between_raw": float(raw["between_prompt_cosine"]),
+    }
 
 
 def run_transfer(config: TransferConfig, out: Path, cache_dir: Path | None, log=print) -> dict:
@@ -178,15 +226,16 @@ def format_table(results: dict) -> str:
             cells = "".join(f"{entry[key][0]:>7.1f} ±{entry[key][1]:>4.1f}" for key in [*languages, "avg"])
             lines.append(f"{entry['row']:<11}{cells}{entry['var']:>8.1f}")
         lines.append("")
-    lines.append("layer-k consistency of held-out prompts (hidden states): cosine to the consensus per language, "
-                 "s1 share, between-prompt cosine; mean over seeds")  # fmt: skip
-    lines.append(f"{'':<11}" + "".join(f"{lang:>8}" for lang in languages) + f"{'s1':>8}{'between':>9}")
+    lines.append("layer-k consistency of held-out prompts (centred hidden states): cosine to the consensus per "
+                 "language, s1 share, between-prompt cosine (raw: uncentred); mean over seeds")  # fmt: skip
+    lines.append(f"{'':<11}" + "".join(f"{lang:>8}" for lang in languages) + f"{'s1':>8}{'between':>9}{'raw':>7}")
     for row, by_seed in results["consistency"].items():
         runs = list(by_seed.values())
         cos = "".join(f"{statistics.mean(r['cosine_to_consensus'][lang] for r in runs):>8.3f}" for lang in languages)
         s1 = statistics.mean(r["s1_share"] for r in runs)
         between = statistics.mean(r["between_prompt_cosine"] for r in runs)
-        lines.append(f"{row:<11}{cos}{s1:>8.3f}{between:>9.3f}")
+        raw = statistics.mean(r["between_raw"] for r in runs)
+        lines.append(f"{row:<11}{cos}{s1:>8.3f}{between:>9.3f}{raw:>7.3f}")
     return "\n".join(lines)
 
 
@@ -242,3 +291,85 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def report(config: TransferConfig, out: Path, cache_dir: Path | None, command: str = "", log=print) -> str:
+    """Run :func:`run_transfer`, print the tables, write ``transfer_table.txt``, ``transfer.csv``,
+    ``transfer.png`` and ``transfer.json`` under ``out``; returns (and prints last) the summary line."""
+    import json
+    import warnings
+
+    import datasets
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        results = run_transfer(config, out, cache_dir, log)
+    timings = results["timings"]
+    pretrain_note = "cached" if timings["pretrain_cached"] else "cold"
+    header = (f"{command}\nseeds {list(config.seeds)}; MLC layer {config.align.mlc_layer}, weight "
+              f"{config.align.mlc_weight}, tau {config.align.mlc_tau}; pretraining {pretrain_note} "
+              f"{timings['pretrain_s']:.0f} s; total {timings['total_s']:.0f} s\n")  # fmt: skip
+    table = format_table(results)
+    line = final_line(results)
+    (out / "transfer_table.txt").write_text(f"{header}\n{table}\n\n{line}\n")
+    write_csv(results, out / "transfer.csv")
+    plot(results, out / "transfer.png")
+    (out / "transfer.json").write_text(json.dumps(results, indent=1, default=str))
+    log(f"\n{header}\n{table}\n\nwrote {out / 'transfer_table.txt'}, transfer.csv, transfer.png, transfer.json")
+    log(line)
+    return line
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    """``"0,1,2"`` -> ``(0, 1, 2)``; raises ``ValueError`` naming ``--seeds``."""
+    try:
+        seeds = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must be distinct, got {text!r}")
+    return seeds
+
+
+def configure(quick: bool, seeds: str | None = None, mlc_layer: int | None = None, mlc_weight: float | None = None,
+              mlc_tau: float | None = None) -> TransferConfig:
+    """The quick or full preset with the command line's overrides; raises ``ValueError`` naming the option."""
+    config = QUICK if quick else FULL
+    align = config.align
+    if mlc_layer is not None:
+        if not 1 <= mlc_layer <= config.model.layers:
+            raise ValueError(f"--mlc-layer must be in 1..{config.model.layers}, got {mlc_layer}")
+        align = replace(align, mlc_layer=mlc_layer)
+    if mlc_weight is not None:
+        if mlc_weight <= 0:
+            raise ValueError(f"--mlc-weight must be > 0, got {mlc_weight}")
+        align = replace(align, mlc_weight=mlc_weight)
+    if mlc_tau is not None:
+        if mlc_tau <= 0:
+            raise ValueError(f"--mlc-tau must be > 0, got {mlc_tau}")
+        align = replace(align, mlc_tau=mlc_tau)
+    return replace(config, align=align, seeds=parse_seeds(seeds) if seeds is not None else config.seeds)
+
+
+def run_from_args(args) -> str:
+    """``mlc transfer``: check the options (errors name the option), then :func:`report`."""
+    from .pretrain import DEFAULT_CACHE
+
+    try:
+        config = configure(args.quick, args.seeds, args.mlc_layer, args.mlc_weight, args.mlc_tau)
+    except ValueError as err:
+        raise SystemExit(f"mlc transfer: {err}") from err
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit(f"mlc transfer: --threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
+    options = [f"--{name.replace('_', '-')} {getattr(args, name)}"
+               for name in ("out", "cache_dir", "seeds", "mlc_layer", "mlc_weight", "mlc_tau", "threads")
+               if getattr(args, name) is not None]  # fmt: skip
+    flags = [flag for flag, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
+    return report(config, Path(args.out), cache, command=" ".join(["mlc transfer", *flags, *options]))

@@ -1,0 +1,121 @@
+"""Sweep of the MLC settings (layer, weight, tau) on the quick world: why transfer does or does not appear.
+
+``python -m mlc_kernels.transfer.study --layers 1,2,3 --weights 0.1,1 --taus 1 --seeds 0 --out DIR``
+
+For each seed the algorithm without MLC is run once, then the algorithm with MLC at every grid point; the
+world, the pretrained model and every other setting are the quick mode's. One CSV line per run:
+base-language safety, mean non-base safety and helpfulness (percent), per-language safety, and the
+centred layer-k consistency (s1 share, between-prompt cosine) at the run's own layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import statistics
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+from .evaluation import behaviour
+from .experiment import EXTRACTORS, QUICK, AlignConfig, align_model, consistency, parse_seeds
+from .pretrain import DEFAULT_CACHE, pretrained
+from .world import World
+
+FIELDS = ("algorithm", "extractor", "generation_prompt", "parallel_share", "pretrain_steps", "layer", "weight",
+          "tau", "seed", "base_safety", "safety", "helpfulness", "s1_share", "between_prompt_cosine", "seconds")
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"study: {name} must be a comma list of numbers, got {text!r}") from None
+    if any(v <= 0 for v in values):
+        raise SystemExit(f"study: {name} must be > 0, got {text!r}")
+    return values
+
+
+def run_study(algorithm: str, grid: list[tuple[int, float, float]], seeds: tuple[int, ...], out: Path,
+              cache_dir: Path | None, base: AlignConfig = QUICK.align, parallel_share: float = 0.0,
+              pretrain_steps: int = QUICK.model.steps, log=print) -> list[dict]:  # fmt: skip
+    """Run the grid of ``(layer, weight, tau)`` over ``base`` (the other MLC options); the first row of each seed
+    is the run without MLC. Pretraining studies: ``parallel_share`` > 0 adds parallel text (the quick world
+    has none), ``pretrain_steps`` changes the amount of pretraining. Writes (appends to) ``study.csv``."""
+    world = World(replace(QUICK.world, parallel_share=parallel_share))
+    model, tokenizer, _ = pretrained(world, replace(QUICK.model, steps=pretrain_steps), cache_dir, log)
+    derived = world.config.derived
+    rows = []
+    out.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        settings = [(base.mlc_layer, 0.0, base.mlc_tau), *grid]
+        for layer, weight, tau in settings:
+            start = time.time()
+            align = replace(base, mlc_layer=layer, mlc_weight=weight or 1.0, mlc_tau=tau)
+            condition = f"{algorithm}+mlc" if weight else algorithm
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                aligned, _ = align_model(model, tokenizer, world, condition, align, seed, out / "runs")
+            result = behaviour(aligned, tokenizer, world, align.eval_per_kind)
+            stats = consistency(aligned, tokenizer, world, align)
+            row = {
+                "algorithm": algorithm, "extractor": align.mlc_extractor if weight else "-",
+                "generation_prompt": align.mlc_generation_prompt, "parallel_share": parallel_share,
+                "pretrain_steps": pretrain_steps,
+                "layer": layer, "weight": weight, "tau": tau, "seed": seed,
+                "base_safety": result[world.config.base]["safety"],
+                "safety": statistics.mean(result[lang]["safety"] for lang in derived),
+                "helpfulness": statistics.mean(result[lang]["helpfulness"] for lang in derived),
+                "s1_share": stats["s1_share"], "between_prompt_cosine": stats["between_prompt_cosine"],
+                "seconds": time.time() - start,
+                **{f"safety_{lang}": result[lang]["safety"] for lang in derived},
+            }  # fmt: skip
+            rows.append(row)
+            log(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    with open(out / "study.csv", "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*FIELDS, *(f"safety_{lang}" for lang in derived)])
+        if f.tell() == 0:
+            writer.writeheader()
+        writer.writerows({k: f"{v:.4g}" if isinstance(v, float) else v for k, v in row.items()} for row in rows)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    import datasets
+    import transformers
+
+    parser = argparse.ArgumentParser(prog="python -m mlc_kernels.transfer.study", description=__doc__.splitlines()[0])
+    parser.add_argument("--algorithm", default="dpo", choices=("dpo", "sft"))
+    parser.add_argument("--layers", default="1,2,3")
+    parser.add_argument("--weights", default="0.1,1")
+    parser.add_argument("--taus", default="1")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--extractor", default="linear", choices=EXTRACTORS)
+    parser.add_argument("--no-generation-prompt", action="store_true", help="last prompt token = the prompt's own")
+    parser.add_argument("--parallel-share", type=float, default=0.0, help="pretrain with parallel text (study)")
+    parser.add_argument("--pretrain-steps", type=int, default=QUICK.model.steps, help="pretraining amount (study)")
+    parser.add_argument("--out", default="transfer_study", help="study.csv is appended to")
+    args = parser.parse_args(argv)
+    try:
+        layers = [int(v) for v in args.layers.split(",")]
+        seeds = parse_seeds(args.seeds)
+    except ValueError as err:
+        raise SystemExit(f"study: --layers / --seeds: {err}") from None
+    if any(not 1 <= k <= QUICK.model.layers for k in layers):
+        raise SystemExit(f"study: --layers must be in 1..{QUICK.model.layers}, got {args.layers!r}")
+    grid = list(itertools.product(layers, _floats(args.weights, "--weights"), _floats(args.taus, "--taus")))
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if not 0 <= args.parallel_share <= 1:
+        raise SystemExit(f"study: --parallel-share must be in [0, 1], got {args.parallel_share}")
+    if args.pretrain_steps < 1:
+        raise SystemExit(f"study: --pretrain-steps must be >= 1, got {args.pretrain_steps}")
+    base = replace(QUICK.align, mlc_extractor=args.extractor, mlc_generation_prompt=not args.no_generation_prompt)
+    run_study(args.algorithm, grid, seeds, Path(args.out), DEFAULT_CACHE, base, args.parallel_share,
+              args.pretrain_steps)
+
+
+if __name__ == "__main__":
+    main()
