@@ -189,32 +189,50 @@ class MLCTrainerMixin:
         count = self._mlc_step_count
         if not model.training or count is None:
             return 1.0 / eligible_count(mask).item()
+        return self.accelerator.num_processes * self._trainer_loss_division(num_items_in_batch) / max(count, 1)
+
+    def _trainer_loss_division(self, num_items_in_batch) -> int:
+        """What the trainer divides each micro-batch loss by: the accumulation steps, or 1 when the loss is
+        already normalised by ``num_items_in_batch`` (the same flags ``Trainer.training_step`` reads)."""
         scaled_for_ga = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled_for_ga is None:
             scaled_for_ga = (
                 getattr(self, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None
             ) or getattr(self, "compute_loss_func", None) is not None
-        steps = 1 if scaled_for_ga else self.current_gradient_accumulation_steps
-        return self.accelerator.num_processes * steps / max(count, 1)
+        return 1 if scaled_for_ga else self.current_gradient_accumulation_steps
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mlc_inputs = {k: inputs.pop(k) for k in MLC_KEYS if k in inputs}
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
-        if not mlc_inputs:
-            return out
-        m = mlc_inputs["mlc_mask"].shape[1]
-        if m != len(self.mlc_args.languages):
+        if mlc_inputs and mlc_inputs["mlc_mask"].shape[1] != len(self.mlc_args.languages):
             raise ValueError(
                 f"MLC batch on process {self.accelerator.process_index} of {self.accelerator.num_processes} has "
-                f"{m} variants per prompt, expected {len(self.mlc_args.languages)} (languages "
-                f"{list(self.mlc_args.languages)}): a prompt's variants were split across processes or "
+                f"{mlc_inputs['mlc_mask'].shape[1]} variants per prompt, expected {len(self.mlc_args.languages)} "
+                f"(languages {list(self.mlc_args.languages)}): a prompt's variants were split across processes or "
                 "micro-batches; keep MLCCollator's (N, m, T) layout, which dispatching and splitting batches "
                 "along the first dimension preserves"
             )
+        weight = self.mlc_args.weight
+        early = None
+        if mlc_inputs and self.mlc_args.grad_cache and model.training and self.accelerator.num_processes > 1:
+            # Gradient cache under DDP: its nested backward passes would fire the reducer's hooks twice, so the
+            # MLC backward runs now, before this step's DDP forward, while the hooks are idle; the gradients stay
+            # in .grad and join the all-reduce of the alignment loss's backward.
+            scale = self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch)
+            early = self._mlc_loss(model, mlc_inputs, scale)
+            self.accelerator.backward(weight * early / self._trainer_loss_division(num_items_in_batch))
+        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        if not mlc_inputs:
+            return out
         align = out[0] if return_outputs else out
-        mlc = self._mlc_loss(model, mlc_inputs, self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch))
         self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
-        loss = align + self.mlc_args.weight * mlc
+        if early is not None:
+            # an empty slice of each extractor parameter puts it in this backward's graph (zero gradient), so DDP
+            # reduces the gradient it already holds
+            touch = sum(p.view(-1)[:0].sum() for p in self.accelerator.unwrap_model(model).mlc_head.parameters())
+            loss = align + weight * early.detach() + touch
+        else:
+            scale = self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch)
+            loss = align + weight * self._mlc_loss(model, mlc_inputs, scale)
         return (loss, out[1]) if return_outputs else loss
 
     def _variant_runner(self, model):
@@ -308,17 +326,18 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
             "arrive; leave it unset (the MLC trainers set False: every parameter gets a gradient every step)"
         )
     args.ddp_find_unused_parameters = False
-    if mlc_args.grad_cache and getattr(args, "world_size", 1) > 1:
-        raise ValueError(
-            f"MLCArguments.grad_cache runs nested backward passes, which DDP/FSDP/DeepSpeed gradient hooks do not "
-            f"support; use grad_cache=False with {args.world_size} processes (activation checkpointing bounds "
-            "memory instead)"
-        )
     import importlib.util
     import os
 
     wants_deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
         "1", "true")  # fmt: skip
+    wants_fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    if mlc_args.grad_cache and getattr(args, "world_size", 1) > 1 and (wants_fsdp or wants_deepspeed):
+        raise ValueError(
+            f"MLCArguments.grad_cache runs extra backward passes, which the {'FSDP' if wants_fsdp else 'DeepSpeed'} "
+            f"gradient hooks do not support; use grad_cache=False with {args.world_size} processes under it "
+            "(activation checkpointing bounds memory instead), or DDP, where the gradient cache is supported"
+        )
     if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
         raise ImportError(
             "a DeepSpeed config was given (TrainingArguments.deepspeed or accelerate launch with a DeepSpeed "

@@ -65,7 +65,7 @@ def run_trainer(args) -> None:
         report_to=[], save_strategy="no", seed=0, use_cpu=args.device == "cpu", beta=0.1,
         max_length=32, dataloader_drop_last=True, bf16=False,
     )  # fmt: skip
-    mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl)
+    mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl, grad_cache=args.grad_cache)
     trainer = InOrder(
         model=model, ref_model=tiny_model(len(tokenizer)), args=config, processing_class=tokenizer,
         train_dataset=records("dpo", missing_zh=MISSING_ZH), mlc_args=mlc, callbacks=[CaptureGradients()],
@@ -142,6 +142,7 @@ def main() -> None:
     parser.add_argument("--per-device", type=int, default=4)
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--impl", default="torch")
+    parser.add_argument("--grad-cache", action="store_true", help="trainer mode: MLCArguments.grad_cache")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer mode: where to train")
     args = parser.parse_args()
     if args.device == "cuda":

@@ -68,11 +68,16 @@ def single_process_step(tmp_path_factory) -> dict:
     return launch(tmp_path_factory.mktemp("single"), "single", 1, "trainer", "--per-device", "4")
 
 
-@pytest.mark.parametrize("per_device,accumulation", [(2, 1), (1, 2)])
-def test_ddp_step_equals_one_process_on_the_full_batch(single_process_step, tmp_path, per_device, accumulation):
+@pytest.mark.parametrize("per_device,accumulation,grad_cache", [(2, 1, False), (1, 2, False), (1, 2, True)])
+def test_ddp_step_equals_one_process_on_the_full_batch(
+    single_process_step, tmp_path, per_device, accumulation, grad_cache
+):
     """2 processes x per_device x accumulation = the same 4 prompts; the processes hold 2 and 1 MLC-eligible
-    prompts (1 and 1, 1 and 0 per micro-batch), so only the global-batch mean reproduces the gradients."""
-    got = launch(tmp_path, "ddp", 2, "trainer", "--per-device", str(per_device), "--accumulation", str(accumulation))
+    prompts (1 and 1, 1 and 0 per micro-batch), so only the global-batch mean reproduces the gradients. The
+    gradient cache (its MLC backward runs before the DDP forward) must give the same step."""
+    extra = ["--grad-cache"] if grad_cache else []
+    got = launch(tmp_path, "ddp", 2, "trainer", "--per-device", str(per_device), "--accumulation", str(accumulation),
+                 *extra)  # fmt: skip
     assert_same_step(got, single_process_step)
 
 
@@ -199,9 +204,10 @@ def test_variants_split_across_processes_are_refused(tmp_path):
         trainer.compute_loss(trainer.model, batch)
 
 
-def test_gradient_cache_refuses_several_processes(tmp_path, monkeypatch):
+def test_gradient_cache_refuses_fsdp_with_several_processes(tmp_path, monkeypatch):
     trainer_cls, config_cls = trl_classes("dpo")
     monkeypatch.setattr(config_cls, "world_size", property(lambda self: 2))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     config = config_cls(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     tokenizer = tiny_tokenizer()
     with pytest.raises(ValueError, match="grad_cache"):
