@@ -140,6 +140,26 @@ def test_bad_cli_input_names_the_argument(argv, match, tmp_path):
         main(["transfer", "--quick", "--no-cache", "--out", str(tmp_path), *argv])
 
 
+def test_training_items_are_the_trained_prompts_in_each_language(world):
+    from mlc_kernels.transfer.evaluation import training_items
+
+    records = world.alignment_records()[:5]
+    assert [i["prompt"] for i in training_items(world, "base", 5)] == [r["prompt"] for r in records]
+    assert [i["prompt"] for i in training_items(world, "low1", 5)] == [r["variants"]["low1"] for r in records]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [(["--layers", "7"], "--layers"), (["--weights", "x"], "--weights"), (["--taus", "0"], "--taus"),
+     (["--parallel-share", "2"], "--parallel-share"), (["--pretrain-steps", "0"], "--pretrain-steps")],
+)  # fmt: skip
+def test_bad_study_input_names_the_argument(argv, match):
+    from mlc_kernels.transfer.study import main
+
+    with pytest.raises(SystemExit, match=match):
+        main(argv)
+
+
 def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     pytest.importorskip("trl")
     from mlc_kernels.transfer.experiment import QUICK, report
@@ -171,3 +191,13 @@ def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     lines.clear()
     report(config, tmp_path, tmp_path / "cache", log=lines.append)
     assert any("cached" in entry for entry in lines)
+    # the study's diagnostic of shared directions, on the same checkpoint
+    from mlc_kernels.transfer.pretrain import pretrained
+    from mlc_kernels.transfer.study import format_directions, shared_directions
+
+    world = World(config.world)
+    model, tokenizer, cached = pretrained(world, config.model, tmp_path / "cache", log=lines.append)
+    directions = shared_directions(model, tokenizer, world)
+    assert cached and set(directions) == {1, 2, 3, 4}
+    assert directions[2]["unsafe_minus_benign"]["base"] == pytest.approx(1.0)
+    assert "private_minus_request" in format_directions(directions)

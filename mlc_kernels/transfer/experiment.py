@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import shutil
 import statistics
 import time
 from dataclasses import dataclass, replace
@@ -90,8 +91,11 @@ def attach_extractor(model, align: AlignConfig) -> None:
     model.add_module("mlc_head", head)
 
 
-def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int, out: Path):
-    """Align a copy of ``model`` under ``condition`` (one of :data:`CONDITIONS`); returns ``(model, logs)``."""
+def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int):
+    """Align a copy of ``model`` under ``condition`` (one of :data:`CONDITIONS`); returns ``(model, logs)``.
+    Nothing is saved (the trainer's output folder is a temporary one)."""
+    import tempfile
+
     import transformers
 
     from ..sample_data import to_dataset
@@ -102,8 +106,9 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     mlc = mlc_arguments(world, align, align.mlc_weight if with_mlc else 0.0)
     steps = align.dpo_steps if algorithm == "dpo" else align.sft_steps
     records = world.alignment_records()[: align.train_prompts]
+    out = tempfile.mkdtemp(prefix="mlc_transfer_")
     options = dict(
-        output_dir=str(out), per_device_train_batch_size=align.batch_size, max_steps=steps,
+        output_dir=out, per_device_train_batch_size=align.batch_size, max_steps=steps,
         learning_rate=align.learning_rate, logging_steps=max(1, steps // 6), report_to=[], save_strategy="no",
         seed=seed, use_cpu=True, disable_tqdm=True, max_length=256,
     )  # fmt: skip
@@ -120,6 +125,7 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     )  # fmt: skip
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
     trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
     policy.eval()
     return policy, trainer.state.log_history
 
@@ -154,7 +160,7 @@ def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
     }
 
 
-def run_transfer(config: TransferConfig, out: Path, cache_dir: Path | None, log=print) -> dict:
+def run_transfer(config: TransferConfig, cache_dir: Path | None, log=print) -> dict:
     """Pretrain (or load the cache), evaluate the base model, align and evaluate every condition x seed.
 
     Returns ``{"languages", "base", "rows": {row: {seed: behaviour}}, "consistency": {row: {seed: ...}},
@@ -174,7 +180,7 @@ def run_transfer(config: TransferConfig, out: Path, cache_dir: Path | None, log=
         for condition in config.conditions:
             run_start = time.time()
             torch.manual_seed(seed)
-            aligned, _ = align_model(model, tokenizer, world, condition, config.align, seed, out / "runs")
+            aligned, _ = align_model(model, tokenizer, world, condition, config.align, seed)
             rows.setdefault(condition, {})[seed] = behaviour(aligned, tokenizer, world, config.align.eval_per_kind)
             consist.setdefault(condition, {})[seed] = consistency(aligned, tokenizer, world, config.align)
             log(f"seed {seed} {condition:<8} ({time.time() - run_start:.0f} s): "
@@ -307,7 +313,7 @@ def report(config: TransferConfig, out: Path, cache_dir: Path | None, command: s
     transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        results = run_transfer(config, out, cache_dir, log)
+        results = run_transfer(config, cache_dir, log)
     timings = results["timings"]
     pretrain_note = "cached" if timings["pretrain_cached"] else "cold"
     header = (f"{command}\nseeds {list(config.seeds)}; MLC layer {config.align.mlc_layer}, weight "
