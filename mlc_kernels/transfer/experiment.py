@@ -53,6 +53,8 @@ class AlignConfig:
 
 @dataclass(frozen=True)
 class TransferConfig:
+    """One experiment: the world, the model and its pretraining, the alignment, the seeds and conditions."""
+
     world: WorldConfig = WorldConfig()
     model: ModelConfig = ModelConfig()
     align: AlignConfig = AlignConfig()
@@ -65,6 +67,7 @@ FULL = TransferConfig(align=replace(AlignConfig(), eval_per_kind=256), seeds=(0,
 
 
 def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
+    """The trainers' MLC options: every language of ``world`` (base first), the ``align`` settings, ``weight``."""
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
         tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size,
