@@ -25,9 +25,11 @@ from .pretrain import ModelConfig, pretrained
 from .world import World, WorldConfig
 
 CONDITIONS = ("dpo", "dpo+mlc", "sft", "sft+mlc")
-EXTRACTORS = ("linear", "linear_nobias", "identity")
+EXTRACTORS = ("linear", "linear_nobias", "identity", "centred")
 """``linear``: the paper's trainable ``r = W h + b`` (the trainers' default); ``linear_nobias``: ``r = W h``;
-``identity``: ``r = h``, frozen (the MLC loss then acts on the hidden states themselves)."""
+``identity``: ``r = h``, frozen (the MLC loss then acts on the hidden states themselves); ``centred``:
+``r = h - mean``, frozen, the mean of the pretrained model's layer-k states over the training prompts in all
+languages (removes the component every prompt shares through the common ``<|assistant|>`` token)."""
 BASE_ROW = "base model"
 
 
@@ -75,8 +77,9 @@ def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArgumen
     )  # fmt: skip
 
 
-def attach_extractor(model, align: AlignConfig) -> None:
-    """Register ``model.mlc_head`` for the non-default extractors (the trainers keep an existing one)."""
+def attach_extractor(model, align: AlignConfig, centre: torch.Tensor | None = None) -> None:
+    """Register ``model.mlc_head`` for the non-default extractors (the trainers keep an existing one);
+    ``centre`` ``(hidden,)``: the mean the ``centred`` extractor subtracts."""
     from ..head import MLCHead
 
     if align.mlc_extractor not in EXTRACTORS:
@@ -87,9 +90,12 @@ def attach_extractor(model, align: AlignConfig) -> None:
     if align.mlc_extractor == "linear_nobias":
         model.add_module("mlc_head", MLCHead(hidden, align.mlc_rep_size, bias=False))
         return
-    head = MLCHead(hidden, hidden, bias=False)
+    centred = align.mlc_extractor == "centred"
+    head = MLCHead(hidden, hidden, bias=centred)
     with torch.no_grad():
         head.proj.weight.copy_(torch.eye(hidden))
+        if centred:
+            head.proj.bias.copy_(-centre)
     head.requires_grad_(False)
     model.add_module("mlc_head", head)
 
@@ -119,7 +125,11 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
         options["beta"] = align.beta
     policy = copy.deepcopy(model)
     if with_mlc:
-        attach_extractor(policy, align)
+        centre = None
+        if align.mlc_extractor == "centred":
+            reps, mask = layer_states(model, tokenizer, world, align, records[:64])
+            centre = reps.float()[mask].mean(dim=0)
+        attach_extractor(policy, align, centre)
     extra = {"ref_model": copy.deepcopy(model)} if algorithm == "dpo" else {}
     transformers.logging.set_verbosity_error()
     trainer = trainer_cls(
@@ -134,23 +144,30 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
 
 
 @torch.no_grad()
+def layer_states(model, tokenizer, world: World, align: AlignConfig, records: list[dict]):
+    """Layer-k states of ``records``' prompts in every language: ``(reps (N, m, hidden), mask (N, m))``."""
+    from ..hf import variant_representations
+    from ..sample_data import to_dataset
+    from ..trainers import VARIANT_COLUMN, MLCCollator, add_variant_ids
+
+    mlc = mlc_arguments(world, align, 0.0)
+    dataset = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
+    collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id)
+    batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
+    return variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], align.mlc_layer,
+                                   batch["mlc_mask"], micro_batch=64)  # fmt: skip
+
+
+@torch.no_grad()
 def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
     """Layer-k consistency of held-out prompts, on hidden states (no extractor) *centred* by their mean over
     all prompts and languages (every prompt ends with the same ``<|assistant|>`` token, which gives all raw
     states a large common component): per-language cosine to the prompt's consensus direction, s1 share and
     between-prompt cosine (near 1 = collapse); ``between_raw``: the between-prompt cosine without centring."""
-    from ..hf import variant_representations
     from ..metrics import consistency_metrics
-    from ..sample_data import to_dataset
-    from ..trainers import VARIANT_COLUMN, MLCCollator, add_variant_ids
 
     mlc = mlc_arguments(world, align, 0.0)
-    records = world.heldout_records()[: align.consistency_prompts]
-    dataset = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
-    collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id)
-    batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
-    reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], align.mlc_layer,
-                                         batch["mlc_mask"], micro_batch=64)  # fmt: skip
+    reps, mask = layer_states(model, tokenizer, world, align, world.heldout_records()[: align.consistency_prompts])
     raw = consistency_metrics(reps.float(), mask)
     centred = reps.float() - reps.float()[mask].mean(dim=0)
     stats = consistency_metrics(centred, mask)
