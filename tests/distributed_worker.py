@@ -49,6 +49,8 @@ def run_trainer(args) -> None:
 
     class InOrder(trainer_cls):
         def _get_train_sampler(self, train_dataset=None):
+            if args.shuffle:
+                return super()._get_train_sampler(train_dataset)
             return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
 
     captured: dict = {}
@@ -57,12 +59,17 @@ def run_trainer(args) -> None:
         def on_pre_optimizer_step(self, targs, state, control, **kwargs):
             captured["grads"] = full_gradients(trainer.model)
 
+        def on_step_end(self, targs, state, control, **kwargs):
+            if state.global_step == args.stop_at:
+                control.should_training_stop = True
+
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer))
     config = config_cls(
-        output_dir=args.output_dir, per_device_train_batch_size=args.per_device, max_steps=1,
+        output_dir=args.output_dir, per_device_train_batch_size=args.per_device, max_steps=args.max_steps,
         gradient_accumulation_steps=args.accumulation, learning_rate=1e-3, max_grad_norm=0.0, logging_steps=1,
-        report_to=[], save_strategy="no", seed=0, use_cpu=args.device == "cpu", beta=0.1,
+        report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, seed=0,
+        use_cpu=args.device == "cpu", beta=0.1,
         max_length=32, dataloader_drop_last=True, bf16=False,
     )  # fmt: skip
     mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl, grad_cache=args.grad_cache)
@@ -70,10 +77,13 @@ def run_trainer(args) -> None:
         model=model, ref_model=tiny_model(len(tokenizer)), args=config, processing_class=tokenizer,
         train_dataset=records("dpo", missing_zh=MISSING_ZH), mlc_args=mlc, callbacks=[CaptureGradients()],
     )  # fmt: skip
-    trainer.train()
-    loss = next(log["loss"] for log in trainer.state.log_history if "loss" in log)
+    trainer.train(resume_from_checkpoint=args.resume)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    weights = {k: v.detach().cpu().clone() for k, v in unwrapped.named_parameters()}
     if trainer.accelerator.is_main_process:
-        torch.save({"loss": loss, "grads": captured["grads"], "world": trainer.accelerator.num_processes,
+        torch.save({"loss": losses[0], "losses": losses, "grads": captured["grads"], "weights": weights,
+                    "world": trainer.accelerator.num_processes, "step": trainer.state.global_step,
                     "engine": trainer.accelerator.distributed_type.value,
                     "head_class": type(trainer.model.mlc_head).__name__}, args.out)  # fmt: skip
 
@@ -143,6 +153,11 @@ def main() -> None:
     parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--impl", default="torch")
     parser.add_argument("--grad-cache", action="store_true", help="trainer mode: MLCArguments.grad_cache")
+    parser.add_argument("--max-steps", type=int, default=1)
+    parser.add_argument("--save-steps", type=int, default=0, help="trainer mode: checkpoint every N steps")
+    parser.add_argument("--stop-at", type=int, default=0, help="trainer mode: stop after this step")
+    parser.add_argument("--resume", default=None, help="trainer mode: resume from this checkpoint")
+    parser.add_argument("--shuffle", action="store_true", help="trainer mode: the trainer's own shuffled sampler")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer mode: where to train")
     args = parser.parse_args()
     if args.device == "cuda":

@@ -47,8 +47,8 @@ def run_processes(processes: int, *command: str, launcher: list[str] | None = No
 def launch(tmp_path: Path, name: str, processes: int, *args: str, launcher: list[str] | None = None) -> dict:
     """Run the worker on ``processes`` CPU processes; returns rank 0's result."""
     out = tmp_path / f"{name}.pt"
-    run_processes(processes, str(WORKER), *args, "--out", str(out), "--output-dir", str(tmp_path / name),
-                  launcher=launcher)  # fmt: skip
+    output_dir = [] if "--output-dir" in args else ["--output-dir", str(tmp_path / name)]
+    run_processes(processes, str(WORKER), *args, "--out", str(out), *output_dir, launcher=launcher)
     result = torch.load(out)
     assert result["world"] == processes
     return result
@@ -121,6 +121,20 @@ def test_mlc_train_runs_unchanged_on_two_processes(tmp_path):
     state = (out / "checkpoint-2" / "trainer_state.json").read_text()
     assert '"mlc/loss"' in state and '"global_step": 2' in state
     assert (out / "mlc_head" / "mlc_head.safetensors").is_file()
+
+
+def test_ddp_resume_continues_exactly(tmp_path):
+    """2 processes, shuffled data: 6 steps straight == 3 steps, stop, resume from the checkpoint (each process's
+    RNG state, the data position, optimizer and scheduler), 3 more; the run crosses an epoch boundary."""
+    common = ["trainer", "--shuffle", "--per-device", "1", "--max-steps", "6"]
+    straight = launch(tmp_path, "straight", 2, *common)
+    run = ["--save-steps", "3", "--output-dir", str(tmp_path / "run")]
+    first = launch(tmp_path, "first", 2, *common, *run, "--stop-at", "3")
+    assert first["step"] == 3 and (tmp_path / "run" / "checkpoint-3" / "rng_state_1.pth").is_file()
+    resumed = launch(tmp_path, "resumed", 2, *common, *run, "--resume", str(tmp_path / "run" / "checkpoint-3"))
+    assert resumed["step"] == 6 and resumed["losses"] == straight["losses"]  # steps 1-3 from the checkpoint's log
+    for name, weight in straight["weights"].items():
+        assert torch.equal(resumed["weights"][name], weight), name
 
 
 def _dpo_trainer(out: Path, *, steps: int, save_steps: int | None = None, callbacks=()):
