@@ -225,6 +225,7 @@ def _mlc_arguments(args) -> MLCArguments:
 
 def _check_train_arguments(args) -> None:
     import importlib.util
+    import os
 
     if args.algorithm not in ALGORITHMS:
         raise SystemExit(f"mlc train: --algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}")
@@ -233,11 +234,12 @@ def _check_train_arguments(args) -> None:
             raise SystemExit(f"mlc train: --{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.save_steps < 0:
         raise SystemExit(f"mlc train: --save-steps must be >= 0 (0: no intermediate checkpoint), got {args.save_steps}")
-    if args.deepspeed is not None:
-        if not Path(args.deepspeed).is_file():
-            raise SystemExit(f"mlc train: --deepspeed must be a DeepSpeed JSON config file, {args.deepspeed} is not")
-        if importlib.util.find_spec("deepspeed") is None:
-            raise SystemExit("mlc train: --deepspeed needs the deepspeed package (pip install deepspeed)")
+    if args.deepspeed is not None and not Path(args.deepspeed).is_file():
+        raise SystemExit(f"mlc train: --deepspeed must be a DeepSpeed JSON config file, {args.deepspeed} is not")
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+    if (args.deepspeed is not None or launched_with_deepspeed) and importlib.util.find_spec("deepspeed") is None:
+        source = "--deepspeed" if args.deepspeed is not None else "accelerate launch with a DeepSpeed config"
+        raise SystemExit(f"mlc train: {source} needs the deepspeed package (pip install deepspeed)")
     resume = args.resume_from_checkpoint
     if resume not in (None, "last") and not Path(resume).is_dir():
         raise SystemExit(f"mlc train: --resume-from-checkpoint must be a checkpoint folder or 'last', got {resume}")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 WEIGHTS_NAME = "mlc_head.safetensors"
 CONFIG_NAME = "mlc_head_config.json"
@@ -37,15 +39,18 @@ class MLCHead(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MLCHead: {name} must be a positive int, got {value!r}")
         self.hidden_size, self.rep_size = hidden_size, rep_size
-        self.proj = nn.Linear(hidden_size, rep_size, bias=bias, device=device, dtype=dtype)
+        # own parameters (not an nn.Linear child): engines that gather a module's parameters around its
+        # forward (DeepSpeed ZeRO-3, FSDP) then gather them around the fused loss too
+        self.weight = nn.Parameter(torch.empty(rep_size, hidden_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(rep_size, device=device, dtype=dtype)) if bias else None
+        self.reset_parameters()
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.proj.weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.proj.bias
+    def reset_parameters(self) -> None:
+        """``nn.Linear``'s initialisation (same draws from the generator)."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.hidden_size)
+            nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, *, loss: bool = False, **loss_options
@@ -55,28 +60,28 @@ class MLCHead(nn.Module):
         if not loss:
             if mask is not None or loss_options:
                 raise ValueError("MLCHead: mask and loss options need loss=True")
-            return self.proj(hidden)
+            return F.linear(hidden, self.weight, self.bias)
         from .fused_linear import fused_linear_mlc_loss
 
-        return fused_linear_mlc_loss(hidden, self.proj.weight, self.proj.bias, mask, **loss_options)
+        return fused_linear_mlc_loss(hidden, self.weight, self.bias, mask, **loss_options)
 
     def loss(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **loss_options) -> torch.Tensor:
         """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss``."""
         return self(hidden, mask, loss=True, **loss_options)
 
     def config(self) -> dict:
-        return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.proj.bias is not None}
+        return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.bias is not None}
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it.
-        ``state_dict`` (keys ``weight``/``bias``, or ``proj.weight``/``proj.bias``): full tensors to write
+        ``state_dict`` (keys ``weight``/``bias``): full tensors to write
         instead of the module's own, e.g. gathered by an engine that shards the head."""
         from safetensors.torch import save_file
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        source = {k.removeprefix("proj."): v for k, v in (state_dict or dict(self.proj.named_parameters())).items()}
-        names = ["weight"] + (["bias"] if self.proj.bias is not None else [])
+        source = state_dict or dict(self.named_parameters())
+        names = ["weight"] + (["bias"] if self.bias is not None else [])
         if sorted(source) != sorted(names):
             raise ValueError(f"MLCHead.save_pretrained: state_dict holds {sorted(source)}, expected {names}")
         tensors = {}
@@ -128,7 +133,7 @@ class MLCHead(nn.Module):
                 )
         head = cls(config["hidden_size"], config["rep_size"], bias=config["bias"], device=device, dtype=dtype)
         with torch.no_grad():
-            head.proj.weight.copy_(tensors["weight"])
+            head.weight.copy_(tensors["weight"])
             if config["bias"]:
-                head.proj.bias.copy_(tensors["bias"])
+                head.bias.copy_(tensors["bias"])
         return head

@@ -11,6 +11,7 @@ the trainer's logs.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -326,9 +327,6 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
             "arrive; leave it unset (the MLC trainers set False: every parameter gets a gradient every step)"
         )
     args.ddp_find_unused_parameters = False
-    import importlib.util
-    import os
-
     wants_deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
         "1", "true")  # fmt: skip
     wants_fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
@@ -337,11 +335,6 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
             f"MLCArguments.grad_cache runs extra backward passes, which the {'FSDP' if wants_fsdp else 'DeepSpeed'} "
             f"gradient hooks do not support; use grad_cache=False with {args.world_size} processes under it "
             "(activation checkpointing bounds memory instead), or DDP, where the gradient cache is supported"
-        )
-    if wants_deepspeed and importlib.util.find_spec("deepspeed") is None:
-        raise ImportError(
-            "a DeepSpeed config was given (TrainingArguments.deepspeed or accelerate launch with a DeepSpeed "
-            "config) but the deepspeed package is not installed: pip install deepspeed"
         )
 
 

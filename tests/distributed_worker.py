@@ -28,13 +28,19 @@ from trl_fixtures import LANGS, records, tiny_model, tiny_tokenizer  # noqa: E40
 MISSING_ZH = (2, 3)
 
 
-def full_gradients(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Parameter name -> full gradient on the CPU (DTensor shards of FSDP2 gathered)."""
+def full_gradients(model: torch.nn.Module, deepspeed: bool = False) -> dict[str, torch.Tensor]:
+    """Parameter name -> full gradient on the CPU (DTensor shards of FSDP2 gathered; DeepSpeed ZeRO's
+    partitioned gradients gathered with its own ``safe_get_full_grad``)."""
     grads = {}
     for name, p in model.named_parameters():
-        if p.grad is None:
+        if deepspeed:
+            from deepspeed.utils import safe_get_full_grad
+
+            g = safe_get_full_grad(p)
+        else:
+            g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        if g is None:
             continue
-        g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
         grads[name.replace("_fsdp_wrapped_module.", "")] = g.detach().float().cpu().clone()
     return grads
 
@@ -57,11 +63,24 @@ def run_trainer(args) -> None:
 
     class CaptureGradients(TrainerCallback):
         def on_pre_optimizer_step(self, targs, state, control, **kwargs):
-            captured["grads"] = full_gradients(trainer.model)
+            if args.deepspeed is None:
+                captured["grads"] = full_gradients(trainer.model)
 
         def on_step_end(self, targs, state, control, **kwargs):
             if state.global_step == args.stop_at:
                 control.should_training_stop = True
+
+    if args.deepspeed is not None:  # accelerate runs DeepSpeed's step inside backward: take the gradients there
+        from deepspeed.runtime.engine import DeepSpeedEngine
+
+        engine_step = DeepSpeedEngine.step
+
+        def step_capturing_gradients(engine, *step_args, **step_kwargs):
+            if engine.is_gradient_accumulation_boundary():
+                captured["grads"] = full_gradients(engine.module, deepspeed=True)
+            return engine_step(engine, *step_args, **step_kwargs)
+
+        DeepSpeedEngine.step = step_capturing_gradients
 
     tokenizer = tiny_tokenizer()
     model = tiny_model(len(tokenizer))
@@ -70,7 +89,7 @@ def run_trainer(args) -> None:
         gradient_accumulation_steps=args.accumulation, learning_rate=1e-3, max_grad_norm=0.0, logging_steps=1,
         report_to=[], save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500, seed=0,
         use_cpu=args.device == "cpu", beta=0.1,
-        max_length=32, dataloader_drop_last=True, bf16=False,
+        max_length=32, dataloader_drop_last=True, bf16=False, deepspeed=args.deepspeed,
     )  # fmt: skip
     mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl, grad_cache=args.grad_cache)
     trainer = InOrder(
@@ -158,6 +177,7 @@ def main() -> None:
     parser.add_argument("--stop-at", type=int, default=0, help="trainer mode: stop after this step")
     parser.add_argument("--resume", default=None, help="trainer mode: resume from this checkpoint")
     parser.add_argument("--shuffle", action="store_true", help="trainer mode: the trainer's own shuffled sampler")
+    parser.add_argument("--deepspeed", default=None, help="trainer mode: a DeepSpeed JSON config")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="trainer mode: where to train")
     args = parser.parse_args()
     if args.device == "cuda":

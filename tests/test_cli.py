@@ -95,14 +95,19 @@ def test_liger_kernels_on_gpu(tiny_checkpoint):
     torch.testing.assert_close(last_prompt_hidden(model, ids, att, 2), before, rtol=1e-3, atol=1e-3)
 
 
-def test_deepspeed_config_without_the_package_is_refused(tiny_checkpoint, tmp_path):
+def test_deepspeed_config_without_the_package_is_refused(tiny_checkpoint, tmp_path, monkeypatch):
     import importlib.util
 
-    if importlib.util.find_spec("deepspeed") is not None:
-        pytest.skip("deepspeed is installed here")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a)
+    )
     config = Path(__file__).parent.parent / "integrations" / "deepspeed" / "zero2.json"  # the shipped config
-    with pytest.raises(SystemExit, match=r"needs the deepspeed package \(pip install deepspeed\)"):
+    with pytest.raises(SystemExit, match=r"--deepspeed needs the deepspeed package \(pip install deepspeed\)"):
         main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path), "--deepspeed", str(config)])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # what accelerate launch sets for a DeepSpeed config
+    with pytest.raises(SystemExit, match=r"accelerate launch with a DeepSpeed config needs the deepspeed package"):
+        main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(tmp_path)])
 
 
 def test_train_resumes_from_the_last_checkpoint(tiny_checkpoint, tmp_path, capsys):

@@ -31,6 +31,7 @@ def run_processes(processes: int, *command: str, launcher: list[str] | None = No
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # the interpreter aborts torchrun
     if launcher is None and "--device" not in command:
         env["CUDA_VISIBLE_DEVICES"] = ""  # gloo processes on the CPU, also on a GPU machine
+        env["DS_ACCELERATOR"] = "cpu"  # DeepSpeed's CPU accelerator (gloo)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     if launcher is not None:
         cmd = [*launcher, *command]
@@ -78,6 +79,17 @@ def test_ddp_step_equals_one_process_on_the_full_batch(
     extra = ["--grad-cache"] if grad_cache else []
     got = launch(tmp_path, "ddp", 2, "trainer", "--per-device", str(per_device), "--accumulation", str(accumulation),
                  *extra)  # fmt: skip
+    assert_same_step(got, single_process_step)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_step_equals_one_process_on_the_full_batch(single_process_step, tmp_path, stage):
+    """The shipped ZeRO-2/3 configs on 2 CPU processes (DeepSpeed's CPU accelerator, gloo): ZeRO-3 partitions the
+    extractor too and gathers it around its forward, where the fused loss runs."""
+    pytest.importorskip("deepspeed")
+    config = str(ROOT / "integrations" / "deepspeed" / f"zero{stage}.json")
+    got = launch(tmp_path, f"zero{stage}", 2, "trainer", "--per-device", "2", "--deepspeed", config)
+    assert got["engine"] == "DEEPSPEED"
     assert_same_step(got, single_process_step)
 
 
@@ -188,12 +200,12 @@ def test_checkpoint_writes_the_extractor_from_the_gathered_state_dict(tmp_path):
 
     trainer = _dpo_trainer(tmp_path / "save", steps=1)
     state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
-    state["mlc_head.proj.weight"] = torch.full_like(state["mlc_head.proj.weight"], 0.5)
+    state["mlc_head.weight"] = torch.full_like(state["mlc_head.weight"], 0.5)
     want = {k: v for k, v in state.items() if k.startswith("mlc_head.")}
     trainer._save(str(tmp_path / "ckpt"), state_dict=state)
     head = MLCHead.from_pretrained(tmp_path / "ckpt" / "mlc_head")
-    assert torch.equal(head.weight, want["mlc_head.proj.weight"])
-    assert torch.equal(head.bias, want["mlc_head.proj.bias"])
+    assert torch.equal(head.weight, want["mlc_head.weight"])
+    assert torch.equal(head.bias, want["mlc_head.bias"])
     with pytest.raises(ValueError, match=r"holds \['weight'\], expected \['weight', 'bias'\]"):
         head.save_pretrained(tmp_path / "bad", state_dict={"weight": head.weight})
 

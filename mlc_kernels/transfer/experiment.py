@@ -93,9 +93,9 @@ def attach_extractor(model, align: AlignConfig, centre: torch.Tensor | None = No
     centred = align.mlc_extractor == "centred"
     head = MLCHead(hidden, hidden, bias=centred)
     with torch.no_grad():
-        head.proj.weight.copy_(torch.eye(hidden))
+        head.weight.copy_(torch.eye(hidden))
         if centred:
-            head.proj.bias.copy_(-centre)
+            head.bias.copy_(-centre)
     head.requires_grad_(False)
     model.add_module("mlc_head", head)
 
