@@ -9,12 +9,12 @@ decoder layer k, with the forward stopped right after that layer (DESIGN.md sect
   recomputation with autograd, so activation memory is bounded by the chunk instead of N x m.
 
 Truncation runs the model's own forward over a shortened stack: the decoder layer list is swapped for its
-first k layers for the duration of the call, a forward hook on layer k records its output, and the forward
-completes normally (final norm on the captured states, LM head on the last position only via
-``logits_to_keep=1``). Layers after k never run and backward reaches only layers <= k. Because the forward
-completes, every hook an engine put on the model (FSDP's unshard/reshard and pre-backward hooks, DeepSpeed
-ZeRO-3's parameter fetches) runs its full cycle; nothing is left half-done. The layer list and the hook are
-restored in ``finally``.
+first k layers and the LM head for an identity for the duration of the call, a forward hook on layer k records
+its output, and the forward completes normally (the final norm runs on the captured states; the "logits" are
+the normed last position, via ``logits_to_keep=1``, and are discarded). Layers after k never run and backward
+reaches only layers <= k. Because the forward completes, every hook an engine put on the model (FSDP's
+unshard/reshard and pre-backward hooks, DeepSpeed ZeRO-3's parameter fetches) runs its full cycle; nothing is
+left half-done. The layer list, the LM head and the hook are restored in ``finally``.
 """
 
 from __future__ import annotations
@@ -99,20 +99,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (t - 1) - present.flip(dims=[1]).int().argmax(dim=1)
 
 
-def _layer_list_owner(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding the decoder layer list and the attribute name of the list."""
-    layers, _ = decoder_layers(model)
+def _owner(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
+    """The module holding ``target`` as a child, and the child's attribute name."""
     for module in _unwrap(model).modules():
         for name, child in module.named_children():
-            if child is layers:
+            if child is target:
                 return module, name
-    raise TypeError(f"{type(model).__name__}: the decoder layer list has no owner module")  # unreachable for HF
+    raise TypeError(f"{type(model).__name__}: {type(target).__name__} has no owner module")  # unreachable for HF
 
 
 @contextlib.contextmanager
 def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[dict]:
-    """Captures the hidden states after decoder layer ``layer``; with ``truncate`` the model's layer list holds
-    only the first ``layer`` layers while the context is open."""
+    """Captures the hidden states after decoder layer ``layer``; with ``truncate``, while the context is open, the
+    model's layer list holds only the first ``layer`` layers and its LM head is an identity (its output is
+    discarded; with a 150k vocabulary even one position per sequence costs more than a small model's layers)."""
     layers, _ = decoder_layers(model)
     k = resolve_layer(model, layer)
     captured: dict = {}
@@ -120,21 +120,30 @@ def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[d
     def post_hook(module, args, output):
         captured["hidden"] = output[0] if isinstance(output, tuple) else output
 
+    swaps = []  # (owner, attribute, original module)
+    if truncate:
+        if k < len(layers):
+            swaps.append((*_owner(model, layers), nn.ModuleList(layers[:k])))
+        get_head = getattr(_unwrap(model), "get_output_embeddings", None)
+        head = get_head() if callable(get_head) else None
+        if isinstance(head, nn.Module):
+            swaps.append((*_owner(model, head), nn.Identity()))
     handle = layers[k - 1].register_forward_hook(post_hook)
-    owner, name = _layer_list_owner(model)
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
     try:
-        if truncate and k < len(layers):
-            setattr(owner, name, nn.ModuleList(layers[:k]))
+        for owner, name, replacement in swaps:
+            setattr(owner, name, replacement)
         yield captured
     finally:
-        setattr(owner, name, layers)
+        for owner, name, original in originals:
+            setattr(owner, name, original)
         handle.remove()
 
 
 def _hidden_after_layer(model: nn.Module, layer: int, truncate: bool, **inputs) -> torch.Tensor:
     """All hidden states ``(B, T, hidden)`` after decoder layer ``layer``; with ``truncate`` no later layer runs."""
     if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
-        inputs["logits_to_keep"] = 1  # the LM head runs on one position; its output is discarded
+        inputs["logits_to_keep"] = 1  # the (identity) LM head sees one position
     with _truncated_stack(model, layer, truncate) as captured:
         model(use_cache=False, **inputs)
     return captured["hidden"]
@@ -154,7 +163,7 @@ def last_prompt_hidden(
     ``layer`` counts decoder layers from 1 (negative: from the end). For ``layer < L`` the result equals
     ``output_hidden_states[layer]`` at that token; for ``layer = L`` it is the last layer's output *before*
     the final norm (transformers' ``hidden_states[L]`` has the norm applied). With ``truncate`` no layer after
-    ``layer`` runs (the final norm and an LM head on one position still run; their output is discarded).
+    ``layer`` runs (the final norm still runs, its output is discarded; the LM head is skipped).
     Extra keyword arguments go to the model (e.g. ``position_ids``).
     """
     index = last_token_index(attention_mask)

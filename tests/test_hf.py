@@ -130,6 +130,7 @@ def test_model_unchanged_when_the_forward_raises():
     for module in [*layers, norm]:
         assert not module._forward_pre_hooks and not module._forward_hooks
     assert model.model.layers is layers and len(model.model.layers) == 4  # the full stack is back
+    assert isinstance(model.lm_head, torch.nn.Linear)  # and the LM head
     torch.testing.assert_close(last_prompt_hidden(model, ids, att, 3), before, rtol=0, atol=0)
 
 
