@@ -289,6 +289,8 @@ def cmd_train(args) -> None:
         tokenizer.save_pretrained(str(out))
         plot_training(trainer.state.log_history, mlc.languages, out / "training.png")
         print(f"mlc train: checkpoint and extractor (mlc_head/) in {out}; curves in {out / 'training.png'}")
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # under torchrun/accelerate launch: destroy the process group cleanly
 
 
 def cmd_eval(args) -> None:

@@ -105,6 +105,8 @@ def run_trainer(args) -> None:
                     "world": trainer.accelerator.num_processes, "step": trainer.state.global_step,
                     "engine": trainer.accelerator.distributed_type.value,
                     "head_class": type(trainer.model.mlc_head).__name__}, args.out)  # fmt: skip
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()  # destroys the process group: no gloo thread dies with the interpreter
 
 
 def run_fsdp2(args) -> None:
