@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_kernels.cli import demo_model, demo_tokenizer
-from mlc_kernels.sample_data import load_sample
+from mlc_kernels.cli import demo_model_and_tokenizer
 
 
 def model_and_tokenizer(model_path: str | None):
@@ -14,10 +13,7 @@ def model_and_tokenizer(model_path: str | None):
 
         return (transformers.AutoModelForCausalLM.from_pretrained(model_path),
                 transformers.AutoTokenizer.from_pretrained(model_path))  # fmt: skip
-    records = load_sample("train") + load_sample("heldout")
-    texts = [r["prompt"] for r in records] + [t for r in records for t in r["variants"].values() if t]
-    tokenizer = demo_tokenizer(texts + [r["chosen"] for r in records] + [r["rejected"] for r in records])
-    return demo_model(len(tokenizer)), tokenizer
+    return demo_model_and_tokenizer()
 
 
 def parser(description: str) -> argparse.ArgumentParser:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .sample_data import ALGORITHMS, LANGUAGES, load_records, load_sample, to_dataset
-from .trainers import MLCArguments, add_variant_ids
+from .trainers import MLCArguments
 
 DISCLAIMER = (
     "Note: the demo model is a randomly initialised mini model; this run demonstrates the machinery "
@@ -60,26 +60,31 @@ def demo_model(vocab_size: int, seed: int = 0):
     return transformers.Qwen2ForCausalLM(config)
 
 
+def demo_model_and_tokenizer(seed: int = 0):
+    """The offline demo pair: the tokenizer trained on the embedded sample set (all prompts and translations,
+    the training responses) and the mini model sized to it."""
+    train_records, heldout = load_sample("train"), load_sample("heldout")
+    texts = [r["prompt"] for r in train_records + heldout] + [
+        t for r in train_records + heldout for t in r["variants"].values() if t
+    ]
+    texts += [r["chosen"] for r in train_records] + [r["rejected"] for r in train_records]
+    tokenizer = demo_tokenizer(texts)
+    return demo_model(len(tokenizer), seed=seed), tokenizer
+
+
 @torch.no_grad()
 def evaluate(model, tokenizer, records, mlc: MLCArguments, head=None) -> dict:
     """Per-language mean cosine to the prompt's consensus direction, mean s1 share and between-prompt cosine."""
-    from .hf import variant_representations
     from .metrics import consistency_metrics
-    from .trainers import VARIANT_COLUMN, MLCCollator
+    from .trainers import record_variant_states
 
     layer = mlc.check(model)
-    ds = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
-    batch = MLCCollator(lambda ex: {}, tokenizer.pad_token_id or 0)([{VARIANT_COLUMN: r} for r in ds[VARIANT_COLUMN]])
-    device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
     was_training = model.training
     model.eval()
-    reps, mask = variant_representations(
-        model, batch["mlc_input_ids"], batch["mlc_attention_mask"], layer, batch["mlc_mask"], micro_batch=64
-    )
+    reps, mask = record_variant_states(model, tokenizer, records, mlc, layer)
     model.train(was_training)
     if head is not None:
-        reps = head.to(device)(reps)
+        reps = head.to(reps.device)(reps)
     stats = consistency_metrics(reps.float(), mask)
     per_lang = {}
     for j, lang in enumerate(mlc.languages):
@@ -225,7 +230,8 @@ def _mlc_arguments(args) -> MLCArguments:
 
 def _check_train_arguments(args) -> None:
     import importlib.util
-    import os
+
+    from .trainers import launched_with
 
     if args.algorithm not in ALGORITHMS:
         raise SystemExit(f"mlc train: --algorithm must be one of {ALGORITHMS}, got {args.algorithm!r}")
@@ -236,8 +242,7 @@ def _check_train_arguments(args) -> None:
         raise SystemExit(f"mlc train: --save-steps must be >= 0 (0: no intermediate checkpoint), got {args.save_steps}")
     if args.deepspeed is not None and not Path(args.deepspeed).is_file():
         raise SystemExit(f"mlc train: --deepspeed must be a DeepSpeed JSON config file, {args.deepspeed} is not")
-    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-    if (args.deepspeed is not None or launched_with_deepspeed) and importlib.util.find_spec("deepspeed") is None:
+    if (args.deepspeed is not None or launched_with("DEEPSPEED")) and importlib.util.find_spec("deepspeed") is None:
         source = "--deepspeed" if args.deepspeed is not None else "accelerate launch with a DeepSpeed config"
         raise SystemExit(f"mlc train: {source} needs the deepspeed package (pip install deepspeed)")
     resume = args.resume_from_checkpoint
@@ -318,12 +323,7 @@ def cmd_demo(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_records, heldout = load_sample("train"), load_sample("heldout")
-    texts = [r["prompt"] for r in train_records + heldout] + [
-        t for r in train_records + heldout for t in r["variants"].values() if t
-    ]
-    texts += [r["chosen"] for r in train_records] + [r["rejected"] for r in train_records]
-    tokenizer = demo_tokenizer(texts)
-    model = demo_model(len(tokenizer), seed=args.seed)
+    model, tokenizer = demo_model_and_tokenizer(seed=args.seed)
     mlc = MLCArguments(
         languages=LANGUAGES, weight=args.mlc_weight, layer=2, rep_size=32, impl="auto", generation_prompt=False
     )

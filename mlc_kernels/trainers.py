@@ -138,6 +138,23 @@ class MLCCollator:
         return batch
 
 
+@torch.no_grad()
+def record_variant_states(model, tokenizer, records: list[dict], mlc: MLCArguments, layer: int,
+                          micro_batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Hidden states after decoder layer ``layer`` at the last prompt token of each record's prompt in every
+    language of ``mlc`` (chat-templated as in training), without gradients, on the model's device:
+    ``(reps (N, m, hidden), mask (N, m))``."""
+    from .sample_data import to_dataset
+
+    dataset = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
+    collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id or 0)
+    batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
+    device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
+    return variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], layer,
+                                   batch["mlc_mask"], micro_batch=micro_batch)  # fmt: skip
+
+
 class MLCTrainerMixin:
     """Adds the MLC term to a TRL trainer (put it before the trainer class in the bases)."""
 
@@ -312,6 +329,11 @@ class MLCTrainerMixin:
         head.save_pretrained(out / "mlc_head", state_dict=gathered or None)
 
 
+def launched_with(engine: str) -> bool:
+    """Whether ``accelerate launch`` set up ``engine`` ("DEEPSPEED", "FSDP") for this process."""
+    return os.environ.get(f"ACCELERATE_USE_{engine}", "").lower() in ("1", "true")
+
+
 def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
     """Refuse, with the reason, the setups where MLC training would be wrong or fail late; turn off DDP's
     unused-parameter search (unset by default in transformers, which then enables it).
@@ -327,9 +349,8 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
             "arrive; leave it unset (the MLC trainers set False: every parameter gets a gradient every step)"
         )
     args.ddp_find_unused_parameters = False
-    wants_deepspeed = getattr(args, "deepspeed", None) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in (
-        "1", "true")  # fmt: skip
-    wants_fsdp = bool(getattr(args, "fsdp", None)) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+    wants_deepspeed = bool(getattr(args, "deepspeed", None)) or launched_with("DEEPSPEED")
+    wants_fsdp = bool(getattr(args, "fsdp", None)) or launched_with("FSDP")
     if mlc_args.grad_cache and getattr(args, "world_size", 1) > 1 and (wants_fsdp or wants_deepspeed):
         raise ValueError(
             f"MLCArguments.grad_cache runs extra backward passes, which the {'FSDP' if wants_fsdp else 'DeepSpeed'} "

@@ -9,17 +9,14 @@ import pytest
 
 pytest.importorskip("trl")
 
-from mlc_kernels.cli import demo_model, demo_tokenizer, main  # noqa: E402
-from mlc_kernels.sample_data import load_sample  # noqa: E402
+from mlc_kernels.cli import demo_model_and_tokenizer, main  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
     path = tmp_path_factory.mktemp("model")
-    records = load_sample("train")
-    texts = [r["prompt"] for r in records] + [t for r in records for t in r["variants"].values() if t]
-    tokenizer = demo_tokenizer(texts + [r["chosen"] for r in records] + [r["rejected"] for r in records])
-    demo_model(len(tokenizer)).save_pretrained(path)
+    model, tokenizer = demo_model_and_tokenizer()
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

@@ -116,13 +116,10 @@ def test_fsdp2_through_accelerate_on_one_gpu(tmp_path):
 def test_mlc_train_runs_unchanged_on_two_processes(tmp_path):
     """The ``mlc train`` command under torchrun (what ``accelerate launch`` runs for DDP): DPO + MLC on the
     embedded sample, 2 processes, gradient accumulation 2, a checkpoint with the extractor."""
-    from mlc_kernels.cli import demo_model, demo_tokenizer
-    from mlc_kernels.sample_data import load_sample
+    from mlc_kernels.cli import demo_model_and_tokenizer
 
-    records = load_sample("train")
-    texts = [r["prompt"] for r in records] + [t for r in records for t in r["variants"].values() if t]
-    tokenizer = demo_tokenizer(texts + [r["chosen"] for r in records] + [r["rejected"] for r in records])
-    demo_model(len(tokenizer)).save_pretrained(tmp_path / "model")
+    model, tokenizer = demo_model_and_tokenizer()
+    model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     out = tmp_path / "run"
     proc = run_processes(2, "-m", "mlc_kernels.cli", "train", "--model", str(tmp_path / "model"), "--output-dir",

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..trainers import MLCArguments
+from ..trainers import MLCArguments, record_variant_states
 from .evaluation import behaviour
 from .pretrain import ModelConfig, pretrained
 from .world import World, WorldConfig
@@ -143,19 +143,9 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     return policy, trainer.state.log_history
 
 
-@torch.no_grad()
 def layer_states(model, tokenizer, world: World, align: AlignConfig, records: list[dict]):
     """Layer-k states of ``records``' prompts in every language: ``(reps (N, m, hidden), mask (N, m))``."""
-    from ..hf import variant_representations
-    from ..sample_data import to_dataset
-    from ..trainers import VARIANT_COLUMN, MLCCollator, add_variant_ids
-
-    mlc = mlc_arguments(world, align, 0.0)
-    dataset = add_variant_ids(to_dataset(records, "dpo", mlc.languages, mlc.base_language), tokenizer, mlc)
-    collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id)
-    batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
-    return variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], align.mlc_layer,
-                                   batch["mlc_mask"], micro_batch=64)  # fmt: skip
+    return record_variant_states(model, tokenizer, records, mlc_arguments(world, align, 0.0), align.mlc_layer)
 
 
 @torch.no_grad()
