@@ -6,8 +6,35 @@ import math
 
 import torch
 
-OBJECTIVES: tuple[str, ...] = ("sv_softmax", "rank1", "pairwise")
-"""Objective names; their index is the code the fused kernels take."""
+OBJECTIVES: tuple[str, ...] = (
+    "sv_softmax",
+    "rank1",
+    "pairwise",
+    "signed_pairwise",
+    "anchor_cos",
+    "signed_sv_softmax",
+)
+"""Objective names; their index is the code the fused kernels take.
+
+Per prompt, with P the present variants, c = |P|, b = the base row (the first present variant),
+G the cosine matrix and ``dloss/dZ = M Z``:
+
+- ``sv_softmax`` (the paper): ``-log softmax(s / tau)_1`` over the min(c, d) singular values s;
+  ``M = V diag(g_j / s_j) V^T`` with ``g = (softmax(s / tau) - e_1) / tau``.
+- ``rank1``: ``1 - s_1^2 / c``; ``M = -(2 / c) v_1 v_1^T``.
+- ``pairwise``: mean over pairs i < j of ``1 - G_ij^2``; ``M_ij = -2 G_ij / n_pairs`` (i != j).
+- ``signed_pairwise``: mean over pairs i < j of ``1 - G_ij``; ``M_ij = -1 / n_pairs`` (i != j).
+- ``anchor_cos``: mean over the present j != b of ``1 - cos(z_j, stopgrad(z_b))``;
+  ``M_jb = -1 / (c - 1)`` for j != b, every other entry 0 (the base row gets no gradient).
+- ``signed_sv_softmax``: the paper's softmax with the signed consensus ``rho = |sum_j z_j| / sqrt(c)
+  = sqrt(1^T G 1 / c)`` in place of s_1 (rho = s_1 when all rows agree in sign, rho < s_1 when
+  some row is flipped): logits ``(rho, s_2, ..., s_k) / tau``, loss ``logsumexp - rho / tau``;
+  ``M = (g_rho / (c rho)) 1 1^T + sum_{j >= 2} (g_j / s_j) v_j v_j^T`` (each term cut off below
+  ``eps_s`` like ``g_j / s_j``).
+"""
+
+SIGNED_OBJECTIVES: tuple[str, ...] = ("signed_pairwise", "anchor_cos", "signed_sv_softmax")
+"""Objectives for which z and -z are not aligned."""
 
 NORM_EPS = 1e-12
 """Rows are normalised as ``r / max(|r|, NORM_EPS)`` (the convention of ``F.normalize``)."""
