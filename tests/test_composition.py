@@ -96,7 +96,7 @@ def test_trainer_loss_and_gradients_are_align_plus_weight_times_mlc(kind, tmp_pa
     torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
     head_ids = {id(p) for p in model.mlc_head.parameters()}
     checked = 0
-    for p, got, want in zip(params, total_grads, expected_grads):
+    for p, got, want in zip(params, total_grads, expected_grads, strict=True):
         if want is None:
             assert got is None or not got.any()
             continue
