@@ -184,22 +184,42 @@ def packed_last_index(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts[1:] - 1, starts.new_tensor([total - 1])])
 
 
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention")
+"""Attention implementations that keep packed sequences apart: flash-attn's varlen kernels read the
+sequence starts from the position ids; for ``sdpa``, ``eager`` and ``flex_attention`` transformers builds a
+block-diagonal causal mask from them (when no attention mask is passed)."""
+
+
 def last_prompt_hidden_packed(
     model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, layer: int, *, truncate: bool = True
 ) -> torch.Tensor:
     """:func:`last_prompt_hidden` for a packed batch without padding: ``input_ids`` and ``position_ids``
-    ``(1, total)``, sequences delimited by position 0. Needs an attention implementation that honours
-    packed position ids (``attn_implementation="flash_attention_2"``, flash-attn on CUDA); eager and
-    SDPA attention would attend across sequences. Returns ``(num_sequences, hidden_size)``."""
+    ``(1, total)``, sequences delimited by position 0. Returns ``(num_sequences, hidden_size)``.
+
+    The attention implementation must keep the sequences apart (:data:`PACKED_ATTENTION`); no attention mask
+    is passed, so that transformers derives the block-diagonal mask from the position ids."""
     impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
-    if impl not in ("flash_attention_2", "flash_attention_3"):
+    if impl not in PACKED_ATTENTION:
         raise ValueError(
-            f"last_prompt_hidden_packed needs attn_implementation='flash_attention_2' (got {impl!r}): "
-            "other attention implementations mix the packed sequences"
+            f"last_prompt_hidden_packed needs an attention implementation that separates packed sequences "
+            f"({', '.join(PACKED_ATTENTION)}), got {impl!r}"
         )
     index = packed_last_index(position_ids)
     hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, position_ids=position_ids)
     return hidden[0, index.to(hidden.device)]
+
+
+def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pack the non-padding tokens of ``(B, T)`` rows (left or right padding) into one ``(1, total)`` row and
+    position ids that restart at 0 per sequence. Every row must hold at least one token."""
+    lengths = attention_mask.sum(dim=1)
+    if bool((lengths == 0).any()):
+        raise ValueError("pack_sequences: every row needs at least one non-padding token")
+    keep = attention_mask.bool()
+    ids = input_ids[keep][None]
+    # position within each sequence: the running count of its kept tokens, minus one
+    positions = (keep.long().cumsum(dim=1) - 1)[keep][None]
+    return ids, positions
 
 
 def variant_representations(
@@ -211,10 +231,15 @@ def variant_representations(
     *,
     truncate: bool = True,
     micro_batch: int | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Representations of all variants: ``input_ids``/``attention_mask`` ``(N, m, T)``, ``variant_mask``
     ``(N, m)`` bool (False: missing translation, not run). Returns ``(reps (N, m, hidden), mask (N, m))``;
-    missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once."""
+    missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once.
+
+    ``packed``: each micro-batch's variants run as one row with no padding (:func:`pack_sequences`,
+    :func:`last_prompt_hidden_packed`): the model processes only real tokens, which pays off when the
+    variants' lengths differ (low-resource languages tokenise 2-3x longer)."""
     if input_ids.dim() != 3 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (N, m, T), got {tuple(input_ids.shape)} and "
@@ -227,10 +252,12 @@ def variant_representations(
     flat = mask.reshape(-1).nonzero().flatten()
     ids, att = input_ids.reshape(-1, t)[flat], attention_mask.reshape(-1, t)[flat]
     step = micro_batch or max(len(flat), 1)
-    parts = [
-        last_prompt_hidden(model, ids[s : s + step], att[s : s + step], layer, truncate=truncate)
-        for s in range(0, len(flat), step)
-    ]
+    def run(chunk_ids: torch.Tensor, chunk_att: torch.Tensor) -> torch.Tensor:
+        if packed:
+            return last_prompt_hidden_packed(model, *pack_sequences(chunk_ids, chunk_att), layer, truncate=truncate)
+        return last_prompt_hidden(model, chunk_ids, chunk_att, layer, truncate=truncate)
+
+    parts = [run(ids[s : s + step], att[s : s + step]) for s in range(0, len(flat), step)]
     hidden = torch.cat(parts) if parts else None
     size = hidden.shape[-1] if hidden is not None else _unwrap(model).config.hidden_size
     dtype = hidden.dtype if hidden is not None else next(model.parameters()).dtype
