@@ -191,10 +191,18 @@ block-diagonal causal mask from them (when no attention mask is passed)."""
 
 
 def last_prompt_hidden_packed(
-    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, layer: int, *, truncate: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    layer: int,
+    *,
+    truncate: bool = True,
+    last_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`last_prompt_hidden` for a packed batch without padding: ``input_ids`` and ``position_ids``
-    ``(1, total)``, sequences delimited by position 0. Returns ``(num_sequences, hidden_size)``.
+    """:func:`last_prompt_hidden` for packed rows without padding: ``input_ids`` and ``position_ids``
+    ``(R, L)``, sequences delimited by position 0. ``last_index`` ``(B, 2)``: (row, column) of each wanted
+    sequence's last token (from :func:`pack_sequences`); without it, ``R`` must be 1 and every sequence's
+    last token is returned. Returns ``(B, hidden_size)``.
 
     The attention implementation must keep the sequences apart (:data:`PACKED_ATTENTION`); no attention mask
     is passed, so that transformers derives the block-diagonal mask from the position ids."""
@@ -204,22 +212,53 @@ def last_prompt_hidden_packed(
             f"last_prompt_hidden_packed needs an attention implementation that separates packed sequences "
             f"({', '.join(PACKED_ATTENTION)}), got {impl!r}"
         )
-    index = packed_last_index(position_ids)
+    if last_index is None:
+        index = packed_last_index(position_ids)
+        last_index = torch.stack([torch.zeros_like(index), index], dim=1)
     hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, position_ids=position_ids)
-    return hidden[0, index.to(hidden.device)]
+    last_index = last_index.to(hidden.device)
+    return hidden[last_index[:, 0], last_index[:, 1]]
 
 
-def pack_sequences(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pack the non-padding tokens of ``(B, T)`` rows (left or right padding) into one ``(1, total)`` row and
-    position ids that restart at 0 per sequence. Every row must hold at least one token."""
-    lengths = attention_mask.sum(dim=1)
-    if bool((lengths == 0).any()):
+def pack_sequences(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, row_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the non-padding tokens of ``(B, T)`` rows (left or right padding) into ``(R, L)`` rows without
+    padding: first-fit decreasing into rows of ``row_length`` tokens (default: twice the longest sequence, so
+    that rows fill well while attention, linear in the row length per token, stays a small share; ``row_length
+    >= total``: one row). Position ids
+    restart at 0 per sequence; a row's unused tail holds a filler sequence (token 0), its own block, whose
+    outputs are never read. Returns ``(input_ids, position_ids, last_index (B, 2))``, the last giving the
+    (row, column) of each sequence's last token."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    if min(lengths, default=1) == 0:
         raise ValueError("pack_sequences: every row needs at least one non-padding token")
+    capacity = max(row_length or 2 * max(lengths), max(lengths))
+    rows: list[list[int]] = []  # sequence indices per packed row
+    room: list[int] = []
+    for seq in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[seq]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(seq)
+        room[slot] -= lengths[seq]
+    width = capacity if len(rows) > 1 else capacity - room[0]
     keep = attention_mask.bool()
-    ids = input_ids[keep][None]
-    # position within each sequence: the running count of its kept tokens, minus one
-    positions = (keep.long().cumsum(dim=1) - 1)[keep][None]
-    return ids, positions
+    ids = input_ids.new_zeros(len(rows), width)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=input_ids.device)
+    last = torch.zeros(len(lengths), 2, dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for seq in members:
+            n = lengths[seq]
+            ids[r, col : col + n] = input_ids[seq][keep[seq]]
+            positions[r, col : col + n] = torch.arange(n, device=input_ids.device)
+            last[seq] = torch.tensor([r, col + n - 1])
+            col += n
+        positions[r, col:] = torch.arange(width - col, device=input_ids.device)  # the filler sequence
+    return ids, positions, last
 
 
 def variant_representations(
@@ -237,9 +276,9 @@ def variant_representations(
     ``(N, m)`` bool (False: missing translation, not run). Returns ``(reps (N, m, hidden), mask (N, m))``;
     missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once.
 
-    ``packed``: each micro-batch's variants run as one row with no padding (:func:`pack_sequences`,
-    :func:`last_prompt_hidden_packed`): the model processes only real tokens, which pays off when the
-    variants' lengths differ (low-resource languages tokenise 2-3x longer)."""
+    ``packed``: each micro-batch's variants run packed into rows without padding (:func:`pack_sequences`,
+    :func:`last_prompt_hidden_packed`; one row under flash-attn): the model processes about the real tokens
+    only, which pays off when the variants' lengths differ (low-resource languages tokenise 2-3x longer)."""
     if input_ids.dim() != 3 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (N, m, T), got {tuple(input_ids.shape)} and "
@@ -252,9 +291,13 @@ def variant_representations(
     flat = mask.reshape(-1).nonzero().flatten()
     ids, att = input_ids.reshape(-1, t)[flat], attention_mask.reshape(-1, t)[flat]
     step = micro_batch or max(len(flat), 1)
+
     def run(chunk_ids: torch.Tensor, chunk_att: torch.Tensor) -> torch.Tensor:
         if packed:
-            return last_prompt_hidden_packed(model, *pack_sequences(chunk_ids, chunk_att), layer, truncate=truncate)
+            impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", "")
+            one_row = str(impl).startswith("flash")  # flash-attn's varlen path reads one packed row
+            ids_p, pos_p, last = pack_sequences(chunk_ids, chunk_att, chunk_ids.numel() if one_row else None)
+            return last_prompt_hidden_packed(model, ids_p, pos_p, layer, truncate=truncate, last_index=last)
         return last_prompt_hidden(model, chunk_ids, chunk_att, layer, truncate=truncate)
 
     parts = [run(ids[s : s + step], att[s : s + step]) for s in range(0, len(flat), step)]

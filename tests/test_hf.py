@@ -1,4 +1,3 @@
-
 """Layer-k capture from Hugging Face decoder-only models (mini models from configs, random init)."""
 
 from __future__ import annotations
@@ -251,9 +250,16 @@ def test_pack_sequences_left_and_right_padding():
 
     ids = torch.tensor([[5, 6, 7, 0], [0, 0, 8, 9], [3, 0, 0, 0]])
     att = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]])
-    packed, positions = pack_sequences(ids, att)
+    packed, positions, last = pack_sequences(ids, att)  # rows of twice the longest sequence: one row
     assert packed.tolist() == [[5, 6, 7, 8, 9, 3]]
     assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert last.tolist() == [[0, 2], [0, 4], [0, 5]]
+    packed, positions, last = pack_sequences(ids, att, row_length=3)  # rows of 3 tokens: no room for a filler
+    assert packed.tolist() == [[5, 6, 7], [8, 9, 3]]
+    assert positions.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert last.tolist() == [[0, 2], [1, 1], [1, 2]]
+    packed, positions, last = pack_sequences(ids, att, row_length=4)
+    assert packed.tolist() == [[5, 6, 7, 3], [8, 9, 0, 0]] and positions.tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
     with pytest.raises(ValueError, match="at least one"):
         pack_sequences(ids, att * torch.tensor([[1], [0], [1]]))
 
