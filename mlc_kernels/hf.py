@@ -310,6 +310,50 @@ def variant_representations(
     return reps.view(n, m, size), mask
 
 
+AUTO_CHUNK_SHARE = 0.25
+"""``chunk_prompts="auto"`` without a budget: the chunk's activations are about this share of the batch's."""
+
+
+def activation_bytes_per_prompt(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> int:
+    """Estimated activation memory (bytes) that autograd keeps for one prompt's truncated variant passes:
+    per token and decoder layer about ``(34 h + 5 a t) / 2`` elements (the accounting of Korthikanti et al.
+    2022 for a transformer layer, in 16-bit units), for the prompt's m variants of t tokens up to layer k."""
+    config = _unwrap(model).config
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    element = next(model.parameters()).element_size()
+    n, m, t = input_ids.shape
+    k = resolve_layer(model, layer)
+    per_token_layer = (34 * hidden + 5 * heads * t) / 2 * element
+    return int(m * t * k * per_token_layer)
+
+
+def auto_chunk_prompts(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    memory_budget: int | None = None,
+) -> int:
+    """The largest chunk of prompts whose estimated activations (:func:`activation_bytes_per_prompt`) fit in
+    ``memory_budget`` bytes; without a budget, a quarter of the batch's (so about 0.25x the activation memory
+    of the plain truncated passes, for one extra no-grad pass and four recompute chunks). At least 1."""
+    n = input_ids.shape[0]
+    per_prompt = max(activation_bytes_per_prompt(model, input_ids, attention_mask, layer), 1)
+    budget = memory_budget if memory_budget is not None else AUTO_CHUNK_SHARE * per_prompt * n
+    return int(max(1, min(n, budget // per_prompt)))
+
+
+def _chunk(model, input_ids, attention_mask, layer, chunk_prompts: int | str, memory_budget: int | None) -> int:
+    if chunk_prompts == "auto":
+        return auto_chunk_prompts(model, input_ids, attention_mask, layer, memory_budget)
+    if isinstance(chunk_prompts, bool) or not isinstance(chunk_prompts, int) or chunk_prompts < 1:
+        raise ValueError(f"chunk_prompts must be an int >= 1 or 'auto', got {chunk_prompts!r}")
+    return chunk_prompts
+
+
 def _rng_state(device: torch.device) -> tuple:
     cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
     return torch.get_rng_state(), cuda
@@ -359,7 +403,8 @@ def grad_cached_mlc_backward(
     layer: int,
     variant_mask: torch.Tensor | None = None,
     *,
-    chunk_prompts: int = 1,
+    chunk_prompts: int | str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """MLC loss with the representation-gradient cache; accumulates gradients into ``model`` (and into
     whatever ``loss_fn`` closes over, e.g. an ``MLCHead``) and returns the loss, detached.
@@ -371,11 +416,13 @@ def grad_cached_mlc_backward(
        (so dropout matches) and its representations' gradient is backpropagated into the model.
 
     Peak activation memory is that of one chunk's truncated passes. Gradients add up across calls,
-    as under gradient accumulation.
+    as under gradient accumulation. ``chunk_prompts="auto"``: :func:`auto_chunk_prompts` (``memory_budget``
+    in bytes).
     """
     n, m, _ = input_ids.shape
     device = input_ids.device
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
+    chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
     reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     reps = reps.detach().requires_grad_()
     loss = loss_fn(reps, mask)
@@ -416,7 +463,8 @@ def grad_cached_mlc_loss(
     layer: int,
     variant_mask: torch.Tensor | None = None,
     *,
-    chunk_prompts: int = 1,
+    chunk_prompts: int | str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """The gradient-cached MLC loss as a differentiable scalar: use it like any loss term (``total =
     align + w * grad_cached_mlc_loss(...)``; one ``backward``). ``params`` are the parameters of
@@ -424,6 +472,7 @@ def grad_cached_mlc_loss(
     chunk of variant passes is recomputed with autograd. Memory as in :func:`grad_cached_mlc_backward`."""
     n, m, _ = input_ids.shape
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
+    chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
     reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     runner = {
         "model": model, "loss_fn": loss_fn, "reps": reps, "mask": mask, "ids": input_ids,

@@ -209,7 +209,8 @@ def test_grad_cache_matches_plain_path(dropout):
         losses = []
         for micro in (slice(0, 2), slice(2, 3)):  # gradient accumulation over two micro-batches
             if cached:
-                losses.append(grad_cached_mlc_backward(model, loss_fn, ids[micro], att[micro], k, mask[micro]))
+                losses.append(grad_cached_mlc_backward(model, loss_fn, ids[micro], att[micro], k, mask[micro],
+                                                      chunk_prompts=1))  # fmt: skip
             else:
                 parts = [
                     variant_representations(
@@ -230,6 +231,30 @@ def test_grad_cache_matches_plain_path(dropout):
             assert cached_grads[name] is None or not cached_grads[name].any()
         else:
             torch.testing.assert_close(cached_grads[name], grad, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_chunk_prompts_fits_the_budget_and_matches_the_plain_path():
+    from mlc_kernels.hf import activation_bytes_per_prompt, auto_chunk_prompts
+
+    model = tiny_model("llama")
+    ids, att, mask = _problem(n=9)
+    per_prompt = activation_bytes_per_prompt(model, ids, att, 2)
+    assert per_prompt == 3 * ids.shape[-1] * 2 * (34 * 32 + 5 * 4 * ids.shape[-1]) // 2 * 8  # m t k (34h + 5at)/2 bytes
+    assert auto_chunk_prompts(model, ids, att, 2) == 2  # a quarter of 9 prompts
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=5 * per_prompt + 1) == 5
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=1) == 1
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=100 * per_prompt) == 9
+    with pytest.raises(ValueError, match="chunk_prompts must be"):
+        grad_cached_mlc_backward(model, lambda r, m: mlc_loss(r, m), ids, att, 2, mask, chunk_prompts=0)
+    # without dropout, any chunking gives the plain path's gradients
+    plain = copy.deepcopy(model)
+    loss = mlc_loss(variant_representations(plain, ids, att, 2, mask)[0], mask, impl="torch")
+    loss.backward()
+    cached = grad_cached_mlc_backward(model, lambda r, m: mlc_loss(r, m, impl="torch"), ids, att, 2, mask)
+    torch.testing.assert_close(cached, loss.detach())
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_packed_last_index_and_unsupported_attention():
