@@ -74,4 +74,3 @@ def _reference_mlc_loss(
     # 0 * (sum of present entries): keeps every prompt in the graph, and turns its loss into
     # NaN when a present row is non-finite (masked rows are never read).
     return losses + 0.0 * torch.where(present[..., None], work, 0.0).sum(dim=(1, 2))
-
