@@ -12,6 +12,7 @@ The public dispatcher (argument checks, ``impl="auto"``) lives in ``mlc_kernels.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -22,6 +23,7 @@ LossAndGradFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``fn(reps, present, tau, objective, anchor=False) -> (loss (N,), grad (N, m, d))``."""
 
 
+@functools.cache
 def _triton_takes_anchor() -> bool:
     """Whether the registered Triton op has the redesigned schema (signed objectives and ``anchor``)."""
     from .triton_kernels import mlc_fused  # noqa: F401  (registers the op)
