@@ -60,3 +60,18 @@ def singular_value_cutoff(d: int, m: int, acc_dtype: torch.dtype) -> float:
     """
     eps = torch.finfo(acc_dtype).eps
     return 2.0 * math.sqrt(eps * max(math.sqrt(max(d, 1)), float(m)))
+
+
+DEFLATION_RATIO = 1e-2
+"""Near collinearity (``lambda_2 < DEFLATION_RATIO * lambda_1``) the small eigenvalues of G = Z Z^T fall
+below the Gram matrix's resolution (eps * m next to lambda_1 ~ m). There the eigen phase deflates: the
+residual rows ``E = (I - v_1 v_1^T) Z``, formed from the rows themselves (accurate to eps * |z|), give the
+small singular values and vectors through their own Gram ``E E^T``, which has no lambda_1 to drown them.
+Below the ratio the top eigenvector is well separated (error about eps), so the deflation is exact to
+rounding; above it the plain Gram route is accurate to about 100 eps and deflation is not used."""
+
+
+def deflated_cutoff(m: int, acc_dtype: torch.dtype) -> float:
+    """The ``eps_s`` of deflated prompts: the residual rows are accurate to about ``eps`` each, so residual
+    singular values below ``4 eps sqrt(m)`` are rounding noise (fp32, m = 10: 1.5e-6)."""
+    return 4.0 * torch.finfo(acc_dtype).eps * math.sqrt(max(m, 1))

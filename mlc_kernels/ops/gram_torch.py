@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import torch
 
-from .common import MASKED_EIGENVALUE_THRESHOLD, NORM_EPS, OBJECTIVES, accumulation_dtype, singular_value_cutoff
+from .common import (
+    DEFLATION_RATIO,
+    MASKED_EIGENVALUE_THRESHOLD,
+    NORM_EPS,
+    OBJECTIVES,
+    accumulation_dtype,
+    deflated_cutoff,
+    singular_value_cutoff,
+)
 
 
 def base_index(present: torch.Tensor) -> torch.Tensor:
@@ -74,10 +82,11 @@ def _gram_loss_and_backward_matrix(
         shifted = torch.where(finite[:, None, None], shifted, eye.to(acc))
         lam, vec = torch.linalg.eigh(shifted)
         lam, vec = lam.flip(-1), vec.flip(-1)  # descending: index 0 is s_1
+        lam, vec, deflated = _deflate(x * inv[:, :, None], finite, lam, vec)
         k = torch.minimum(count, torch.full_like(count, d))  # Z has min(m_n, d) singular values
         kept = (slot[None, :] < k[:, None]) & (lam > MASKED_EIGENVALUE_THRESHOLD)
         sv = lam.clamp_min(0.0).sqrt()
-        cutoff = singular_value_cutoff(d, m, acc)
+        cutoff = torch.where(deflated, deflated_cutoff(m, acc), singular_value_cutoff(d, m, acc))[:, None]
         extra = None
         if code in (0, 5):
             lead = sv
@@ -93,7 +102,7 @@ def _gram_loss_and_backward_matrix(
             big = kept & (sv >= cutoff)
             if code == 5:
                 big = big & (slot[None, :] >= 1)
-                use = rho >= cutoff
+                use = rho >= cutoff[:, 0]
                 coef = torch.where(use, g[:, 0] / (count.clamp_min(1).to(acc) * torch.where(use, rho, 1.0)), 0.0)
                 extra = torch.where(pair, coef[:, None, None], 0.0)  # (g_rho / (c rho)) 1 1^T on the present rows
             w = torch.where(big, g / torch.where(big, sv, 1.0), 0.0)  # 2 dloss/dlambda_j
@@ -119,6 +128,40 @@ def _gram_loss_and_backward_matrix(
     if anchor:  # stop-gradient on the base row: dR_b = 0, every other row unchanged
         bmat = torch.where(is_base[:, :, None], 0.0, bmat)
     return loss, bmat
+
+
+def _deflate(
+    z: torch.Tensor, finite: torch.Tensor, lam: torch.Tensor, vec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The spectrum of G with its small part recomputed from the residual rows where the top eigenvalue
+    dominates (see ``DEFLATION_RATIO``). ``z``: ``(N, m, d)`` unit rows (zero where masked); ``lam``, ``vec``:
+    descending eigenpairs of the shifted G. Returns ``(lam, vec, deflated (N,) bool)``; branch-free (both
+    routes are computed and each prompt's is selected), so it traces under ``torch.compile``.
+
+    The residual Gram ``E E^T`` is used as it is, with no shift or marker entries: any O(1) entry would cost
+    its small eigenvalues their precision (a symmetric eigensolver is accurate to eps * |A|). Its spectrum is
+    the c - 1 residual eigenvalues and zeros (v_1 and the masked rows); slots past ``min(c, d)`` are not kept,
+    and a zero that takes a kept slot has ``s < eps_s``: no gradient, the same softmax term as the true 0."""
+    m = z.shape[1]
+    if m < 2:
+        return lam, vec, torch.zeros_like(finite)
+    v1 = vec[:, :, :1]
+    residual = z - v1 @ (v1.mT @ z)  # (I - v1 v1^T) Z, row by row
+    residual = torch.where(finite[:, None, None], residual, 0.0)
+    small = residual @ residual.mT
+    # scaled to unit trace: LAPACK's eigensolver returned NaN on fp32 matrices of entries around 1e-14
+    scale = small.diagonal(dim1=-2, dim2=-1).sum(dim=-1)
+    scale = torch.where(scale > torch.finfo(z.dtype).tiny, scale, 1.0)
+    lam_r, vec_r = torch.linalg.eigh(small / scale[:, None, None])
+    lam_r, vec_r = lam_r.flip(-1) * scale[:, None], vec_r.flip(-1)
+    deflated = finite & (lam[:, 1] < DEFLATION_RATIO * lam[:, 0])
+    lam_d = torch.cat([lam[:, :1], lam_r[:, : m - 1]], dim=1)
+    vec_d = torch.cat([v1, vec_r[:, :, : m - 1]], dim=2)
+    return (
+        torch.where(deflated[:, None], lam_d, lam),
+        torch.where(deflated[:, None, None], vec_d, vec),
+        deflated,
+    )
 
 
 class GramMLCFunction(torch.autograd.Function):
