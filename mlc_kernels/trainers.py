@@ -11,8 +11,9 @@ the trainer's logs.
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,30 +28,56 @@ MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
 VARIANT_COLUMN = "mlc_variant_ids"
 
 
+def _help(text: str, **extra) -> dict:
+    """Field metadata for ``HfArgumentParser``/``TrlParser`` (``help``, and ``choices`` where given)."""
+    return {"help": text, **extra}
+
+
 @dataclass
 class MLCArguments:
     """Options of the MLC term. ``layer`` counts decoder layers from 1 (negative: from the end; None: the
-    middle layer)."""
+    middle layer). Every field is validated on construction (finite numbers, ranges, known choices); the
+    layer is checked against the model by :meth:`check`."""
 
-    languages: tuple[str, ...] = ("en",)
-    base_language: str = "en"
-    weight: float = 0.1
-    tau: float = 1.0
-    layer: int | None = None
-    objective: str = "sv_softmax"
-    rep_size: int = 256
-    impl: str = "auto"
-    generation_prompt: bool = True
-    grad_cache: bool = False
-    chunk_prompts: int = 1
-    log_metrics: bool = True
+    languages: tuple[str, ...] = field(
+        default=("en",), metadata=_help("language codes of the variants; the base language must be one of them")
+    )
+    base_language: str = field(default="en", metadata=_help("the language of the records' own prompt field"))
+    weight: float = field(default=0.1, metadata=_help("weight of the MLC term in L = L_align + weight * L_MLC (>= 0)"))
+    tau: float = field(default=1.0, metadata=_help("temperature of the softmax over singular values (> 0)"))
+    layer: int | None = field(
+        default=None, metadata=_help("decoder layer k, counted from 1 (negative: from the end; None: the middle)")
+    )
+    objective: str = field(default="sv_softmax", metadata=_help("consistency objective", choices=list(OBJECTIVES)))
+    rep_size: int = field(default=256, metadata=_help("output size of the trainable extractor r = W h + b"))
+    impl: str = field(default="auto", metadata=_help("MLC loss implementation", choices=list(IMPLEMENTATIONS)))
+    generation_prompt: bool = field(
+        default=True, metadata=_help("end each variant with the chat template's assistant header (its last token)")
+    )
+    grad_cache: bool = field(
+        default=False, metadata=_help("gradient-cached MLC term: variant passes recomputed chunk by chunk in backward")
+    )
+    chunk_prompts: int = field(default=1, metadata=_help("prompts per recomputed chunk with grad_cache"))
+    log_metrics: bool = field(default=True, metadata=_help("log mlc/* consistency metrics"))
 
-    def check(self, model: torch.nn.Module) -> int:
-        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
-            raise ValueError(f"MLCArguments.weight must be a number >= 0, got {self.weight!r}")
-        if not isinstance(self.tau, (int, float)) or self.tau <= 0:
-            raise ValueError(f"MLCArguments.tau must be > 0, got {self.tau!r}")
+    def __post_init__(self) -> None:
+        if isinstance(self.languages, str):
+            self.languages = tuple(lang.strip() for lang in self.languages.split(","))
+        elif isinstance(self.languages, list):
+            self.languages = tuple(self.languages)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for a bad option (everything except the layer's range)."""
+        for name, low, strict in (("weight", 0.0, False), ("tau", 0.0, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"MLCArguments.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"MLCArguments.{name} must be a finite number, got {value!r}")
+            if value < low or (strict and value == low):
+                bound = f"{'>' if strict else '>='} {low:g}"
+                raise ValueError(f"MLCArguments.{name} must be a number {bound}, got {value!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:
@@ -59,11 +86,20 @@ class MLCArguments:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"MLCArguments.{name} must be a positive int, got {value!r}")
+        layer = self.layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
+            raise ValueError(f"MLCArguments.layer must be a non-zero int or None, got {self.layer!r}")
+        if any(not isinstance(lang, str) or not lang.strip() for lang in self.languages):
+            raise ValueError(f"MLCArguments.languages must be non-empty codes, got {list(self.languages)}")
         if self.base_language not in self.languages or len(set(self.languages)) != len(self.languages):
             raise ValueError(
                 f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "
                 f"got {list(self.languages)}"
             )
+
+    def check(self, model: torch.nn.Module) -> int:
+        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
+        self.validate()  # the fields may have been changed since construction
         from .hf import decoder_layers
 
         n_layers = len(decoder_layers(model)[0])
