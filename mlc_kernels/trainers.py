@@ -15,6 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -395,22 +396,54 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
         )
 
 
-def _trainer_with_mlc(base_cls):
-    class Trainer(MLCTrainerMixin, base_cls):
-        def __init__(self, *args, mlc_args: MLCArguments, train_dataset=None, eval_dataset=None, **kwargs):
-            tokenizer = kwargs.get("processing_class")
-            if tokenizer is None:
-                raise ValueError(f"{base_cls.__name__} with MLC needs processing_class (the tokenizer)")
-            if train_dataset is not None:
-                train_dataset = add_variant_ids(train_dataset, tokenizer, mlc_args)
-            if eval_dataset is not None:
-                eval_dataset = add_variant_ids(eval_dataset, tokenizer, mlc_args)
-            check_distributed_setup(kwargs.get("args"), mlc_args)
-            super().__init__(*args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
-            self._mlc_setup(mlc_args)
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped because the loss or the gradient norm turned NaN/inf (no checkpoint was written)."""
 
-    Trainer.__name__ = Trainer.__qualname__ = f"{base_cls.__name__.removesuffix('Trainer')}MLCTrainer"
-    return Trainer
+
+def _nonfinite_stop_callback():
+    """A ``transformers.TrainerCallback`` (built lazily: transformers is optional for this module) that stops
+    training at the first logged non-finite ``loss``, ``grad_norm`` or ``mlc/*`` value and cancels the
+    checkpoint of that step, so NaN weights are never saved."""
+    from transformers import TrainerCallback
+
+    class NonFiniteStopCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.tripped: str | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if (key in ("loss", "grad_norm") or key.startswith("mlc/")) and isinstance(value, (int, float)):
+                    if not math.isfinite(value) and self.tripped is None:
+                        self.tripped = f"{key} = {value} at step {state.global_step}"
+            if self.tripped is not None:
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.tripped is not None:
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+    return NonFiniteStopCallback()
+
+
+def attach_nonfinite_stop(trainer) -> None:
+    """Add the non-finite stop callback to ``trainer`` (logging every step so the check sees every step)."""
+    callback = _nonfinite_stop_callback()
+    trainer.add_callback(callback)
+    trainer._mlc_nonfinite = callback
+
+
+def raise_if_nonfinite(trainer) -> None:
+    """Raise :class:`NonFiniteTrainingError` if ``trainer``'s run was stopped by the non-finite check."""
+    callback = getattr(trainer, "_mlc_nonfinite", None)
+    if callback is not None and callback.tripped is not None:
+        raise NonFiniteTrainingError(
+            f"training stopped: {callback.tripped} (non-finite); no checkpoint was written from these weights; "
+            "lower the learning rate or the MLC weight, or check the data"
+        )
 
 
 _TRAINERS = {  # name -> (module, TRL trainer, TRL config)
@@ -425,25 +458,22 @@ ALGORITHM_TRAINERS = {"dpo": "DPOMLCTrainer", "sft": "SFTMLCTrainer", "orpo": "O
 
 def trl_classes(algorithm: str):
     """``(trainer class with MLC, TRL config class)`` of ``algorithm`` (dpo, sft, orpo, cpo, simpo)."""
-    import importlib
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if algorithm not in ALGORITHM_TRAINERS:
         raise ValueError(f"algorithm must be one of {tuple(ALGORITHM_TRAINERS)}, got {algorithm!r}")
-    name = ALGORITHM_TRAINERS[algorithm]
-    module, _, config = _TRAINERS[name]
-    return __getattr__(name), getattr(importlib.import_module(module), config)
+    from . import trl_trainers
+
+    return trl_trainers.TRAINERS[algorithm], trl_trainers.CONFIGS[algorithm]
+
+
+if TYPE_CHECKING:  # the classes live in trl_trainers (it imports TRL); re-exported lazily below
+    from .trl_trainers import CPOMLCTrainer, DPOMLCTrainer, ORPOMLCTrainer, SFTMLCTrainer  # noqa: F401
 
 
 def __getattr__(name: str):
-    """``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer``, ``CPOMLCTrainer``: TRL's trainers with the
-    MLC term (built on first access; ORPO and CPO/SimPO live in ``trl.experimental`` in TRL 1.x)."""
-    import importlib
-
+    """``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer``, ``CPOMLCTrainer`` from
+    :mod:`mlc_kernels.trl_trainers`, imported on first access (so this module does not import TRL)."""
     if name in _TRAINERS:
-        module, trainer, _ = _TRAINERS[name]
-        cls = _trainer_with_mlc(getattr(importlib.import_module(module), trainer))
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
