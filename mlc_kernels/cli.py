@@ -103,15 +103,25 @@ def evaluate(model, tokenizer, records, mlc: MLCArguments, head=None) -> dict:
 
 
 def format_eval(results: dict[str, dict]) -> str:
-    """A table: one row per language, one column per result set (e.g. before / after)."""
+    """A table: one row per language (mean cosine of the variant to its prompt's consensus direction), then
+    the mean s1 share and the between-prompt cosine; one column per result set (e.g. before / after)."""
     names = list(results)
     langs = list(next(iter(results.values()))["cosine_to_consensus"])
-    lines = [f"{'language':<10}" + "".join(f"{n:>12}" for n in names)]
+
+    def cell(value) -> str:
+        return f"{value:>12.4f}" if value is not None and value == value else f"{'n/a':>12}"
+
+    lines = [f"{'row':<24}" + "".join(f"{n:>12}" for n in names)]
     for lang in langs:
-        lines.append(f"{lang:<10}" + "".join(f"{results[n]['cosine_to_consensus'][lang]:>12.4f}" for n in names))
-    lines.append(f"{'s1 share':<10}" + "".join(f"{results[n]['s1_share']:>12.4f}" for n in names))
-    lines.append(f"{'between':<10}" + "".join(f"{results[n]['between_prompt_cosine']:>12.4f}" for n in names))
-    return "cosine to consensus per language (1 = the variant reads like the consensus)\n" + "\n".join(lines)
+        lines.append(f"{'cos to consensus ' + lang:<24}" + "".join(cell(results[n]['cosine_to_consensus'][lang])
+                                                                  for n in names))  # fmt: skip
+    lines.append(f"{'s1 share':<24}" + "".join(cell(results[n]["s1_share"]) for n in names))
+    lines.append(f"{'between-prompt cosine':<24}" + "".join(cell(results[n]["between_prompt_cosine"]) for n in names))
+    return (
+        "per-language cosine to the prompt's consensus (1 = the variant reads like the consensus); s1 share "
+        "(1 = all variants collinear); between-prompt cosine (near 1 = prompts collapsed); n/a = no data\n"
+        + "\n".join(lines)
+    )
 
 
 def plot_eval(results: dict[str, dict], path: Path) -> None:
@@ -466,10 +476,18 @@ def parse_train_arguments(argv: list[str]):
     algorithm = _option_value(argv, "--algorithm") or config.get("algorithm", "dpo")
     if algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    deepspeed = _option_value(argv, "--deepspeed") or config.get("deepspeed")
+    if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{") and not Path(deepspeed).is_file():
+        # checked before the TRL config is built: a failed DeepSpeed setup there leaves transformers' global
+        # DeepSpeed state half-made, which breaks model loading afterwards
+        raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
     parser = train_parser(algorithm)
     try:  # TrlParser reads --config FILE itself; the 5th output is the namespace of --config
         script, options, training, model_config = parser.parse_args_and_config(argv)[:4]
     except ValueError as err:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
         raise UsageError(_first_line(err).split(": ", 1)[-1]) from err
     return script, mlc_arguments_from(options), training, model_config
 
@@ -753,16 +771,20 @@ def _finite_float(text: str) -> float:
 
 
 def _run_bench(rest: list[str]) -> None:
-    import sys as _sys
+    """``mlc-bench`` under the name ``mlc bench`` (its parser's usage and error lines say ``mlc bench``)."""
+    from unittest import mock
 
     from .benchmarks.runner import main as bench_main
 
-    prog = _sys.argv[0]
-    _sys.argv[0] = "mlc bench"  # argparse's usage line: "usage: mlc bench ..."
-    try:
+    init = argparse.ArgumentParser.__init__
+
+    def renamed(self, *args, **kwargs) -> None:
+        if kwargs.get("prog") == "mlc-bench":
+            kwargs["prog"] = "mlc bench"
+        init(self, *args, **kwargs)
+
+    with mock.patch.object(argparse.ArgumentParser, "__init__", renamed):
         bench_main(rest)
-    finally:
-        _sys.argv[0] = prog
 
 
 def main(argv: list[str] | None = None) -> None:

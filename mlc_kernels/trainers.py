@@ -402,8 +402,8 @@ class NonFiniteTrainingError(FloatingPointError):
 
 def _nonfinite_stop_callback():
     """A ``transformers.TrainerCallback`` (built lazily: transformers is optional for this module) that stops
-    training at the first logged non-finite ``loss``, ``grad_norm`` or ``mlc/*`` value and cancels the
-    checkpoint of that step, so NaN weights are never saved."""
+    training at the first logged non-finite ``loss``, ``grad_norm`` or ``mlc/*`` value, or the first step after
+    which a weight is non-finite, and cancels the checkpoint of that step, so NaN weights are never saved."""
     from transformers import TrainerCallback
 
     class NonFiniteStopCallback(TrainerCallback):
@@ -420,7 +420,13 @@ def _nonfinite_stop_callback():
                 control.should_save = False
             return control
 
-        def on_step_end(self, args, state, control, **kwargs):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            # after the optimizer step: a finite gradient with a huge step can still leave non-finite weights;
+            # one isfinite per parameter (small next to the optimizer's own passes), checked before any save
+            if self.tripped is None and model is not None:
+                params = [p for p in model.parameters() if p.numel()]
+                if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+                    self.tripped = f"a weight turned non-finite at step {state.global_step}"
             if self.tripped is not None:
                 control.should_training_stop = True
                 control.should_save = False
