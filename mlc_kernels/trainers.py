@@ -1,4 +1,4 @@
-"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons`` (DESIGN.md section 4).
+"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons`` (docs/design.md, sec. 4).
 
 The variant prompts of each record (the base-language prompt and its translations) are tokenised with the
 chat template into a column ``mlc_variant_ids``; a collator wrapping TRL's own keeps all variants of a

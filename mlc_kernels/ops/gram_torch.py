@@ -1,4 +1,4 @@
-"""The Gram route in PyTorch ops, with the closed-form gradient (DESIGN.md section 2).
+"""The Gram route in PyTorch ops, with the closed-form gradient (docs/design.md, section 2).
 
 Runs on any device and inside ``torch.compile``: batched matmul for G, ``torch.linalg.eigh``
 on the m x m matrices, and a ``torch.autograd.Function`` whose backward is one batched
