@@ -41,6 +41,7 @@ def save_tiny_model(path: Path) -> Path:
 def user_error(main, argv: list[str], capsys, match: str, untouched: Path | None = None) -> str:
     """Run ``mlc argv``: exit status 2, no traceback, exactly one ``mlc <command>: error: ...`` line matching
     ``match``, and ``untouched`` (the output folder) not created. Returns the error line."""
+    capsys.readouterr()  # drop what earlier calls printed
     with pytest.raises(SystemExit) as exc:
         main(argv)
     captured = capsys.readouterr()
