@@ -136,11 +136,28 @@ class MLCHead(nn.Module):
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (src / name).is_file():
                 raise FileNotFoundError(f"MLCHead.from_pretrained: {src / name} does not exist")
-        config = json.loads((src / CONFIG_NAME).read_text())
+        try:
+            config = json.loads((src / CONFIG_NAME).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"MLCHead.from_pretrained: {src / CONFIG_NAME} is not valid JSON ({err})") from err
+        if not isinstance(config, dict):
+            raise ValueError(f"MLCHead.from_pretrained: {src / CONFIG_NAME} must hold a JSON object")
         missing = {"hidden_size", "rep_size", "bias"} - set(config)
         if missing:
             raise ValueError(f"MLCHead.from_pretrained: {src / CONFIG_NAME} lacks {sorted(missing)}")
-        tensors = load_file(str(src / WEIGHTS_NAME))
+        for key, kind in (("hidden_size", int), ("rep_size", int), ("bias", bool)):
+            value = config[key]
+            if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or value < 1)):
+                raise ValueError(
+                    f"MLCHead.from_pretrained: {src / CONFIG_NAME}: {key} must be a "
+                    f"{'positive integer' if kind is int else 'boolean'}, got {value!r}"
+                )
+        try:
+            tensors = load_file(str(src / WEIGHTS_NAME))
+        except Exception as err:  # safetensors raises its own error types for damaged files
+            raise ValueError(
+                f"MLCHead.from_pretrained: {src / WEIGHTS_NAME} is damaged or not a safetensors file ({err})"
+            ) from err
         expected = {"weight": (config["rep_size"], config["hidden_size"])}
         if config["bias"]:
             expected["bias"] = (config["rep_size"],)

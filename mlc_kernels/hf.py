@@ -1,5 +1,5 @@
 """Representations from Hugging Face decoder-only models: the hidden state of the last prompt token at
-decoder layer k, with the forward stopped right after that layer.
+decoder layer k, with the forward stopped right after that layer (docs/design.md, section 4).
 
 - :func:`last_prompt_hidden`: ``(B, hidden)`` for a padded batch (left or right padding);
   :func:`last_prompt_hidden_packed` for a packed batch (flash-attention 2, position ids).

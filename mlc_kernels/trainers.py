@@ -1,4 +1,4 @@
-"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons``.
+"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons`` (docs/design.md, sec. 4).
 
 The variant prompts of each record (the base-language prompt and its translations) are tokenised with the
 chat template into a column ``mlc_variant_ids``; a collator wrapping TRL's own keeps all variants of a
@@ -12,9 +12,11 @@ the trainer's logs.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -31,75 +33,107 @@ MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
 VARIANT_COLUMN = "mlc_variant_ids"
 
 
+def _help(text: str, **extra) -> dict:
+    """Field metadata for ``HfArgumentParser``/``TrlParser`` (``help``, and ``choices`` where given)."""
+    return {"help": text, **extra}
+
+
 @dataclass
 class MLCArguments:
     """Options of the MLC term. ``layer`` counts decoder layers from 1 (negative: from the end; None: the
-    middle layer). ``base_language`` is variant 0 of every prompt (the base row of the signed objectives and
-    of the ``anchor`` guard): ``languages`` is reordered to put it first, the others keeping their order."""
+    middle layer). Every field is validated on construction (finite numbers, ranges, known choices); the
+    layer is checked against the model by :meth:`check`. ``base_language`` is variant 0 of every prompt (the
+    base row of the signed objectives and of the ``anchor`` guard): ``languages`` is reordered to put it first,
+    the others keeping their order."""
 
-    languages: tuple[str, ...] = ("en",)
-    base_language: str = "en"
-    weight: float = 0.1
-    tau: float = 1.0
-    layer: int | None = None
-    objective: str = "sv_softmax"
-    rep_size: int = 256
-    impl: str = "auto"
-    generation_prompt: bool = True
-    grad_cache: bool = False
-    chunk_prompts: int = 1
-    log_metrics: bool = True
+    languages: tuple[str, ...] = field(
+        default=("en",), metadata=_help("language codes of the variants; the base language must be one of them")
+    )
+    base_language: str = field(default="en", metadata=_help("the language of the records' own prompt field"))
+    weight: float = field(default=0.1, metadata=_help("weight of the MLC term in L = L_align + weight * L_MLC (>= 0)"))
+    tau: float = field(default=1.0, metadata=_help("temperature of the softmax over singular values (> 0)"))
+    layer: int | None = field(
+        default=None, metadata=_help("decoder layer k, counted from 1 (negative: from the end; None: the middle)")
+    )
+    objective: str = field(default="sv_softmax", metadata=_help("consistency objective", choices=list(OBJECTIVES)))
+    rep_size: int = field(default=256, metadata=_help("output size of the trainable extractor r = W h + b"))
+    impl: str = field(default="auto", metadata=_help("MLC loss implementation", choices=list(IMPLEMENTATIONS)))
+    generation_prompt: bool = field(
+        default=True, metadata=_help("end each variant with the chat template's assistant header (its last token)")
+    )
+    grad_cache: bool = field(
+        default=False, metadata=_help("gradient-cached MLC term: variant passes recomputed chunk by chunk in backward")
+    )
+    chunk_prompts: int = field(
+        default=0, metadata=_help("prompts per recomputed chunk with grad_cache (0: auto, a quarter of the batch)")
+    )
+    log_metrics: bool = field(default=True, metadata=_help("log mlc/* consistency metrics"))
     guard: str | None = field(
         default=None,
-        metadata={
-            "help": "collapse guard: None, or components joined by '+' from "
+        metadata=_help(
+            "collapse guard: None, or components joined by '+' from "
             f"{', '.join(GUARDS)} (e.g. 'center+uniform+anchor'); see mlc_kernels.guards"
-        },
+        ),
     )
     uniform_weight: float = field(
-        default=DEFAULT_UNIFORM_WEIGHT, metadata={"help": "weight of the uniformity term of the 'uniform' guard"}
+        default=DEFAULT_UNIFORM_WEIGHT, metadata=_help("weight of the uniformity term of the 'uniform' guard")
     )
     uniform_t: float = field(
-        default=DEFAULT_UNIFORM_T, metadata={"help": "temperature t of the uniformity term (Wang & Isola: 2)"}
+        default=DEFAULT_UNIFORM_T, metadata=_help("temperature t of the uniformity term (Wang & Isola: 2)")
     )
-    head_bias: bool = field(default=True, metadata={"help": "give the extractor a bias (False goes with 'anchor')"})
+    head_bias: bool = field(default=True, metadata=_help("give the extractor a bias (False goes with 'anchor')"))
     head_orthogonal: bool = field(
-        default=False, metadata={"help": "keep the extractor's weight (semi-)orthogonal (goes with 'anchor')"}
+        default=False, metadata=_help("keep the extractor's weight (semi-)orthogonal (goes with 'anchor')")
     )
     collapse_warn_threshold: float = field(
         default=0.9,
-        metadata={"help": "warn (once) when the mean |cosine| between prompts' consensus directions stays above this"},
+        metadata=_help("warn (once) when the mean |cosine| between prompts' consensus directions stays above this"),
     )
     collapse_warn_patience: int = field(
-        default=3, metadata={"help": "consecutive logged training steps above collapse_warn_threshold before warning"}
+        default=3, metadata=_help("consecutive logged training steps above collapse_warn_threshold before warning")
     )
 
     def __post_init__(self) -> None:
+        if isinstance(self.languages, str):
+            self.languages = tuple(lang.strip() for lang in self.languages.split(","))
+        elif isinstance(self.languages, list):
+            self.languages = tuple(self.languages)
         languages = tuple(self.languages)
         if self.base_language in languages and languages[0] != self.base_language:
             languages = (self.base_language, *(lang for lang in languages if lang != self.base_language))
         self.languages = languages
+        self.validate()
 
-    def check(self, model: torch.nn.Module) -> int:
-        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
-        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or self.weight < 0:
-            raise ValueError(f"MLCArguments.weight must be a number >= 0, got {self.weight!r}")
-        if not isinstance(self.tau, (int, float)) or self.tau <= 0:
-            raise ValueError(f"MLCArguments.tau must be > 0, got {self.tau!r}")
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field for a bad option (everything except the layer's range)."""
+        for name, low, strict in (("weight", 0.0, False), ("tau", 0.0, True)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"MLCArguments.{name} must be a number, got {value!r}")
+            if not math.isfinite(value):
+                raise ValueError(f"MLCArguments.{name} must be a finite number, got {value!r}")
+            if value < low or (strict and value == low):
+                bound = f"{'>' if strict else '>='} {low:g}"
+                raise ValueError(f"MLCArguments.{name} must be a number {bound}, got {value!r}")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MLCArguments.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        for name in ("rep_size", "chunk_prompts"):
+        for name, low in (("rep_size", 1), ("chunk_prompts", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"MLCArguments.{name} must be a positive int, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"MLCArguments.{name} must be an int >= {low}, got {value!r}")
+        layer = self.layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
+            raise ValueError(f"MLCArguments.layer must be a non-zero int or None, got {self.layer!r}")
+        if any(not isinstance(lang, str) or not lang.strip() for lang in self.languages):
+            raise ValueError(f"MLCArguments.languages must be non-empty codes, got {list(self.languages)}")
         if self.base_language not in self.languages or len(set(self.languages)) != len(self.languages):
             raise ValueError(
                 f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "
                 f"got {list(self.languages)}"
             )
-        if self.languages[0] != self.base_language:
+        if self.languages[0] != self.base_language:  # the fields may have been changed since construction
             raise ValueError(
                 f"MLCArguments.languages must start with base_language {self.base_language!r} (variant 0 is the base "
                 f"row of the signed objectives and of the anchor guard), got {list(self.languages)}"
@@ -115,6 +149,10 @@ class MLCArguments:
         value = self.collapse_warn_patience
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"MLCArguments.collapse_warn_patience must be a positive int, got {value!r}")
+
+    def check(self, model: torch.nn.Module) -> int:
+        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
+        self.validate()  # the fields may have been changed since construction
         from .hf import decoder_layers
 
         n_layers = len(decoder_layers(model)[0])
@@ -333,7 +371,7 @@ class MLCTrainerMixin:
 
             params = [p for p in head.parameters() if p.requires_grad]
             loss = grad_cached_mlc_loss(runner, loss_of, params, ids, att, self.mlc_layer, present,
-                                        chunk_prompts=a.chunk_prompts)  # fmt: skip
+                                        chunk_prompts=a.chunk_prompts or "auto")  # fmt: skip
             if a.log_metrics:  # one more no-grad pass, for the metrics only
                 with torch.no_grad():
                     reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
@@ -441,22 +479,60 @@ def check_distributed_setup(args, mlc_args: MLCArguments) -> None:
         )
 
 
-def _trainer_with_mlc(base_cls):
-    class Trainer(MLCTrainerMixin, base_cls):
-        def __init__(self, *args, mlc_args: MLCArguments, train_dataset=None, eval_dataset=None, **kwargs):
-            tokenizer = kwargs.get("processing_class")
-            if tokenizer is None:
-                raise ValueError(f"{base_cls.__name__} with MLC needs processing_class (the tokenizer)")
-            if train_dataset is not None:
-                train_dataset = add_variant_ids(train_dataset, tokenizer, mlc_args)
-            if eval_dataset is not None:
-                eval_dataset = add_variant_ids(eval_dataset, tokenizer, mlc_args)
-            check_distributed_setup(kwargs.get("args"), mlc_args)
-            super().__init__(*args, train_dataset=train_dataset, eval_dataset=eval_dataset, **kwargs)
-            self._mlc_setup(mlc_args)
+class NonFiniteTrainingError(FloatingPointError):
+    """Training stopped because the loss or the gradient norm turned NaN/inf (no checkpoint was written)."""
 
-    Trainer.__name__ = Trainer.__qualname__ = f"{base_cls.__name__.removesuffix('Trainer')}MLCTrainer"
-    return Trainer
+
+def _nonfinite_stop_callback():
+    """A ``transformers.TrainerCallback`` (built lazily: transformers is optional for this module) that stops
+    training at the first logged non-finite ``loss``, ``grad_norm`` or ``mlc/*`` value, or the first step after
+    which a weight is non-finite, and cancels the checkpoint of that step, so NaN weights are never saved."""
+    from transformers import TrainerCallback
+
+    class NonFiniteStopCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.tripped: str | None = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key, value in (logs or {}).items():
+                if (key in ("loss", "grad_norm") or key.startswith("mlc/")) and isinstance(value, (int, float)):
+                    if not math.isfinite(value) and self.tripped is None:
+                        self.tripped = f"{key} = {value} at step {state.global_step}"
+            if self.tripped is not None:
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            # after the optimizer step: a finite gradient with a huge step can still leave non-finite weights;
+            # one isfinite per parameter (small next to the optimizer's own passes), checked before any save
+            if self.tripped is None and model is not None:
+                params = [p for p in model.parameters() if p.numel()]
+                if params and not bool(torch.stack([torch.isfinite(p.detach()).all() for p in params]).all()):
+                    self.tripped = f"a weight turned non-finite at step {state.global_step}"
+            if self.tripped is not None:
+                control.should_training_stop = True
+                control.should_save = False
+            return control
+
+    return NonFiniteStopCallback()
+
+
+def attach_nonfinite_stop(trainer) -> None:
+    """Add the non-finite stop callback to ``trainer`` (logging every step so the check sees every step)."""
+    callback = _nonfinite_stop_callback()
+    trainer.add_callback(callback)
+    trainer._mlc_nonfinite = callback
+
+
+def raise_if_nonfinite(trainer) -> None:
+    """Raise :class:`NonFiniteTrainingError` if ``trainer``'s run was stopped by the non-finite check."""
+    callback = getattr(trainer, "_mlc_nonfinite", None)
+    if callback is not None and callback.tripped is not None:
+        raise NonFiniteTrainingError(
+            f"training stopped: {callback.tripped} (non-finite); no checkpoint was written from these weights; "
+            "lower the learning rate or the MLC weight, or check the data"
+        )
 
 
 _TRAINERS = {  # name -> (module, TRL trainer, TRL config)
@@ -471,25 +547,22 @@ ALGORITHM_TRAINERS = {"dpo": "DPOMLCTrainer", "sft": "SFTMLCTrainer", "orpo": "O
 
 def trl_classes(algorithm: str):
     """``(trainer class with MLC, TRL config class)`` of ``algorithm`` (dpo, sft, orpo, cpo, simpo)."""
-    import importlib
-    import os
-
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     if algorithm not in ALGORITHM_TRAINERS:
         raise ValueError(f"algorithm must be one of {tuple(ALGORITHM_TRAINERS)}, got {algorithm!r}")
-    name = ALGORITHM_TRAINERS[algorithm]
-    module, _, config = _TRAINERS[name]
-    return __getattr__(name), getattr(importlib.import_module(module), config)
+    from . import trl_trainers
+
+    return trl_trainers.TRAINERS[algorithm], trl_trainers.CONFIGS[algorithm]
+
+
+if TYPE_CHECKING:  # the classes live in trl_trainers (it imports TRL); re-exported lazily below
+    from .trl_trainers import CPOMLCTrainer, DPOMLCTrainer, ORPOMLCTrainer, SFTMLCTrainer  # noqa: F401
 
 
 def __getattr__(name: str):
-    """``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer``, ``CPOMLCTrainer``: TRL's trainers with the
-    MLC term (built on first access; ORPO and CPO/SimPO live in ``trl.experimental`` in TRL 1.x)."""
-    import importlib
-
+    """``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer``, ``CPOMLCTrainer`` from
+    :mod:`mlc_kernels.trl_trainers`, imported on first access (so this module does not import TRL)."""
     if name in _TRAINERS:
-        module, trainer, _ = _TRAINERS[name]
-        cls = _trainer_with_mlc(getattr(importlib.import_module(module), trainer))
-        globals()[name] = cls
-        return cls
-    raise AttributeError(name)
+        from . import trl_trainers
+
+        return getattr(trl_trainers, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,13 +1,13 @@
 """The fused Triton kernel: Gram matrix, m x m Jacobi eigensolver, loss and gradient in one launch.
 
-One program per prompt (DESIGN.md section 3):
+One program per prompt (docs/design.md, section 3):
 
 1. stream the m rows over d in blocks of ``BLOCK_D``, accumulating the raw Gram matrix
    ``R R^T`` in fp32 (tensor cores for bf16/fp16, IEEE fp32 FMAs for fp32);
 2. normalise it to the cosine matrix G, give masked rows eigenvalue -1, and diagonalise G
    with parallel (round-robin) Jacobi: each step applies m/2 disjoint rotations at once as
    one small rotation matrix J, ``A <- J^T A J``, ``V <- V J``;
-3. compute the loss and the m x m matrix B with ``dloss/dR = B R`` (DESIGN.md section 2);
+3. compute the loss and the m x m matrix B with ``dloss/dR = B R`` (docs/design.md, section 2);
 4. stream the rows again and write ``B R`` in the input dtype.
 
 The backward of the autograd wrapper only scales that gradient by ``grad_output``.
