@@ -66,12 +66,10 @@ def _native_loss_and_grad(reps, present, tau, objective):
     return native_loss_and_grad(reps, present, tau, objective, write_grad=True)
 
 
-def _triton_loss_and_grad(reps, present, tau, objective):
-    from .common import OBJECTIVES
-    from .triton_kernels import mlc_fused  # noqa: F401  (registers the op)
+def _triton_loss_and_grad(reps, present, tau, objective, anchor=False):
+    from .triton_kernels import triton_loss_and_grad
 
-    reps = reps if reps.stride(-1) == 1 else reps.contiguous()
-    return torch.ops.mlc_kernels.mlc_fused(reps, present.to(torch.uint8), float(tau), OBJECTIVES.index(objective), True)
+    return triton_loss_and_grad(reps, present, tau, objective, anchor)
 
 
 def per_prompt_loss_and_grad(name: str) -> LossAndGradFn:
