@@ -115,6 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out"))
     parser.add_argument("--quick", action="store_true", help="few candidates, bf16 only")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (Triton interpreter)")
+    parser.add_argument("--m-pad", type=int, nargs="+", default=[16, 32], choices=(16, 32), help="tile sizes to tune")
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     rows, tuned, tuned_all = [], {}, {}
     for dtype in dtypes:
-        for m_pad in (16, 32):
+        for m_pad in args.m_pad:
             best, case_rows = tune(m_pad, dtype, arch, space, shapes[m_pad], device)
             rows += case_rows
             tuned_all[f"sm_{arch}/{str(dtype).removeprefix('torch.')}/{m_pad}"] = dataclasses.asdict(best)
