@@ -7,7 +7,8 @@ blocks per program by the backward (``mlc_grad``). Scores are summed over the ph
 (medians of ``triton.testing.do_bench``). Every candidate is checked against the default's loss
 and gradient first. Writes ``triton_configs.csv`` (every timing), ``tuned_configs.json``
 (``{m_pad: KernelConfig fields}`` for bf16, what ``mlc-bench --triton-configs`` applies) and
-``tuned_configs_all.json`` (``{"sm_<arch>/<dtype>/<m_pad>": fields}``) to ``--out``.
+``tuned_configs_all.json`` (``{"sm_<arch>/<dtype>/<m_pad>": fields}``) to ``--out``, and
+``triton_tuned.py``: the shipped table (``mlc_kernels/ops/triton_tuned.py``) with this run's entries.
 ``--quick`` sweeps few candidates, bf16 only; ``--smoke`` runs tiny shapes on the CPU interpreter.
 """
 
@@ -142,6 +143,18 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     (args.out / "tuned_configs.json").write_text(json.dumps(tuned, indent=1))
     (args.out / "tuned_configs_all.json").write_text(json.dumps(tuned_all, indent=1))
+    tuned_py = Path(__file__).resolve().parent.parent / "mlc_kernels" / "ops" / "triton_tuned.py"
+    if tuned_py.exists():  # a drop-in replacement of the shipped table, this run's entries merged in
+        from mlc_kernels.ops.triton_tuned import TUNED
+
+        text = tuned_py.read_text()
+        merged = {**TUNED, **tuned_all}
+        entries = "".join(
+            f'    "{key}": {{\n' + "".join(f'        "{k}": {v},\n' for k, v in fields.items()) + "    },\n"
+            for key, fields in sorted(merged.items())
+        )
+        body = "TUNED: dict[str, dict[str, int]] = {\n" + entries + "}\n"
+        (args.out / "triton_tuned.py").write_text(text[: text.index("TUNED:")] + body)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def test_every_dispatch_config_compiles_for_sm90_and_sm80(compiled):
     }  # fmt: skip
     assert got == expected
     assert {r["kernel"] for r in compiled} == {"mlc_gram_kernel", "mlc_small_kernel", "mlc_grad_kernel"}
-    assert {arch for arch, _, _ in all_kernel_configs()} == {90, 80}
+    assert {arch for arch, _, _ in all_kernel_configs()} >= {90, 80}
     assert all(row["ptx_bytes"] > 0 for row in compiled)
 
 

@@ -154,3 +154,14 @@ def test_loss_only_call_writes_no_backward_matrix():
         mask = present.to(dev).to(torch.uint8)
         loss, bmat = torch.ops.mlc_kernels.mlc_forward(reps.to(dev), mask, TAU, 0, False, False)
     assert bmat.shape[0] == 0 and loss.shape == (2,)
+
+
+def test_shipped_tuned_entry_is_used_and_compiled(monkeypatch):
+    from mlc_kernels.ops import triton_kernels
+
+    entry = {"m_pad": 16, "gram_block_d": 64, "small_warps": 2, "grad_blocks": 8}
+    monkeypatch.setitem(triton_kernels.TUNED, "sm_90/bfloat16/16", entry)
+    cfg = triton_kernels.kernel_config(10, torch.bfloat16, 90)
+    assert cfg == triton_kernels.KernelConfig(**entry)
+    assert triton_kernels.kernel_config(10, torch.bfloat16, 80) != cfg  # only for its own arch
+    assert (90, torch.bfloat16, cfg) in triton_kernels.all_kernel_configs()

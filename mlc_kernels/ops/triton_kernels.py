@@ -27,6 +27,7 @@ import triton
 import triton.language as tl
 
 from .common import OBJECTIVES, singular_value_cutoff
+from .triton_tuned import TUNED
 
 MAX_VARIANTS = 32
 """The largest m the kernels support (tiles are 16x16 for m <= 16, else 32x32)."""
@@ -378,6 +379,9 @@ def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
     m_pad = 16 if m <= 16 else 32
     if m_pad in _config_override:
         return _config_override[m_pad]
+    tuned = TUNED.get(f"sm_{arch}/{str(dtype).removeprefix('torch.')}/{m_pad}")
+    if tuned is not None:
+        return KernelConfig(**tuned)
     small_warps = 1 if m_pad == 16 else 2  # the m x m phase: one prompt per warp-sized program
     if dtype == torch.float32:  # IEEE fp32 FMA products: smaller tiles, sized so that ptxas reports no spills
         return KernelConfig(m_pad, gram_block_d=64, gram_warps=4, gram_stages=2, small_warps=small_warps,
@@ -396,8 +400,10 @@ AOT_ARCHS = (90, 80)
 
 
 def all_kernel_configs() -> list[tuple[int, torch.dtype, KernelConfig]]:
-    """Every (arch, dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time."""
-    return [(arch, dt, kernel_config(m, dt, arch)) for arch in AOT_ARCHS for dt in SUPPORTED_DTYPES for m in (16, 32)]
+    """Every (arch, dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time
+    (the built-in defaults for ``AOT_ARCHS`` and every shipped tuned entry, for its own arch)."""
+    archs = sorted({*AOT_ARCHS, *(int(key.split("/")[0].removeprefix("sm_")) for key in TUNED)}, reverse=True)
+    return [(arch, dt, kernel_config(m, dt, arch)) for arch in archs for dt in SUPPORTED_DTYPES for m in (16, 32)]
 
 
 def device_arch(device: torch.device) -> int:
