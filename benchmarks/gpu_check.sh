@@ -101,7 +101,7 @@ if [[ $sections == *" distributed "* ]]; then
 fi
 
 {
-  echo "device: $(grep -m1 -E 'NVIDIA|H100|H200|A100' "$out/env.txt" | head -1)"
+  echo "device: $(grep -m1 -E '^NVIDIA' "$out/env.txt")"
   grep -E "^python" "$out/env.txt"
   [[ -f $out/kernel_targets.txt ]] && cat "$out/kernel_targets.txt"
   [[ -f $out/tune.log ]] && grep -E "^best" "$out/tune.log"
