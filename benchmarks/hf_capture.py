@@ -81,6 +81,6 @@ def variant_step(model, head, ids, att, layer: int, variant: str) -> int:
         reps, mask = variant_representations(model, ids, att, layer)
         mlc_loss(head(reps), mask).backward()
     else:
-        grad_cached_mlc_backward(model, lambda r, mk: mlc_loss(head(r), mk), ids, att, layer, chunk_prompts=1)
+        grad_cached_mlc_backward(model, lambda r, mk: mlc_loss(head(r), mk), ids, att, layer, chunk_prompts="auto")
     params = [*model.parameters(), *head.parameters()]
     return sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)

@@ -31,6 +31,20 @@ small chunks cost time: on an H200, 1024-row chunks gave 0.34x the memory at 3.3
 unfused path, one 10240-row chunk 1.08x the memory at 1.13x the time (benchmarks/results/nvidia-h200).
 Pass ``chunk_size`` to trade memory for time."""
 
+CUDA_CHUNK_BYTES = 512 * 2**20
+"""On CUDA the default chunk is sized from memory instead: as many rows as keep the chunk's
+representations and their gradient (``2 * rows * d * itemsize`` bytes) within this budget, and never
+fewer than ``DEFAULT_CHUNK_ROWS`` (fewer, larger launches; the Triton kernels are bandwidth-bound)."""
+
+
+def default_chunk_prompts(m: int, d: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Prompts per chunk when ``chunk_size`` is not given: ``DEFAULT_CHUNK_ROWS // m`` on CPU; on CUDA
+    from ``CUDA_CHUNK_BYTES`` for ``d`` output features of ``dtype``."""
+    rows = DEFAULT_CHUNK_ROWS
+    if device.type == "cuda":
+        rows = max(rows, CUDA_CHUNK_BYTES // max(1, 2 * d * torch.finfo(dtype).bits // 8))
+    return max(1, rows // m)
+
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
     device_type = hidden.device.type
@@ -202,8 +216,8 @@ def fused_linear_mlc_loss(
         mask: optional ``(N, m)`` bool, True where the variant is present.
         tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss` (``impl`` picks the loss kernel;
             the GEMMs always go to torch).
-        chunk_size: prompts per chunk (default ``1024 // m``, about 1024 rows; see ``DEFAULT_CHUNK_ROWS``
-            for the time/memory trade-off on GPU). Extra memory
+        chunk_size: prompts per chunk (default ``default_chunk_prompts``: about 1024 rows on CPU, a
+            memory budget of ``CUDA_CHUNK_BYTES`` on CUDA). Extra memory
             is bounded by the chunk, not by N.
         guard, uniform_weight, uniform_t, whiten_shrinkage: as :func:`mlc_kernels.mlc_loss`. ``center`` stays
             fused and exact: the mean of the representations is ``mean(h) W^T + b``, so the fused loss runs on
@@ -227,7 +241,7 @@ def fused_linear_mlc_loss(
     cdtype = _compute_dtype(hidden, weight, bias)
     probe = hidden.new_empty((0, m, weight.shape[0]), dtype=cdtype)
     name = resolve_impl(impl, probe)
-    chunk = chunk_size or max(1, DEFAULT_CHUNK_ROWS // m)
+    chunk = chunk_size or default_chunk_prompts(m, weight.shape[0], cdtype, hidden.device)
     present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=hidden.device)
     if spec is None:  # the plain loss, exactly as without guards
         return _FusedLinearMLC.apply(

@@ -8,6 +8,7 @@ from helpers import general_position, near_collinear, oracle
 
 from mlc_kernels import mlc_loss
 from mlc_kernels.loss import resolve_impl
+from mlc_kernels.ops.common import OBJECTIVES
 
 pytestmark = pytest.mark.gpu
 
@@ -92,3 +93,31 @@ def test_triton_peak_memory_at_most_1_1x_reps():
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     assert extra <= 1.1 * reps.numel() * reps.element_size()
+
+
+@pytest.mark.parametrize("anchor", [False, True])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_triton_all_objectives_large_d(objective, anchor):
+    from test_triton_objectives import _inputs, _oracle
+
+    from mlc_kernels.ops.triton_kernels import triton_loss_and_grad
+
+    reps, present = _inputs(64, 12, 2048, seed=21)
+    ref_loss, ref_grad = _oracle(reps, present, objective, anchor)
+    loss, grad = triton_loss_and_grad(reps.cuda(), present.cuda(), 0.7, objective, anchor)
+    torch.testing.assert_close(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-6)
+    assert (grad.double().cpu() - ref_grad).abs().max() <= 1e-4 * ref_grad.abs().max()
+    half, _ = triton_loss_and_grad(reps.cuda().bfloat16(), present.cuda(), 0.7, objective, anchor)
+    assert torch.isfinite(half).all()
+
+
+def test_triton_loss_only_reads_reps_once_and_writes_no_gradient():
+    reps = torch.randn(1024, 10, 4096, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad():
+        mlc_loss(reps, impl="triton")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        mlc_loss(reps, impl="triton")
+        torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated() - before <= 0.05 * reps.numel() * reps.element_size()

@@ -12,7 +12,6 @@ The public dispatcher (argument checks, ``impl="auto"``) lives in ``mlc_kernels.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 
 import torch
@@ -21,32 +20,6 @@ LossFn = Callable[..., torch.Tensor]
 """``fn(reps, present, tau, objective, anchor=False) -> (N,)``."""
 LossAndGradFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 """``fn(reps, present, tau, objective, anchor=False) -> (loss (N,), grad (N, m, d))``."""
-
-
-@functools.cache
-def _triton_takes_anchor() -> bool:
-    """Whether the registered Triton op has the redesigned schema (signed objectives and ``anchor``)."""
-    from .triton_kernels import mlc_fused  # noqa: F401  (registers the op)
-
-    schema = torch.ops.mlc_kernels.mlc_fused.default._schema
-    return any(arg.name == "anchor" for arg in schema.arguments)
-
-
-def _check_triton_options(objective: str, anchor: bool) -> bool:
-    """True when the op takes ``anchor``; raises for what an older kernel cannot do.
-
-    Shim until the kernel redesign lands: the older kernel knows objective codes 0-2 and has no anchor flag.
-    """
-    from .common import SIGNED_OBJECTIVES
-
-    if _triton_takes_anchor():
-        return True
-    if anchor or objective in SIGNED_OBJECTIVES:  # until the kernel redesign lands
-        raise NotImplementedError(
-            f"impl='triton': this Triton kernel does not implement anchor=True or objective={objective!r} yet; "
-            "use impl='torch'"
-        )
-    return False
 
 
 def per_prompt_loss(name: str) -> LossFn:
@@ -71,9 +44,7 @@ def per_prompt_loss(name: str) -> LossFn:
 def _triton_loss(reps, present, tau, objective, anchor=False):
     from .triton_kernels import triton_mlc_loss
 
-    if _check_triton_options(objective, anchor):
-        return triton_mlc_loss(reps, present, tau, objective, anchor)
-    return triton_mlc_loss(reps, present, tau, objective)  # until the kernel redesign lands
+    return triton_mlc_loss(reps, present, tau, objective, anchor)
 
 
 def _reference_loss_and_grad(reps, present, tau, objective, anchor=False):
@@ -102,13 +73,9 @@ def _native_loss_and_grad(reps, present, tau, objective, anchor=False):
 
 
 def _triton_loss_and_grad(reps, present, tau, objective, anchor=False):
-    from .common import OBJECTIVES
+    from .triton_kernels import triton_loss_and_grad
 
-    reps = reps if reps.stride(-1) == 1 else reps.contiguous()
-    args = (reps, present.to(torch.uint8), float(tau), OBJECTIVES.index(objective))
-    if _check_triton_options(objective, anchor):
-        return torch.ops.mlc_kernels.mlc_fused(*args, bool(anchor), True)
-    return torch.ops.mlc_kernels.mlc_fused(*args, True)  # until the kernel redesign lands
+    return triton_loss_and_grad(reps, present, tau, objective, anchor)
 
 
 def per_prompt_loss_and_grad(name: str) -> LossAndGradFn:

@@ -3,7 +3,7 @@
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` lowers a kernel to PTX and
 a cubin on any machine; ``cuobjdump --dump-resource-usage`` (shipped in Triton's NVIDIA backend)
 then reads the registers and stack of the cubin, and the compile's own ``ptxas -v`` log its spills.
-CI runs this for every kernel configuration the dispatcher can pick (sm_90 and sm_80), so code
+CI runs this for every kernel and configuration the dispatcher can pick (sm_90 and sm_80), so code
 that the interpreter accepts but the compiler rejects, and register spills, show up without a device.
 
 Run as ``python -m mlc_kernels.ops.triton_aot [--arch 90 80]``: prints one JSON line per kernel.
@@ -59,42 +59,50 @@ def _resource_usage(cubin: bytes) -> dict[str, int]:
     return usage
 
 
-def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
-    """Compile ``mlc_fused_kernel`` for ``dtype`` and ``cfg`` (a ``KernelConfig``) on ``sm_<arch>``."""
+def _signature(kernel: str, elem: str) -> dict[str, str]:
+    if kernel == "mlc_gram_kernel":
+        return {"reps_ptr": f"*{elem}", "mask_ptr": "*u8", "part_ptr": "*fp32", "m": "i32", "d": "i32",
+                "stride_n": "i32", "stride_m": "i32", "chunk": "i32", "n_splits": "i32",
+                "M_PAD": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
+    if kernel == "mlc_small_kernel":
+        return {"part_ptr": "*fp32", "mask_ptr": "*u8", "loss_ptr": "*fp32", "bmat_ptr": "*fp32", "n": "i32",
+                "m": "i32", "d": "i32", "n_splits": "i32", "inv_tau": "fp32", "sv_cutoff": "fp32",
+                "objective": "i32", "anchor": "i1", "write_b": "i1",
+                "M_PAD": "constexpr", "PROMPTS": "constexpr", "N_SWEEPS": "constexpr"}  # fmt: skip
+    return {"reps_ptr": f"*{elem}", "mask_ptr": "*u8", "bmat_ptr": "*fp32", "gscale_ptr": "*fp32",
+            "grad_ptr": f"*{elem}", "m": "i32", "d": "i32", "stride_n": "i32", "stride_m": "i32", "chunk": "i32",
+            "M_PAD": "constexpr", "BLOCK_D": "constexpr"}  # fmt: skip
+
+
+def kernel_launches(dtype: torch.dtype, cfg) -> list[tuple[str, dict, dict]]:
+    """``(kernel, constexprs, options)`` of the three kernels the dispatcher launches with ``cfg``."""
+    from .triton_kernels import MAX_SWEEPS
+
+    return [
+        ("mlc_gram_kernel", {"M_PAD": cfg.m_pad, "BLOCK_D": cfg.gram_block_d},
+         {"num_warps": cfg.gram_warps, "num_stages": cfg.gram_stages}),
+        ("mlc_small_kernel", {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS},
+         {"num_warps": cfg.small_warps, "num_stages": 1}),
+        ("mlc_grad_kernel", {"M_PAD": cfg.m_pad, "BLOCK_D": cfg.grad_block_d},
+         {"num_warps": cfg.grad_warps, "num_stages": cfg.grad_stages}),
+    ]  # fmt: skip
+
+
+def compile_kernel(kernel: str, dtype: torch.dtype, constexprs: dict, options: dict, arch: int) -> dict:
+    """Compile one kernel of ``triton_kernels`` for ``dtype`` with ``constexprs``/``options`` on ``sm_<arch>``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .triton_kernels import MAX_SWEEPS, mlc_fused_kernel
+    from . import triton_kernels
 
     elem = _TRITON_DTYPE[dtype]
-    signature = {
-        "reps_ptr": f"*{elem}",
-        "mask_ptr": "*u8",
-        "loss_ptr": "*fp32",
-        "grad_ptr": f"*{elem}",
-        "m": "i32",
-        "d": "i32",
-        "stride_n": "i32",
-        "stride_m": "i32",
-        "inv_tau": "fp32",
-        "sv_cutoff": "fp32",
-        "objective": "i32",
-        "write_grad": "i1",
-        "M_PAD": "constexpr",
-        "BLOCK_D": "constexpr",
-        "N_SWEEPS": "constexpr",
-    }
-    constexprs = {
-        "M_PAD": cfg.m_pad,
-        "BLOCK_D": cfg.block_d,
-        "N_SWEEPS": MAX_SWEEPS,
-    }
-    # The launches see 16-byte aligned pointers and (for d % 16 == 0) divisible d and strides.
+    signature = _signature(kernel, elem)
+    # The launches see 16-byte aligned pointers (fresh allocations) and, for d % 16 == 0, divisible d and strides.
     names = list(signature)
-    aligned = ["reps_ptr", "mask_ptr", "loss_ptr", "grad_ptr", "d", "stride_n", "stride_m"]
+    aligned = [a for a in names if a.endswith("_ptr") or a in ("d", "stride_n", "stride_m", "chunk")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=mlc_fused_kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=getattr(triton_kernels, kernel), signature=signature, constexprs=constexprs, attrs=attrs)
     # Triton runs ptxas with -v; its knob prints that log, which holds the spill bytes.
     log = io.StringIO()
     previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile
@@ -102,35 +110,40 @@ def compile_fused_kernel(dtype: torch.dtype, cfg, arch: int) -> dict:
     triton.knobs.compilation.always_compile = True  # a cached cubin would skip ptxas and its log
     try:
         with contextlib.redirect_stdout(log):
-            compiled = triton.compile(
-                src,
-                target=GPUTarget("cuda", arch, 32),
-                options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages},
-            )
+            compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     finally:
         triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile = previous
     usage = _resource_usage(compiled.asm["cubin"])
     usage.update(_parse_ptxas_log(log.getvalue()))
     return {
-        "kernel": "mlc_fused_kernel",
+        "kernel": kernel,
         "arch": f"sm_{arch}",
         "dtype": elem,
-        "m_pad": cfg.m_pad,
-        "block_d": cfg.block_d,
-        "num_warps": cfg.num_warps,
-        "num_stages": cfg.num_stages,
+        **{k.lower(): v for k, v in constexprs.items() if k != "N_SWEEPS"},
+        **options,
         "ptx_bytes": len(compiled.asm["ptx"]),
         **usage,
     }
 
 
 def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
-    """Compile every (dtype, config) the dispatcher can pick on each arch, for that arch."""
+    """Compile every kernel of every (dtype, config) the dispatcher can pick on each arch, once each."""
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a separate process)")
     from .triton_kernels import all_kernel_configs
 
-    return [compile_fused_kernel(dtype, cfg, arch) for arch, dtype, cfg in all_kernel_configs() if arch in archs]
+    rows, seen = [], set()
+    for arch, dtype, cfg in all_kernel_configs():
+        if arch not in archs:
+            continue
+        for kernel, constexprs, options in kernel_launches(dtype, cfg):
+            # the small kernel does not depend on the input dtype: compiled once per arch (as fp32)
+            key_dtype = torch.float32 if kernel == "mlc_small_kernel" else dtype
+            key = (arch, kernel, key_dtype, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            if key not in seen:
+                seen.add(key)
+                rows.append(compile_kernel(kernel, key_dtype, constexprs, options, arch))
+    return rows
 
 
 def main() -> None:

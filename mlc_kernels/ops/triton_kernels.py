@@ -1,17 +1,19 @@
-"""The fused Triton kernel: Gram matrix, m x m Jacobi eigensolver, loss and gradient in one launch.
+"""The Triton kernels of the MLC loss, in three phases sized for memory bandwidth.
 
-One program per prompt (docs/design.md, section 3):
+1. ``mlc_gram_kernel``, grid ``(N, splits)``: each program streams one slice of d for one prompt
+   and writes its partial raw Gram matrix ``R R^T`` (``(M_PAD, M_PAD)`` fp32, Kahan-compensated
+   over the slice's blocks) to a small workspace ``(N, splits, M_PAD, M_PAD)``.
+2. ``mlc_small_kernel``, one prompt per (small) program: sums the partials in a fixed order
+   (bitwise deterministic), forms the cosine matrix G with masks and non-finite detection, runs
+   the Jacobi eigensolver when the objective needs one, and writes the per-prompt loss and the
+   ``(M_PAD, M_PAD)`` fp32 matrix ``B`` with ``dloss/dR = B R``.
+3. ``mlc_grad_kernel``, grid ``(N, d_chunks)``: streams the rows once more and writes
+   ``g_n B_n R_n`` in the input dtype (``g``: the incoming gradient of each prompt's loss).
 
-1. stream the m rows over d in blocks of ``BLOCK_D``, accumulating the raw Gram matrix
-   ``R R^T`` in fp32 (tensor cores for bf16/fp16, IEEE fp32 FMAs for fp32);
-2. normalise it to the cosine matrix G, give masked rows eigenvalue -1, and diagonalise G
-   with parallel (round-robin) Jacobi: each step applies m/2 disjoint rotations at once as
-   one small rotation matrix J, ``A <- J^T A J``, ``V <- V J``;
-3. compute the loss and the m x m matrix B with ``dloss/dR = B R`` (docs/design.md, section 2);
-4. stream the rows again and write ``B R`` in the input dtype.
-
-The backward of the autograd wrapper only scales that gradient by ``grad_output``.
-The kernel is registered as a ``torch.library.triton_op`` so that ``torch.compile`` sees it.
+The forward runs phases 1-2 and saves only ``B`` (N x M_PAD x M_PAD fp32) with the inputs; the
+backward runs phase 3. A loss-only call (no grad, eval) reads reps once and writes no gradient;
+forward+backward reads reps twice and writes the gradient once. Both ops are registered with
+``torch.library.triton_op`` so that ``torch.compile`` sees them.
 """
 
 from __future__ import annotations
@@ -25,12 +27,16 @@ import triton
 import triton.language as tl
 
 from .common import OBJECTIVES, singular_value_cutoff
+from .triton_tuned import TUNED
 
 MAX_VARIANTS = 32
-"""The largest m the kernel supports (the Jacobi tile is 16x16 for m <= 16, else 32x32)."""
+"""The largest m the kernels support (tiles are 16x16 for m <= 16, else 32x32)."""
 
 MAX_SWEEPS = 12
 """Jacobi sweeps at most; converged inputs stop after 1-2, random ones after 5-7 (fp32)."""
+
+EIGEN_OBJECTIVES = (0, 1, 5)
+"""Codes of the objectives that need the eigen-decomposition of G (the others are pairwise sums)."""
 
 
 @triton.jit
@@ -94,138 +100,261 @@ def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):
 
 
 @triton.jit
-def mlc_fused_kernel(
+def mlc_gram_kernel(
     reps_ptr,
     mask_ptr,
+    part_ptr,
+    m,
+    d,
+    stride_n,
+    stride_m,
+    chunk,
+    n_splits,
+    M_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Partial Gram matrices. reps: (N, m, d), unit stride on d; mask: (N, m) uint8;
+    part: (N, n_splits, M_PAD, M_PAD) fp32. Program (n, s) covers d in [s*chunk, (s+1)*chunk)."""
+    pid = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    rows = tl.arange(0, M_PAD)
+    present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+    cols = tl.arange(0, BLOCK_D)
+    row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
+    begin = sid * chunk
+    stop = tl.minimum(begin + chunk, d)
+    # each block's product starts from zero and is added with Kahan compensation, so the error
+    # does not grow with d (G's small eigenvalues are the loss's noise floor)
+    raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    for start in range(begin, stop, BLOCK_D):
+        offs = start + cols
+        x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < stop), other=0.0)
+        part = tl.dot(x, tl.trans(x), input_precision="ieee") - carry
+        total = raw + part
+        carry = (total - raw) - part
+        raw = total
+    out = part_ptr + (pid * n_splits + sid) * (M_PAD * M_PAD) + rows[:, None] * M_PAD + rows[None, :]
+    tl.store(out, raw)
+
+
+@triton.jit
+def _eigen_objective(gram, shifted, present, pair, eye, rows, m, d, count, count_f, inv_tau, sv_cutoff, objective,
+                     M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):  # fmt: skip
+    """Loss and M of the eigen objectives (sv_softmax 0, rank1 1, signed_sv_softmax 5)."""
+    k = m + (m % 2)
+    lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
+    valid = present & (lam > -0.5)
+    ahead = (lam[None, :] > lam[:, None]) | ((lam[None, :] == lam[:, None]) & (rows[None, :] < rows[:, None]))
+    rank = tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
+    kept = valid & (rank < tl.minimum(count, d))  # Z has min(m_n, d) singular values
+    top = valid & (rank == 0)
+    sv = tl.sqrt(tl.maximum(lam, 0.0))
+    extra = count_f * 0.0  # coefficient of the all-ones (present) block in M
+    if objective == 0:  # sv_softmax
+        s_top = tl.sum(tl.where(top, sv, 0.0), axis=0)
+        ex = tl.where(kept, tl.exp((sv - s_top) * inv_tau), 0.0)
+        denom = tl.sum(ex, axis=0)
+        denom = tl.where(denom > 0.0, denom, 1.0)  # 0 only for prompts without singular values
+        loss = tl.log(denom)
+        g = (ex / denom - top.to(tl.float32)) * inv_tau
+        big = kept & (sv >= sv_cutoff)
+        w = tl.where(big, g / tl.where(big, sv, 1.0), 0.0)
+    elif objective == 1:  # rank1
+        lam_top = tl.sum(tl.where(top, lam, 0.0), axis=0)
+        loss = 1.0 - tl.maximum(lam_top, 0.0) / count_f
+        w = tl.where(top, -2.0 / count_f, 0.0)
+    else:  # signed_sv_softmax: rho = sqrt(1^T G 1 / c) in place of s_1
+        rho = tl.sqrt(tl.maximum(tl.sum(tl.sum(gram, axis=1), axis=0) / count_f, 0.0))
+        rest = kept & (rank > 0)
+        s_max = tl.maximum(rho, tl.max(tl.where(rest, sv, 0.0), axis=0))
+        ex = tl.where(rest, tl.exp((sv - s_max) * inv_tau), 0.0)
+        ex_rho = tl.exp((rho - s_max) * inv_tau)
+        denom = ex_rho + tl.sum(ex, axis=0)
+        loss = tl.log(denom) + (s_max - rho) * inv_tau
+        g = ex / denom * inv_tau
+        big = rest & (sv >= sv_cutoff)
+        w = tl.where(big, g / tl.where(big, sv, 1.0), 0.0)
+        g_rho = (ex_rho / denom - 1.0) * inv_tau
+        extra = tl.where(rho >= sv_cutoff, g_rho / (count_f * tl.where(rho > 0.0, rho, 1.0)), 0.0)
+    mmat = tl.dot(vec * w[None, :], tl.trans(vec), input_precision="ieee")
+    mmat = mmat + tl.where(pair, extra, 0.0)
+    return loss, mmat
+
+
+@triton.jit
+def _pairwise_objective(gram, pair, eye, rows, base, count_f, objective):
+    """Loss and M of the pairwise objectives (pairwise 2, signed_pairwise 3, anchor_cos 4)."""
+    off_pair = pair & ~eye
+    n_pairs = tl.maximum(count_f * (count_f - 1.0) * 0.5, 1.0)
+    if objective == 2:  # pairwise: mean of 1 - G_ij^2
+        loss = tl.sum(tl.sum(tl.where(off_pair, 1.0 - gram * gram, 0.0), axis=1), axis=0) * 0.5 / n_pairs
+        mmat = tl.where(off_pair, -2.0 * gram / n_pairs, 0.0)
+    elif objective == 3:  # signed_pairwise: mean of 1 - G_ij
+        loss = tl.sum(tl.sum(tl.where(off_pair, 1.0 - gram, 0.0), axis=1), axis=0) * 0.5 / n_pairs
+        mmat = tl.where(off_pair, -1.0 / n_pairs, 0.0)
+    else:  # anchor_cos: mean over j != b of 1 - cos(z_j, stopgrad(z_b))
+        n_other = tl.maximum(count_f - 1.0, 1.0)
+        to_base = off_pair & (rows[None, :] == base)
+        loss = tl.sum(tl.sum(tl.where(to_base, 1.0 - gram, 0.0), axis=1), axis=0) / n_other
+        mmat = tl.where(to_base, -1.0 / n_other, 0.0)
+    return loss, mmat
+
+
+@triton.jit
+def mlc_small_kernel(
+    part_ptr,
+    mask_ptr,
     loss_ptr,
+    bmat_ptr,
+    n,
+    m,
+    d,
+    n_splits,
+    inv_tau,
+    sv_cutoff,
+    objective,
+    anchor,
+    write_b,
+    M_PAD: tl.constexpr,
+    PROMPTS: tl.constexpr,
+    N_SWEEPS: tl.constexpr,
+):
+    """Per prompt: sum the partial Gram matrices, loss (N,) fp32 and, if write_b, B (N, M_PAD, M_PAD) fp32
+    with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8."""
+    rows = tl.arange(0, M_PAD)
+    eye = rows[:, None] == rows[None, :]
+    tile = rows[:, None] * M_PAD + rows[None, :]
+    in_range = rows < m
+    inv_tau = tl.cast(inv_tau, tl.float32)  # torch.compile may pass Python floats as fp64
+    sv_cutoff = tl.cast(sv_cutoff, tl.float32)
+    for j in range(PROMPTS):
+        # the last program may run past N: it recomputes prompt N-1 (same values, same stores)
+        pid = tl.minimum(tl.program_id(0) * PROMPTS + j, n - 1).to(tl.int64)
+        present = tl.load(mask_ptr + pid * m + rows, mask=in_range, other=0) != 0
+
+        # 1. the Gram matrix: partials summed in split order with Kahan compensation
+        raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+        carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+        for s in range(n_splits):
+            part = tl.load(part_ptr + (pid * n_splits + s) * (M_PAD * M_PAD) + tile) - carry
+            total = raw + part
+            carry = (total - raw) - part
+            raw = total
+
+        # 2. cosine matrix, masks, non-finite detection
+        sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
+        bad = tl.sum((present & ~(sq < 3.0e38)).to(tl.int32), axis=0) > 0  # NaN or inf in a present row
+        norms = tl.sqrt(sq)
+        inv = 1.0 / tl.maximum(norms, 1e-12)
+        pair = present[:, None] & present[None, :]
+        gram = tl.where(pair, raw * inv[:, None] * inv[None, :], 0.0)
+        gram = tl.where(bad, 0.0, gram)
+        count = tl.sum(present.to(tl.int32), axis=0)
+        count_f = tl.maximum(count, 1).to(tl.float32)
+        base = tl.min(tl.where(present, rows, M_PAD), axis=0)  # the first present variant
+
+        # 3. loss and M (dloss/dZ = M Z)
+        if (objective == 0) | (objective == 1) | (objective == 5):
+            shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
+            shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
+            loss, mmat = _eigen_objective(gram, shifted, present, pair, eye, rows, m, d, count, count_f, inv_tau,
+                                          sv_cutoff, objective, M_PAD, N_SWEEPS)  # fmt: skip
+        else:
+            loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
+
+        eligible = count >= 2
+        loss = tl.where(eligible, loss, 0.0)
+        loss = tl.where(bad, float("nan"), loss)
+        tl.store(loss_ptr + pid, loss)
+
+        # 4. B = D (M - diag((M G)_ll)) D with D = diag(1 / max(|r_l|, eps))
+        if write_b:
+            mmat = tl.where(eligible, mmat, 0.0)
+            nonzero = norms > 1e-12
+            proj = tl.where(nonzero, tl.sum(mmat * gram, axis=1), 0.0)
+            out_scale = tl.where(nonzero, inv, 0.0)  # a zero row has no direction: zero gradient
+            bmat = (mmat - tl.where(eye, proj[:, None], 0.0)) * out_scale[:, None] * inv[None, :]
+            bmat = tl.where(pair, bmat, 0.0)
+            bmat = tl.where(anchor & (rows[:, None] == base), 0.0, bmat)  # stop-gradient on the base row
+            bmat = tl.where(bad, float("nan"), bmat)
+            tl.store(bmat_ptr + pid * (M_PAD * M_PAD) + tile, bmat)
+
+
+@triton.jit
+def mlc_grad_kernel(
+    reps_ptr,
+    mask_ptr,
+    bmat_ptr,
+    gscale_ptr,
     grad_ptr,
     m,
     d,
     stride_n,
     stride_m,
-    inv_tau,
-    sv_cutoff,
-    objective,
-    write_grad,
+    chunk,
     M_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
-    N_SWEEPS: tl.constexpr,
 ):
-    """One prompt per program. reps: (N, m, d) with unit stride on d; mask: (N, m) uint8;
-    loss: (N,) fp32; grad: (N, m, d) contiguous in the dtype of reps (written if write_grad)."""
+    """grad[n, :, slice] = gscale[n] * B[n] @ reps[n, :, slice] for the slice [s*chunk, (s+1)*chunk).
+    reps: (N, m, d), unit stride on d; bmat: (N, M_PAD, M_PAD) fp32; gscale: (N,) fp32;
+    grad: (N, m, d) contiguous in the dtype of reps. Masked rows get zero."""
     pid = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
     rows = tl.arange(0, M_PAD)
-    eye = rows[:, None] == rows[None, :]
     in_range = rows < m
     present = tl.load(mask_ptr + pid * m + rows, mask=in_range, other=0) != 0
     cols = tl.arange(0, BLOCK_D)
     row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
-
-    inv_tau = tl.cast(inv_tau, tl.float32)  # torch.compile may pass Python floats as fp64
-    sv_cutoff = tl.cast(sv_cutoff, tl.float32)
-
-    # 1. raw Gram matrix, fp32: each block's product starts from zero and is added with Kahan
-    # compensation, so the error does not grow with d (G's small eigenvalues are the loss's noise floor)
-    raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-    carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-    for start in range(0, d, BLOCK_D):
-        offs = start + cols
-        x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
-        part = tl.dot(x, tl.trans(x), input_precision="ieee") - carry
-        total = raw + part
-        carry = (total - raw) - part
-        raw = total
-
-    # 2. cosine matrix, masks, non-finite detection
-    sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
-    bad = tl.sum((present & ~(sq < 3.0e38)).to(tl.int32), axis=0) > 0  # NaN or inf in a present row
-    norms = tl.sqrt(sq)
-    inv = 1.0 / tl.maximum(norms, 1e-12)
-    pair = present[:, None] & present[None, :]
-    gram = tl.where(pair, raw * inv[:, None] * inv[None, :], 0.0)
-    count = tl.sum(present.to(tl.int32), axis=0)
-    count_f = tl.maximum(count, 1).to(tl.float32)
-
-    # 3. loss and M (dloss/dZ = M Z)
-    if objective == 2:  # pairwise
-        off_pair = pair & ~eye
-        n_pairs = tl.maximum(count_f * (count_f - 1.0) * 0.5, 1.0)
-        loss = tl.sum(tl.sum(tl.where(off_pair, 1.0 - gram * gram, 0.0), axis=1), axis=0) * 0.5 / n_pairs
-        mmat = tl.where(off_pair, -2.0 * gram / n_pairs, 0.0)
+    grad_rows = grad_ptr + pid * m * d + rows[:, None] * d
+    core = tl.load(bmat_ptr + pid * (M_PAD * M_PAD) + rows[:, None] * M_PAD + rows[None, :])
+    core = core * tl.load(gscale_ptr + pid)
+    begin = sid * chunk
+    stop = tl.minimum(begin + chunk, d)
+    if reps_ptr.dtype.element_ty == tl.float32:
+        for start in range(begin, stop, BLOCK_D):
+            offs = start + cols
+            x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < stop), other=0.0)
+            out = tl.dot(core, x, input_precision="ieee")
+            out = tl.where(present[:, None], out, 0.0)
+            tl.store(grad_rows + offs[None, :], out, mask=in_range[:, None] & (offs[None, :] < stop))
     else:
-        shifted = tl.where(eye & ~present[:, None], -1.0, gram)
-        shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
-        k = m + (m % 2)
-        lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
-        valid = present & (lam > -0.5)
-        ahead = (lam[None, :] > lam[:, None]) | ((lam[None, :] == lam[:, None]) & (rows[None, :] < rows[:, None]))
-        rank = tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
-        kept = valid & (rank < tl.minimum(count, d))  # Z has min(m_n, d) singular values
-        top = valid & (rank == 0)
-        sv = tl.sqrt(tl.maximum(lam, 0.0))
-        if objective == 0:  # sv_softmax
-            s_top = tl.sum(tl.where(top, sv, 0.0), axis=0)
-            ex = tl.where(kept, tl.exp((sv - s_top) * inv_tau), 0.0)
-            denom = tl.sum(ex, axis=0)
-            denom = tl.where(denom > 0.0, denom, 1.0)  # 0 only for prompts without singular values
-            loss = tl.log(denom)
-            g = (ex / denom - top.to(tl.float32)) * inv_tau
-            big = kept & (sv >= sv_cutoff)
-            w = tl.where(big, g / tl.where(big, sv, 1.0), 0.0)
-        else:  # rank1
-            lam_top = tl.sum(tl.where(top, lam, 0.0), axis=0)
-            loss = 1.0 - tl.maximum(lam_top, 0.0) / count_f
-            w = tl.where(top, -2.0 / count_f, 0.0)
-        mmat = tl.dot(vec * w[None, :], tl.trans(vec), input_precision="ieee")
-
-    eligible = count >= 2
-    loss = tl.where(eligible, loss, 0.0)
-    loss = tl.where(bad, float("nan"), loss)
-    tl.store(loss_ptr + pid, loss)
-
-    # 4. gradient dR = B R with B = D (M - diag((M G)_ll)) D, D = diag(1 / max(|r_l|, eps))
-    if write_grad:
-        mmat = tl.where(eligible, mmat, 0.0)
-        nonzero = norms > 1e-12
-        proj = tl.where(nonzero, tl.sum(mmat * gram, axis=1), 0.0)
-        out_scale = tl.where(nonzero, inv, 0.0)  # a zero row has no direction: zero gradient
-        core = (mmat - tl.where(eye, proj[:, None], 0.0)) * inv[None, :]
-        core = tl.where(pair, core, 0.0)
-        core = tl.where(bad, float("nan"), core)
-        grad_rows = grad_ptr + pid * m * d + rows[:, None] * d
-        if reps_ptr.dtype.element_ty == tl.float32:
-            for start in range(0, d, BLOCK_D):
-                offs = start + cols
-                x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
-                out = tl.dot(core, x, input_precision="ieee") * out_scale[:, None]
-                out = tl.where(present[:, None], out, 0.0)
-                tl.store(grad_rows + offs[None, :], out, mask=in_range[:, None] & (offs[None, :] < d))
-        else:
-            # Two 16-bit tensor-core products (hi + lo split of the scaled fp32 matrix) keep
-            # about 16 bits of B: the product is then as exact as the 16-bit output.
-            scale = tl.max(tl.max(tl.abs(core), axis=1), axis=0)
-            scale = tl.where(scale > 0.0, scale, 1.0)
-            unit = core / scale
-            hi = unit.to(reps_ptr.dtype.element_ty)
-            lo = (unit - hi.to(tl.float32)).to(reps_ptr.dtype.element_ty)
-            for start in range(0, d, BLOCK_D):
-                offs = start + cols
-                x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
-                out = tl.dot(hi, x) + tl.dot(lo, x)
-                out = out * (out_scale * scale)[:, None]
-                out = tl.where(present[:, None], out, 0.0)
-                out = out.to(reps_ptr.dtype.element_ty)
-                tl.store(grad_rows + offs[None, :], out, mask=in_range[:, None] & (offs[None, :] < d))
+        # Two 16-bit tensor-core products (hi + lo split of each row of B scaled to max 1) keep
+        # about 16 bits of B: the product is then as exact as the 16-bit output.
+        scale = tl.max(tl.abs(core), axis=1)
+        scale = tl.where((scale > 0.0) & (scale < 3.0e38), scale, 1.0)  # NaN/inf rows propagate through unit
+        unit = core / scale[:, None]
+        hi = unit.to(reps_ptr.dtype.element_ty)
+        lo = (unit - hi.to(tl.float32)).to(reps_ptr.dtype.element_ty)
+        for start in range(begin, stop, BLOCK_D):
+            offs = start + cols
+            x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < stop), other=0.0)
+            out = (tl.dot(hi, x) + tl.dot(lo, x)) * scale[:, None]
+            out = tl.where(present[:, None], out, 0.0)
+            tl.store(grad_rows + offs[None, :], out.to(reps_ptr.dtype.element_ty),
+                     mask=in_range[:, None] & (offs[None, :] < stop))  # fmt: skip
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    """A compile-time configuration of ``mlc_fused_kernel`` the dispatcher can pick."""
+    """Compile-time configurations of the three kernels for one (m_pad, dtype, arch).
+
+    ``gram_programs``: the Gram kernel splits d so that about this many programs run
+    (``N * splits``); ``small_prompts``: prompts per program of the small kernel;
+    ``grad_blocks``: ``BLOCK_D`` blocks streamed by each program of the gradient kernel.
+    """
 
     m_pad: int
-    block_d: int
-    num_warps: int
-    num_stages: int = 2
+    gram_block_d: int = 128
+    gram_warps: int = 4
+    gram_stages: int = 3
+    gram_programs: int = 2048
+    small_warps: int = 1
+    small_prompts: int = 1
+    grad_block_d: int = 128
+    grad_warps: int = 4
+    grad_stages: int = 3
+    grad_blocks: int = 4
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -236,7 +365,7 @@ _config_override: dict[int, KernelConfig] = {}
 
 @contextlib.contextmanager
 def kernel_config_override(configs: dict[int, KernelConfig]):
-    """Benchmarks only: inside the block, launch with ``configs[m_pad]`` where given."""
+    """Benchmarks and tests only: inside the block, launch with ``configs[m_pad]`` where given."""
     global _config_override
     previous, _config_override = _config_override, dict(configs)
     try:
@@ -250,27 +379,31 @@ def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
     m_pad = 16 if m <= 16 else 32
     if m_pad in _config_override:
         return _config_override[m_pad]
-    if dtype == torch.float32:  # IEEE fp32 FMA products; sized so that ptxas reports no spills
-        if m_pad == 16:
-            return KernelConfig(m_pad=16, block_d=64, num_warps=4, num_stages=2)
-        return KernelConfig(m_pad=32, block_d=64, num_warps=8, num_stages=2)
-    # 16-bit, from benchmarks/tune_triton.py on an H200 (results/nvidia-h200): for m_pad=16 two warps
-    # beat four by 25% (the m x m phase is latency-bound; more CTAs per SM overlap it with streaming)
-    # and 3 stages beat 2 by 35%; on sm_80 two warps spill, so older GPUs take four. For m_pad=32 one
-    # warp was fastest but spills (ptxas: 332 bytes); two and four warps were within 2%.
-    if m_pad == 32:
-        return KernelConfig(m_pad=32, block_d=128, num_warps=4, num_stages=3)
-    if arch >= 90:
-        return KernelConfig(m_pad=16, block_d=128, num_warps=2, num_stages=3)
-    return KernelConfig(m_pad=16, block_d=128, num_warps=4, num_stages=3)
+    tuned = TUNED.get(f"sm_{arch}/{str(dtype).removeprefix('torch.')}/{m_pad}")
+    if tuned is not None:
+        return KernelConfig(**tuned)
+    small_warps = 1 if m_pad == 16 else 2  # the m x m phase: one prompt per warp-sized program
+    if dtype == torch.float32:  # IEEE fp32 FMA products: smaller tiles, sized so that ptxas reports no spills
+        return KernelConfig(m_pad, gram_block_d=64, gram_warps=4, gram_stages=2, small_warps=small_warps,
+                            grad_block_d=64, grad_warps=4, grad_stages=2, grad_blocks=8)  # fmt: skip
+    return KernelConfig(m_pad, gram_block_d=128, gram_warps=4, gram_stages=3, small_warps=small_warps,
+                        grad_block_d=128, grad_warps=4, grad_stages=3, grad_blocks=4)  # fmt: skip
 
+
+INTERPRETER_CONFIG = {
+    m_pad: KernelConfig(m_pad, gram_block_d=16, gram_programs=8, grad_block_d=16, grad_blocks=2) for m_pad in (16, 32)
+}
+"""Under ``TRITON_INTERPRET=1``: small blocks and several splits, so that small test shapes exercise
+the multi-block, multi-split and multi-chunk paths."""
 
 AOT_ARCHS = (90, 80)
 
 
 def all_kernel_configs() -> list[tuple[int, torch.dtype, KernelConfig]]:
-    """Every (arch, dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time."""
-    return [(arch, dt, kernel_config(m, dt, arch)) for arch in AOT_ARCHS for dt in SUPPORTED_DTYPES for m in (16, 32)]
+    """Every (arch, dtype, configuration) ``kernel_config`` can return: what CI compiles ahead of time
+    (the built-in defaults for ``AOT_ARCHS`` and every shipped tuned entry, for its own arch)."""
+    archs = sorted({*AOT_ARCHS, *(int(key.split("/")[0].removeprefix("sm_")) for key in TUNED)}, reverse=True)
+    return [(arch, dt, kernel_config(m, dt, arch)) for arch in archs for dt in SUPPORTED_DTYPES for m in (16, 32)]
 
 
 def device_arch(device: torch.device) -> int:
@@ -279,6 +412,15 @@ def device_arch(device: torch.device) -> int:
         return 90
     major, minor = torch.cuda.get_device_capability(device)
     return major * 10 + minor
+
+
+def gram_splits(n: int, d: int, cfg: KernelConfig) -> tuple[int, int]:
+    """``(splits, chunk)``: the Gram kernel's slices of d per prompt and their length (a multiple of
+    ``gram_block_d``), so that ``n * splits`` is about ``cfg.gram_programs``. Depends only on the shape."""
+    blocks = triton.cdiv(max(d, 1), cfg.gram_block_d)
+    want = min(blocks, max(1, triton.cdiv(cfg.gram_programs, max(n, 1))))
+    chunk = triton.cdiv(blocks, want) * cfg.gram_block_d
+    return triton.cdiv(max(d, 1), chunk), chunk
 
 
 def interpreting() -> bool:
@@ -314,75 +456,120 @@ if interpreting():
     _patch_interpreter_bf16_dot()
 
 
-@torch.library.triton_op("mlc_kernels::mlc_fused", mutates_args=())
-def mlc_fused(
-    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, write_grad: bool
+def _launch_config(reps: torch.Tensor) -> KernelConfig:
+    m = reps.shape[1]
+    if interpreting() and (16 if m <= 16 else 32) not in _config_override:
+        return INTERPRETER_CONFIG[16 if m <= 16 else 32]
+    return kernel_config(m, reps.dtype, device_arch(reps.device))
+
+
+@torch.library.triton_op("mlc_kernels::mlc_forward", mutates_args=())
+def mlc_forward(
+    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_b: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt loss ``(N,)`` fp32 and, if ``write_grad``, the per-prompt gradient ``(N, m, d)``."""
+    """Per-prompt loss ``(N,)`` fp32 and, if ``write_b``, ``B`` ``(N, M_PAD, M_PAD)`` fp32 (else ``(0, ...)``).
+
+    ``reps``: ``(N, m, d)`` fp32/bf16/fp16 with unit stride on d; ``mask``: ``(N, m)`` uint8.
+    """
     n, m, d = reps.shape
+    cfg = _launch_config(reps)
     loss = torch.empty(n, dtype=torch.float32, device=reps.device)
-    grad = torch.empty((n, m, d) if write_grad else (0, m, d), dtype=reps.dtype, device=reps.device)
+    bmat = torch.empty((n if write_b else 0, cfg.m_pad, cfg.m_pad), dtype=torch.float32, device=reps.device)
     if n == 0:
-        return loss, grad
-    cfg = kernel_config(m, reps.dtype, device_arch(reps.device))
-    torch.library.wrap_triton(mlc_fused_kernel)[(n,)](
-        reps,
-        mask,
-        loss,
-        grad if write_grad else reps,
-        m,
-        d,
-        reps.stride(0),
-        reps.stride(1),
-        1.0 / tau,
-        singular_value_cutoff(d, m, torch.float32),
-        objective,
-        write_grad,
-        M_PAD=cfg.m_pad,
-        BLOCK_D=cfg.block_d,
-        N_SWEEPS=MAX_SWEEPS,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return loss, grad
+        return loss, bmat
+    splits, chunk = gram_splits(n, d, cfg)
+    part = torch.empty((n, splits, cfg.m_pad, cfg.m_pad), dtype=torch.float32, device=reps.device)
+    torch.library.wrap_triton(mlc_gram_kernel)[(n, splits)](
+        reps, mask, part, m, d, reps.stride(0), reps.stride(1), chunk, splits,
+        M_PAD=cfg.m_pad, BLOCK_D=cfg.gram_block_d, num_warps=cfg.gram_warps, num_stages=cfg.gram_stages,
+    )  # fmt: skip
+    torch.library.wrap_triton(mlc_small_kernel)[(triton.cdiv(n, cfg.small_prompts),)](
+        part, mask, loss, bmat if write_b else loss, n, m, d, splits, 1.0 / tau,
+        singular_value_cutoff(d, m, torch.float32), objective, anchor, write_b,
+        M_PAD=cfg.m_pad, PROMPTS=cfg.small_prompts, N_SWEEPS=MAX_SWEEPS, num_warps=cfg.small_warps, num_stages=1,
+    )  # fmt: skip
+    return loss, bmat
 
 
-@torch.library.triton_op("mlc_kernels::scale_rows_", mutates_args=("grad",))
-def scale_rows_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """In place: ``grad[n] *= scale[n]`` (the backward of the fused kernel)."""
-    grad.mul_(scale.to(grad.dtype)[:, None, None])
+@torch.library.triton_op("mlc_kernels::mlc_grad", mutates_args=())
+def mlc_grad(reps: torch.Tensor, mask: torch.Tensor, bmat: torch.Tensor, gscale: torch.Tensor) -> torch.Tensor:
+    """``gscale[n] * B[n] @ reps[n]``: ``(N, m, d)`` in the dtype of reps (masked rows zero).
+
+    ``bmat``: ``(N, M_PAD, M_PAD)`` fp32 from :func:`mlc_forward`; ``gscale``: ``(N,)`` fp32.
+    """
+    n, m, d = reps.shape
+    grad = torch.empty((n, m, d), dtype=reps.dtype, device=reps.device)
+    if n == 0 or d == 0:
+        return grad
+    cfg = _launch_config(reps)
+    chunk = cfg.grad_block_d * cfg.grad_blocks
+    torch.library.wrap_triton(mlc_grad_kernel)[(n, triton.cdiv(d, chunk))](
+        reps, mask, bmat, gscale, grad, m, d, reps.stride(0), reps.stride(1), chunk,
+        M_PAD=cfg.m_pad, BLOCK_D=cfg.grad_block_d, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages,
+    )  # fmt: skip
+    return grad
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    # The gradient output is a buffer, not a differentiable result: autograd must not
-    # materialise a reps-sized zero tensor as its incoming gradient.
+    reps, mask, *_ = inputs
     ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(output[1])
+    ctx.save_for_backward(reps, mask, output[1])
 
 
-def _backward(ctx, grad_loss: torch.Tensor, _grad_grad: torch.Tensor):
-    # The in-place scaling bumps the saved tensor's version: a second backward through the same
-    # graph (retain_graph=True) is refused by autograd's saved-tensor check.
-    (grad,) = ctx.saved_tensors
-    if grad.shape[0] != grad_loss.shape[0]:
+def _backward(ctx, grad_loss: torch.Tensor | None, _grad_bmat: torch.Tensor | None):
+    reps, mask, bmat = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    if bmat.shape[0] != reps.shape[0]:
         raise RuntimeError("mlc_loss(impl='triton'): the forward ran without gradient; cannot backpropagate")
-    torch.ops.mlc_kernels.scale_rows_(grad, grad_loss)
-    return grad, None, None, None, None
+    grad = torch.ops.mlc_kernels.mlc_grad(reps, mask, bmat, grad_loss.to(torch.float32).contiguous())
+    return grad, None, None, None, None, None
 
 
-torch.library.register_autograd("mlc_kernels::mlc_fused", _backward, setup_context=_setup_context)
+torch.library.register_autograd("mlc_kernels::mlc_forward", _backward, setup_context=_setup_context)
 
 
-def triton_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-    """Per-prompt MLC loss ``(N,)`` fp32 through the fused kernel."""
-    if reps.stride(-1) != 1:
-        reps = reps.contiguous()
-    write_grad = bool(reps.requires_grad and torch.is_grad_enabled())
-    loss, _ = torch.ops.mlc_kernels.mlc_fused(
-        reps, present.to(torch.uint8), float(tau), OBJECTIVES.index(objective), write_grad
+def _prepare(reps: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (reps if reps.stride(-1) == 1 else reps.contiguous()), present.to(torch.uint8).contiguous()
+
+
+def triton_mlc_loss(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> torch.Tensor:
+    """Per-prompt MLC loss ``(N,)`` fp32; differentiable w.r.t. ``reps`` ``(N, m, d)``.
+
+    ``present``: ``(N, m)`` bool; ``anchor``: no gradient to each prompt's base row (its first
+    present variant); the loss is unchanged.
+    """
+    reps, mask = _prepare(reps, present)
+    write_b = bool(reps.requires_grad and torch.is_grad_enabled())
+    loss, _ = torch.ops.mlc_kernels.mlc_forward(
+        reps, mask, float(tau), OBJECTIVES.index(objective), bool(anchor), write_b
     )
     return loss
 
 
-__all__ = ["MAX_VARIANTS", "mlc_fused_kernel", "kernel_config", "all_kernel_configs", "triton_mlc_loss"]
+def triton_loss_and_grad(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss (N,) fp32, grad (N, m, d))``: each prompt's loss and its unscaled gradient, no autograd."""
+    reps, mask = _prepare(reps.detach(), present)
+    loss, bmat = torch.ops.mlc_kernels.mlc_forward(
+        reps, mask, float(tau), OBJECTIVES.index(objective), bool(anchor), True
+    )
+    ones = torch.ones(reps.shape[0], dtype=torch.float32, device=reps.device)
+    return loss, torch.ops.mlc_kernels.mlc_grad(reps, mask, bmat, ones)
+
+
+__all__ = [
+    "MAX_VARIANTS",
+    "KernelConfig",
+    "mlc_gram_kernel",
+    "mlc_small_kernel",
+    "mlc_grad_kernel",
+    "kernel_config",
+    "all_kernel_configs",
+    "triton_mlc_loss",
+    "triton_loss_and_grad",
+]
