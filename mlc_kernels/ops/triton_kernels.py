@@ -463,14 +463,14 @@ def _launch_config(reps: torch.Tensor) -> KernelConfig:
     return kernel_config(m, reps.dtype, device_arch(reps.device))
 
 
-@torch.library.triton_op("mlc_kernels::mlc_forward", mutates_args=())
-def mlc_forward(
-    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_b: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-prompt loss ``(N,)`` fp32 and, if ``write_b``, ``B`` ``(N, M_PAD, M_PAD)`` fp32 (else ``(0, ...)``).
+def _direct(kernel):
+    """Eager launches skip ``torch.library.wrap_triton``: the kernel is called as it is."""
+    return kernel
 
-    ``reps``: ``(N, m, d)`` fp32/bf16/fp16 with unit stride on d; ``mask``: ``(N, m)`` uint8.
-    """
+
+def _forward_launch(
+    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_b: bool, wrap=_direct
+) -> tuple[torch.Tensor, torch.Tensor]:
     n, m, d = reps.shape
     cfg = _launch_config(reps)
     loss = torch.empty(n, dtype=torch.float32, device=reps.device)
@@ -479,16 +479,43 @@ def mlc_forward(
         return loss, bmat
     splits, chunk = gram_splits(n, d, cfg)
     part = torch.empty((n, splits, cfg.m_pad, cfg.m_pad), dtype=torch.float32, device=reps.device)
-    torch.library.wrap_triton(mlc_gram_kernel)[(n, splits)](
+    wrap(mlc_gram_kernel)[(n, splits)](
         reps, mask, part, m, d, reps.stride(0), reps.stride(1), chunk, splits,
         M_PAD=cfg.m_pad, BLOCK_D=cfg.gram_block_d, num_warps=cfg.gram_warps, num_stages=cfg.gram_stages,
     )  # fmt: skip
-    torch.library.wrap_triton(mlc_small_kernel)[(triton.cdiv(n, cfg.small_prompts),)](
+    wrap(mlc_small_kernel)[(triton.cdiv(n, cfg.small_prompts),)](
         part, mask, loss, bmat if write_b else loss, n, m, d, splits, 1.0 / tau,
         singular_value_cutoff(d, m, torch.float32), objective, anchor, write_b,
         M_PAD=cfg.m_pad, PROMPTS=cfg.small_prompts, N_SWEEPS=MAX_SWEEPS, num_warps=cfg.small_warps, num_stages=1,
     )  # fmt: skip
     return loss, bmat
+
+
+def _grad_launch(
+    reps: torch.Tensor, mask: torch.Tensor, bmat: torch.Tensor, gscale: torch.Tensor, wrap=_direct
+) -> torch.Tensor:
+    n, m, d = reps.shape
+    grad = torch.empty((n, m, d), dtype=reps.dtype, device=reps.device)
+    if n == 0 or d == 0:
+        return grad
+    cfg = _launch_config(reps)
+    chunk = cfg.grad_block_d * cfg.grad_blocks
+    wrap(mlc_grad_kernel)[(n, triton.cdiv(d, chunk))](
+        reps, mask, bmat, gscale, grad, m, d, reps.stride(0), reps.stride(1), chunk,
+        M_PAD=cfg.m_pad, BLOCK_D=cfg.grad_block_d, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages,
+    )  # fmt: skip
+    return grad
+
+
+@torch.library.triton_op("mlc_kernels::mlc_forward", mutates_args=())
+def mlc_forward(
+    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_b: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt loss ``(N,)`` fp32 and, if ``write_b``, ``B`` ``(N, M_PAD, M_PAD)`` fp32 (else ``(0, ...)``).
+
+    ``reps``: ``(N, m, d)`` fp32/bf16/fp16 with unit stride on d; ``mask``: ``(N, m)`` uint8.
+    """
+    return _forward_launch(reps, mask, tau, objective, anchor, write_b, torch.library.wrap_triton)
 
 
 @torch.library.triton_op("mlc_kernels::mlc_grad", mutates_args=())
@@ -497,17 +524,24 @@ def mlc_grad(reps: torch.Tensor, mask: torch.Tensor, bmat: torch.Tensor, gscale:
 
     ``bmat``: ``(N, M_PAD, M_PAD)`` fp32 from :func:`mlc_forward`; ``gscale``: ``(N,)`` fp32.
     """
-    n, m, d = reps.shape
-    grad = torch.empty((n, m, d), dtype=reps.dtype, device=reps.device)
-    if n == 0 or d == 0:
-        return grad
-    cfg = _launch_config(reps)
-    chunk = cfg.grad_block_d * cfg.grad_blocks
-    torch.library.wrap_triton(mlc_grad_kernel)[(n, triton.cdiv(d, chunk))](
-        reps, mask, bmat, gscale, grad, m, d, reps.stride(0), reps.stride(1), chunk,
-        M_PAD=cfg.m_pad, BLOCK_D=cfg.grad_block_d, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages,
-    )  # fmt: skip
-    return grad
+    return _grad_launch(reps, mask, bmat, gscale, torch.library.wrap_triton)
+
+
+class _EagerTritonMLC(torch.autograd.Function):
+    """The same two launches as the registered ops, without the custom-op dispatch (about half a
+    millisecond of host time per forward+backward in eager mode, which small batches wait for)."""
+
+    @staticmethod
+    def forward(ctx, reps, mask, tau: float, objective: int, anchor: bool):
+        loss, bmat = _forward_launch(reps, mask, tau, objective, anchor, True)
+        ctx.save_for_backward(reps, mask, bmat)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        reps, mask, bmat = ctx.saved_tensors
+        return _grad_launch(reps, mask, bmat, grad_loss.to(torch.float32).contiguous()), None, None, None, None
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -544,10 +578,12 @@ def triton_mlc_loss(
     """
     reps, mask = _prepare(reps, present)
     write_b = bool(reps.requires_grad and torch.is_grad_enabled())
-    loss, _ = torch.ops.mlc_kernels.mlc_forward(
-        reps, mask, float(tau), OBJECTIVES.index(objective), bool(anchor), write_b
-    )
-    return loss
+    code = OBJECTIVES.index(objective)
+    if torch.compiler.is_compiling():  # the registered ops: traceable by torch.compile
+        return torch.ops.mlc_kernels.mlc_forward(reps, mask, float(tau), code, bool(anchor), write_b)[0]
+    if write_b:
+        return _EagerTritonMLC.apply(reps, mask, float(tau), code, bool(anchor))
+    return _forward_launch(reps, mask, float(tau), code, bool(anchor), False)[0]
 
 
 def triton_loss_and_grad(
@@ -555,11 +591,9 @@ def triton_loss_and_grad(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss (N,) fp32, grad (N, m, d))``: each prompt's loss and its unscaled gradient, no autograd."""
     reps, mask = _prepare(reps.detach(), present)
-    loss, bmat = torch.ops.mlc_kernels.mlc_forward(
-        reps, mask, float(tau), OBJECTIVES.index(objective), bool(anchor), True
-    )
+    loss, bmat = _forward_launch(reps, mask, float(tau), OBJECTIVES.index(objective), bool(anchor), True)
     ones = torch.ones(reps.shape[0], dtype=torch.float32, device=reps.device)
-    return loss, torch.ops.mlc_kernels.mlc_grad(reps, mask, bmat, ones)
+    return loss, _grad_launch(reps, mask, bmat, ones)
 
 
 __all__ = [
