@@ -157,6 +157,8 @@ def whiten(reps: torch.Tensor, present: torch.Tensor, shrinkage: float | None = 
     scale = sigma.diagonal().sum() / d
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
     shrunk = (1.0 - a) * sigma + a * scale.clamp_min(NORM_EPS) * eye
+    if not bool(torch.isfinite(shrunk).all()):  # a non-finite present value: NaN for the whole batch
+        return torch.where(present[..., None], x * float("nan"), 0.0)
     chol, info = torch.linalg.cholesky_ex(shrunk)
     if int(info) != 0:
         raise ValueError(

@@ -17,7 +17,7 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
     - ``mean_cosine`` ``(N,)``: mean pairwise cosine between the present variants.
     - ``cosine_to_consensus`` ``(N, m)``: cosine of each variant to its prompt's consensus direction
       (the first right singular vector, signed towards the variants); NaN where masked.
-    - ``valid`` ``(N,)`` bool: prompts with >= 2 present variants (the others hold NaN).
+    - ``valid`` ``(N,)`` bool: prompts with >= 2 present variants, all finite (the others hold NaN).
     - ``between_prompt_cosine`` ``()``: mean |cosine| between the consensus directions of different
       prompts. Close to 1 means collapse: every prompt maps to the same direction.
     - ``between_prompt_s1_share`` ``()``: ``s1_share`` of the matrix of consensus directions.
@@ -36,10 +36,13 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
     acc = torch.float64 if reps.dtype == torch.float64 else torch.float32
     n, m, _ = reps.shape
     present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=reps.device)
+    # a prompt with a non-finite present value gets NaN metrics and stays out of the batch-level ones
+    finite = torch.where(present[..., None], reps.isfinite(), True).flatten(1).all(dim=1)
+    reps = torch.where(finite[:, None, None], reps, 0.0)
     z = torch.nn.functional.normalize(torch.where(present[..., None], reps.to(acc), 0.0), dim=-1, eps=NORM_EPS)
     gram = z @ z.mT
     count = present.sum(dim=1)
-    valid = count >= 2
+    valid = (count >= 2) & finite
     nan = torch.tensor(float("nan"), dtype=acc, device=reps.device)
 
     lam, vec = torch.linalg.eigh(gram)

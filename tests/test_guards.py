@@ -396,3 +396,20 @@ def test_mlc_arguments_put_the_base_language_first_and_check_the_guard():
     args.languages = ("zh", "en")
     with pytest.raises(ValueError, match="must start with base_language"):
         args.check(model)
+
+
+def test_non_finite_rows_give_nan_not_an_error():
+    """A NaN in a present row: NaN loss under every guard (never a finite loss, never a misleading error), and
+    NaN metrics for that prompt, which stays out of the batch-level diagnostics."""
+    from mlc_kernels.metrics import consistency_metrics
+
+    reps = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(0))
+    reps[1, 2, 3] = float("nan")
+    for guard in (None, "center", "whiten", "center+uniform", "anchor"):
+        assert torch.isnan(mlc_loss(reps, impl="torch", guard=guard)), guard
+    stats = consistency_metrics(reps)
+    assert stats["valid"].tolist() == [True, False, True, True]
+    assert torch.isnan(stats["s1_share"][1]) and torch.isfinite(stats["s1_share"][[0, 2, 3]]).all()
+    clean = consistency_metrics(reps[[0, 2, 3]])
+    for key in ("between_prompt_cosine", "signed_between_prompt_cosine", "consensus_effective_rank"):
+        torch.testing.assert_close(stats[key], clean[key])
