@@ -158,7 +158,15 @@ def test_consistency_metrics_values():
     torch.testing.assert_close(out["mean_cosine"], torch.tensor([1.0, 0.0]), atol=1e-5, rtol=0)
     torch.testing.assert_close(out["cosine_to_consensus"][0], torch.ones(3), atol=1e-5, rtol=0)
     assert out["valid"].all()
-    assert 0.0 <= out["between_prompt_cosine"] <= 1.0
+
+
+def test_between_prompt_cosine_value():
+    """Two prompts, each collinear on its own direction: the metric is |cos| of the two directions."""
+    u, v = torch.randn(2, 16, generator=torch.Generator().manual_seed(5))
+    reps = torch.stack([u[None] * torch.tensor([[1.0], [2.0], [0.5]]), v[None] * torch.tensor([[3.0], [-1.0], [1.0]])])
+    out = consistency_metrics(reps)
+    expected = abs(float(u @ v) / float(u.norm() * v.norm()))
+    assert out["between_prompt_cosine"].item() == pytest.approx(expected, abs=1e-5)
 
 
 def test_consistency_metrics_detect_collapse():

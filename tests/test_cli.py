@@ -63,7 +63,6 @@ def test_offline_chain_train_then_eval(tiny_checkpoint, tmp_path, capsys):
     for lang, value in want["cosine_to_consensus"].items():
         assert result["cosine_to_consensus"][lang] == pytest.approx(value, abs=1e-5)
     assert result["s1_share"] == pytest.approx(want["s1_share"], abs=1e-5)
-    assert 0 < result["s1_share"] <= 1 + 1e-6
     assert state is None or state["global_step"] == 2
 
 

@@ -100,6 +100,16 @@ def test_autocast_mixed_dtypes_follow_torch():
     assert loss.dtype == torch.float32
     assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
     torch.testing.assert_close(loss, expected, rtol=1e-2, atol=1e-3)
+    # the gradients against the unfused path under the same autocast, at the loss's tolerance
+    h2, w2, b2 = (t.clone().requires_grad_() for t in (hidden, weight, bias))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unfused = mlc_loss(torch.nn.functional.linear(h2, w2, b2), mask, impl="torch")
+    unfused.backward()
+    for got, want in ((h.grad, h2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        assert got.dtype == want.dtype
+        assert float(want.abs().max()) > 1e-3  # a gradient that a sign or scale bug would change
+        # both paths multiply in bf16 under autocast (the unfused one also in its backward): bf16 resolution
+        torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=2.0**-7 * float(want.abs().max()))
 
 
 @pytest.mark.parametrize(
