@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import NORM_EPS
+from .common import NORM_EPS, autocast_off
 
 
 def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
@@ -43,7 +43,7 @@ def reference_mlc_loss(
     (fp16/bf16 are promoted to fp32, which ``svdvals`` needs); differentiable by autograd.
     ``anchor``: stop-gradient on each prompt's base row (its first present variant): ``z_b.detach()``.
     """
-    with torch.autocast(reps.device.type, enabled=False):
+    with autocast_off(reps.device):
         return _reference_mlc_loss(reps, present, tau, objective, anchor)
 
 
