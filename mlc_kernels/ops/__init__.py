@@ -15,12 +15,13 @@ The public entry point (argument checks, reduction) is ``mlc_kernels.loss.mlc_lo
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .common import MAX_VARIANTS, autocast_off, interpreting
+from .common import MAX_VARIANTS, OBJECTIVES, autocast_off, interpreting
 
 LossFn = Callable[..., torch.Tensor]
 """``fn(reps, present, tau, objective, anchor=False) -> (N,)``."""
@@ -146,15 +147,41 @@ def _native_check(reps: torch.Tensor) -> None:
 
 
 def _triton_loss(reps, present, tau, objective, anchor=False):
-    from .triton_kernels import triton_mlc_loss
+    from . import triton_kernels
 
-    return triton_mlc_loss(reps, present, tau, objective, anchor)
+    if reps.device.type == "meta":  # the registered op, whose meta kernels give the shapes
+        _register_triton_meta_kernels()
+        reps, mask = triton_kernels._prepare(reps, present)
+        write_b = bool(reps.requires_grad and torch.is_grad_enabled())
+        code = OBJECTIVES.index(objective)
+        return torch.ops.mlc_kernels.mlc_forward(reps, mask, float(tau), code, bool(anchor), write_b)[0]
+    return triton_kernels.triton_mlc_loss(reps, present, tau, objective, anchor)
 
 
 def _triton_loss_and_grad(reps, present, tau, objective, anchor=False):
+    if reps.device.type == "meta":
+        return reps.new_empty(reps.shape[0], dtype=torch.float32), torch.empty_like(reps)
     from .triton_kernels import triton_loss_and_grad
 
     return triton_loss_and_grad(reps, present, tau, objective, anchor)
+
+
+@functools.cache
+def _register_triton_meta_kernels() -> None:
+    """Meta kernels of the Triton ops (their own implementation would launch the kernels on meta
+    tensors; ``torch.compile``'s fake tensors need none of this)."""
+    from . import triton_kernels
+
+    def forward_meta(reps, mask, tau, objective, anchor, write_b):
+        pad = triton_kernels._launch_config(reps).m_pad
+        bmat = reps.new_empty((reps.shape[0] if write_b else 0, pad, pad), dtype=torch.float32)
+        return reps.new_empty(reps.shape[0], dtype=torch.float32), bmat
+
+    def grad_meta(reps, mask, bmat, gscale):
+        return torch.empty_like(reps, memory_format=torch.contiguous_format)
+
+    torch.library.register_kernel("mlc_kernels::mlc_forward", "meta", forward_meta)
+    torch.library.register_kernel("mlc_kernels::mlc_grad", "meta", grad_meta)
 
 
 @torch.compiler.assume_constant_result
