@@ -121,6 +121,19 @@ def test_compile_fullgraph_on_cpu(impl):
         torch.testing.assert_close(compiled(reps, mask), eager.detach())
 
 
+@pytest.mark.parametrize("impl", ["auto", "native"])
+def test_compile_before_the_first_build(monkeypatch, impl):
+    # the build and its lock run outside the traced graph, even when compile comes first
+    torch._dynamo.reset()
+    assert native_mod.native_error() is None  # load the library; then forget that it was built
+    monkeypatch.setattr(native_mod, "_state", {})
+    monkeypatch.setattr(native_mod, "_build", lambda: None)  # the library is loaded already in this process
+    reps = general_position(2, 3, 8, seed=1)
+    compiled = torch.compile(lambda x: mlc_loss(x, impl=impl), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(reps), mlc_loss(reps, impl="native"))
+    assert native_mod._state["error"] is None
+
+
 def test_fake_kernel_never_builds(monkeypatch):
     def refuse():
         raise AssertionError("the fake kernel must not build")
