@@ -104,11 +104,11 @@ def mlc_loss(
             ``"signed_pairwise"``, ``"anchor_cos"``, ``"signed_sv_softmax"`` (``ops.common.OBJECTIVES``).
         reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
             none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
-        impl: ``"auto"`` (triton on CUDA, native on CPU), ``"reference"``, ``"torch"``, ``"native"``,
-            ``"triton"``.
+        impl: ``"auto"`` (triton on CUDA, native on CPU, torch elsewhere, ``meta`` included) or a name
+            of ``mlc_kernels.ops.REGISTRY``: ``"reference"``, ``"torch"``, ``"native"``, ``"triton"``.
         validate: raise ``ValueError`` naming the first prompt with a non-finite present value
-            (one host sync). Without it such prompts get a NaN loss (with ``center``/``whiten`` the
-            whole batch: the mean is shared).
+            (one host sync, so it breaks a ``torch.compile`` graph). Without it such prompts get a NaN
+            loss (with ``center``/``whiten`` the whole batch: the mean is shared).
         guard: None (the plain loss) or components of ``mlc_kernels.guards.GUARDS`` joined by ``"+"``:
             ``center``, ``whiten``, ``uniform`` (with center or whiten), ``anchor``. With ``uniform`` the
             result is ``mean + uniform_weight * L_unif`` (``"sum"``: that times the number of eligible
