@@ -52,11 +52,18 @@ def _build() -> None:
     if not SOURCE.exists():
         raise FileNotFoundError(f"native kernel source not found at {SOURCE}")
     name = extension_name(SOURCE.read_text())
-    from torch.utils.cpp_extension import _get_build_directory
-
-    if not (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists():
+    if not _built_already(name):
         print(BUILD_MESSAGE, file=sys.stderr, flush=True)
     load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+
+
+def _built_already(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: guarded
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:
+        return False
 
 
 def native_error() -> Exception | None:
