@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 from torch import nn
@@ -16,82 +15,18 @@ from .guards import (
     parse_guard,
     uniformity,
 )
-from .ops import per_prompt_loss
+from .ops import (
+    FLOAT_DTYPES,
+    IMPLEMENTATION_NAMES,
+    ImplementationUnavailableError,  # noqa: F401  (re-exported: mlc_kernels.ImplementationUnavailableError)
+    per_prompt_loss,
+    resolve_impl,
+)
 from .ops.common import OBJECTIVES
 
-IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "torch", "native", "triton")
+IMPLEMENTATIONS: tuple[str, ...] = IMPLEMENTATION_NAMES
+"""The names ``impl=`` accepts: ``"auto"`` and those of ``mlc_kernels.ops.REGISTRY``."""
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
-FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class ImplementationUnavailableError(RuntimeError):
-    """An explicitly requested ``impl`` cannot run on this input or machine (never a silent fallback)."""
-
-
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def _check_triton_runnable(reps: torch.Tensor) -> None:
-    from .ops import triton_kernels  # noqa: F401  (imports triton)
-
-    if reps.dtype not in triton_kernels.SUPPORTED_DTYPES:
-        raise TypeError(
-            f"impl='triton' takes reps in float32, bfloat16 or float16, got {reps.dtype}; use impl='torch' for float64"
-        )
-    if reps.shape[1] > triton_kernels.MAX_VARIANTS:
-        raise ValueError(
-            f"impl='triton' supports at most {triton_kernels.MAX_VARIANTS} variants per prompt "
-            f"(reps.shape[1]), got {reps.shape[1]}; use impl='torch' for more"
-        )
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if reps.device.type != "cuda" and not (interpret and reps.device.type == "cpu"):
-        raise ImplementationUnavailableError(
-            f"impl='triton' needs a CUDA tensor, got reps on {reps.device}; "
-            "set TRITON_INTERPRET=1 to run the kernel on CPU through Triton's interpreter, or use impl='torch'"
-        )
-
-
-def _check_native_runnable(reps: torch.Tensor) -> None:
-    from .ops.native import native_error
-
-    if reps.device.type != "cpu":
-        raise ImplementationUnavailableError(f"impl='native' is the CPU kernel, got reps on {reps.device}")
-    err = native_error()
-    if err is not None:
-        raise ImplementationUnavailableError(f"impl='native' could not be built: {type(err).__name__}: {err}")
-
-
-def resolve_impl(impl: str, reps: torch.Tensor) -> str:
-    """The concrete implementation ``impl`` means for ``reps``; raises if an explicit one cannot run.
-
-    ``auto``: ``triton`` on CUDA (fp32/bf16/fp16, m <= 32), else ``torch``; on CPU ``native`` when
-    it builds (else ``torch``, with a one-time warning).
-    """
-    if impl not in IMPLEMENTATIONS:
-        raise ValueError(f"impl must be one of {IMPLEMENTATIONS}, got {impl!r}")
-    if impl == "auto":
-        if reps.device.type == "cuda":
-            if _triton_importable() and reps.dtype != torch.float64 and reps.shape[1] <= 32:
-                return "triton"
-            return "torch"
-        if reps.device.type == "cpu":
-            from .ops.native import native_available
-
-            if native_available(warn=True):
-                return "native"
-        return "torch"
-    if impl == "triton":
-        if not _triton_importable():
-            raise ImplementationUnavailableError("impl='triton' needs the triton package: pip install triton")
-        _check_triton_runnable(reps)
-    if impl == "native":
-        _check_native_runnable(reps)
-    return impl
 
 
 def check_mask(mask: torch.Tensor | None, n: int, m: int, device: torch.device) -> None:
@@ -169,11 +104,11 @@ def mlc_loss(
             ``"signed_pairwise"``, ``"anchor_cos"``, ``"signed_sv_softmax"`` (``ops.common.OBJECTIVES``).
         reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
             none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
-        impl: ``"auto"`` (triton on CUDA, native on CPU), ``"reference"``, ``"torch"``, ``"native"``,
-            ``"triton"``.
+        impl: ``"auto"`` (triton on CUDA, native on CPU, torch elsewhere, ``meta`` included) or a name
+            of ``mlc_kernels.ops.REGISTRY``: ``"reference"``, ``"torch"``, ``"native"``, ``"triton"``.
         validate: raise ``ValueError`` naming the first prompt with a non-finite present value
-            (one host sync). Without it such prompts get a NaN loss (with ``center``/``whiten`` the
-            whole batch: the mean is shared).
+            (one host sync, so it breaks a ``torch.compile`` graph). Without it such prompts get a NaN
+            loss (with ``center``/``whiten`` the whole batch: the mean is shared).
         guard: None (the plain loss) or components of ``mlc_kernels.guards.GUARDS`` joined by ``"+"``:
             ``center``, ``whiten``, ``uniform`` (with center or whiten), ``anchor``. With ``uniform`` the
             result is ``mean + uniform_weight * L_unif`` (``"sum"``: that times the number of eligible

@@ -76,6 +76,26 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("trainer-scale-ignores-processes", "mlc_kernels/trainers.py",
              "return self.accelerator.num_processes * self._trainer_loss_division",
              "return self._trainer_loss_division", ("tests/test_distributed.py",)),
+    # the registry, the native custom op, meta tensors and torch.compile
+    Mutation("registry-names-hardcoded", "mlc_kernels/loss.py", "IMPLEMENTATIONS: tuple[str, ...] = IMPLEMENTATION_NAMES",
+             'IMPLEMENTATIONS: tuple[str, ...] = ("auto", "reference", "torch", "native")', ("tests/test_registry.py",)),
+    Mutation("registry-triton-on-cpu", "mlc_kernels/ops/__init__.py", 'devices=("cuda", "meta"),',
+             'devices=("cuda", "cpu", "meta"),', ("tests/test_registry.py",)),
+    Mutation("native-fake-loss-dtype", "mlc_kernels/ops/native.py",
+             "loss_dtype = torch.float64 if reps.dtype == torch.float64 else torch.float32", "loss_dtype = torch.float32",
+             ("tests/test_registry.py",)),
+    Mutation("native-build-traced", "mlc_kernels/ops/native.py", "@torch.compiler.assume_constant_result\ndef build_problem",
+             "def build_problem", ("tests/test_registry.py",)),
+    Mutation("native-meta-builds", "mlc_kernels/ops/__init__.py",
+             'if reps.device.type == "meta":  # the fake kernel: nothing to build\n        return', "pass",
+             ("tests/test_registry.py",)),
+    Mutation("meta-autocast", "mlc_kernels/ops/common.py",
+             'if device.type == "meta":\n        return contextlib.nullcontext()', "", ("tests/test_registry.py",)),
+    Mutation("build-hash-ignores-torch", "mlc_kernels/ops/native.py", 'f"{torch_version}\\0{source_text}"',
+             'f"{source_text}"', ("tests/test_registry.py",)),
+    Mutation("dense-reference-keeps-padding", "mlc_kernels/ops/reference.py",
+             "valid = torch.arange(s.shape[1], device=reps.device) < rank[:, None]",
+             "valid = torch.arange(s.shape[1], device=reps.device) >= 0", ("tests/test_registry.py",)),
 )
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 
 import torch
 
@@ -32,6 +34,9 @@ G the cosine matrix and ``dloss/dZ = M Z``:
   ``M = (g_rho / (c rho)) 1 1^T + sum_{j >= 2} (g_j / s_j) v_j v_j^T`` (each term cut off below
   ``eps_s`` like ``g_j / s_j``).
 """
+
+MAX_VARIANTS = 32
+"""The largest m the Triton kernels support (tiles are 16x16 for m <= 16, else 32x32)."""
 
 SIGNED_OBJECTIVES: tuple[str, ...] = ("signed_pairwise", "anchor_cos", "signed_sv_softmax")
 """Objectives for which z and -z are not aligned."""
@@ -75,3 +80,15 @@ def deflated_cutoff(m: int, acc_dtype: torch.dtype) -> float:
     """The ``eps_s`` of deflated prompts: the residual rows are accurate to about ``eps`` each, so residual
     singular values below ``4 eps sqrt(m)`` are rounding noise (fp32, m = 10: 1.5e-6)."""
     return 4.0 * torch.finfo(acc_dtype).eps * math.sqrt(max(m, 1))
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast(device.type, enabled=False)``; a no-op for ``meta`` (not an autocast device)."""
+    if device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)

@@ -15,6 +15,7 @@ from .common import (
     NORM_EPS,
     OBJECTIVES,
     accumulation_dtype,
+    autocast_off,
     deflated_cutoff,
     singular_value_cutoff,
 )
@@ -34,7 +35,7 @@ def gram_loss_and_backward_matrix(
     the accumulation dtype (fp32, or fp64 for fp64 input). ``anchor``: row b of B is zeroed (the
     base row gets no gradient; the loss is unchanged).
     """
-    with torch.autocast(reps.device.type, enabled=False):  # the Gram matrix stays in fp32 under autocast
+    with autocast_off(reps.device):  # the Gram matrix stays in fp32 under autocast
         return _gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)
 
 
@@ -181,7 +182,7 @@ class GramMLCFunction(torch.autograd.Function):
         reps, present, bmat = ctx.saved_tensors
         scaled = bmat * grad_loss.to(bmat.dtype)[:, None, None]
         rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)  # masked rows may hold NaN
-        with torch.autocast(reps.device.type, enabled=False):
+        with autocast_off(reps.device):
             grad = scaled @ rows
         return grad.to(reps.dtype), None, None, None, None
 

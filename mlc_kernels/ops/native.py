@@ -1,13 +1,24 @@
 """The native CPU kernel (``csrc/mlc_native.cpp``), built lazily with ``torch.utils.cpp_extension``.
 
-The build runs on first use (about a minute on 2 cores, then cached in the torch extensions folder)
-against the installed torch, so ``pip install`` never needs torch in a build environment. When it
-cannot be built, :func:`native_available` returns False: ``impl="auto"`` then uses the torch impl
-and warns once; ``impl="native"`` raises.
+The build runs on first use (about 15 s on 2 cores, then cached in the torch extensions folder)
+against the installed torch, so ``pip install`` never needs torch in a build environment. The build
+folder is named after a hash of the source text and the torch version (:func:`extension_name`), so
+checkouts with different sources, or several torch versions, keep their own builds instead of
+rebuilding each other's. Every build registers the C++ op as ``torch.ops.mlc_native.mlc_fused``:
+a process loads only one of them (the one matching its source), so the namespace never clashes.
+When it cannot be built, :func:`native_available` returns False: ``impl="auto"`` then uses the
+torch impl and warns once; ``impl="native"`` raises.
+
+``torch.ops.mlc_kernels.native_forward`` wraps the C++ op as a ``torch.library`` custom op with a
+fake kernel (shapes only, never builds) and an autograd formula, so ``torch.compile`` and ``meta``
+tensors see it. Eager CPU calls skip the custom-op dispatch (like the Triton op) and save memory
+with an in-place backward.
 """
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import threading
 import warnings
 from pathlib import Path
@@ -23,8 +34,16 @@ _CANDIDATES = (
 )
 SOURCE = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 
+BUILD_MESSAGE = "mlc_kernels: building the CPU kernel once (about 15 s; cached afterwards) ..."
+
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+
+
+def extension_name(source_text: str, torch_version: str = torch.__version__) -> str:
+    """``mlc_native_<hash8>``: the build folder of this source text under this torch version."""
+    digest = hashlib.sha256(f"{torch_version}\0{source_text}".encode()).hexdigest()
+    return f"mlc_native_{digest[:8]}"
 
 
 def _build() -> None:
@@ -32,17 +51,25 @@ def _build() -> None:
 
     if not SOURCE.exists():
         raise FileNotFoundError(f"native kernel source not found at {SOURCE}")
-    load(
-        name="mlc_native",
-        sources=[str(SOURCE)],
-        extra_cflags=["-O3"],
-        is_python_module=False,
-        verbose=False,
-    )
+    name = extension_name(SOURCE.read_text())
+    if not _built_already(name):
+        print(BUILD_MESSAGE, file=sys.stderr, flush=True)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+
+
+def _built_already(name: str) -> bool:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private: guarded
+
+        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+    except Exception:
+        return False
 
 
 def native_error() -> Exception | None:
     """Build (once) and return the build error, or None when ``torch.ops.mlc_native`` is ready."""
+    if "error" in _state:  # built (or failed) already: no lock
+        return _state["error"]  # type: ignore[return-value]
     with _lock:
         if "error" not in _state:
             try:
@@ -67,6 +94,65 @@ def native_available(warn: bool = False) -> bool:
     return err is None
 
 
+@torch.compiler.assume_constant_result
+def build_problem() -> str | None:
+    """Why the native kernel cannot run here (``"OSError: ..."``), or None once it is built.
+
+    ``torch.compile`` calls it outside the traced graph (the build and its lock are not traceable)
+    and treats the answer as a constant.
+    """
+    err = native_error()
+    return None if err is None else f"{type(err).__name__}: {err}"
+
+
+@torch.compiler.assume_constant_result
+def usable_for_auto() -> bool:
+    """:func:`native_available` with the one-time warning, callable inside ``torch.compile``."""
+    return native_available(warn=True)
+
+
+def _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff) -> tuple[torch.Tensor, torch.Tensor]:
+    err = native_error()
+    if err is not None:
+        raise RuntimeError(f"native kernel unavailable: {type(err).__name__}: {err}")
+    return torch.ops.mlc_native.mlc_fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
+
+
+@torch.library.custom_op("mlc_kernels::native_forward", mutates_args=(), device_types="cpu")
+def native_forward(
+    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_grad: bool, sv_cutoff: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-prompt loss ``(N,)`` (fp32; fp64 for fp64 reps) and unscaled gradient ``(N, m, d)`` in the
+    dtype of reps (``(0, m, d)`` unless ``write_grad``). Builds the kernel on first use."""
+    return _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
+
+
+@native_forward.register_fake
+def _native_forward_fake(reps, mask, tau, objective, anchor, write_grad, sv_cutoff):
+    n, m, d = reps.shape
+    loss_dtype = torch.float64 if reps.dtype == torch.float64 else torch.float32
+    return reps.new_empty((n,), dtype=loss_dtype), reps.new_empty((n if write_grad else 0, m, d))
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(output[1])
+    ctx.n = inputs[0].shape[0]
+
+
+def _backward(ctx, grad_loss: torch.Tensor | None, _grad_grad: torch.Tensor | None):
+    (grad,) = ctx.saved_tensors
+    if grad_loss is None:
+        return None, None, None, None, None, None, None
+    if grad.shape[0] != ctx.n:
+        raise RuntimeError("mlc_loss(impl='native'): the forward ran without gradient; cannot backpropagate")
+    return grad * grad_loss.to(grad.dtype)[:, None, None], None, None, None, None, None, None
+
+
+native_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
 def native_loss_and_grad(
     reps: torch.Tensor,
     present: torch.Tensor,
@@ -78,17 +164,19 @@ def native_loss_and_grad(
     """Per-prompt loss ``(N,)`` (fp32; fp64 for fp64 input) and per-prompt gradient ``(N, m, d)``
     in the dtype of reps (empty when not ``write_grad``). No autograd. ``anchor``: the base row
     (first present variant) gets zero gradient."""
-    err = native_error()
-    if err is not None:
-        raise RuntimeError(f"native kernel unavailable: {err}")
+    args = _arguments(reps, present, tau, objective, anchor)
+    if reps.device.type == "meta" or torch.compiler.is_compiling():
+        return native_forward(*args[:5], write_grad, args[5])
+    return _fused(*args[:5], write_grad, args[5])
+
+
+def _arguments(reps, present, tau, objective, anchor) -> tuple:
     cutoff = singular_value_cutoff(reps.shape[2], reps.shape[1], torch.float64)
-    return torch.ops.mlc_native.mlc_fused(
-        reps, present, float(tau), OBJECTIVES.index(objective), bool(anchor), write_grad, cutoff
-    )
+    return reps, present, float(tau), OBJECTIVES.index(objective), bool(anchor), cutoff
 
 
 class NativeMLCFunction(torch.autograd.Function):
-    """Autograd wrapper: the forward writes the per-prompt gradient, the backward scales it in place."""
+    """Eager autograd wrapper: the forward writes the per-prompt gradient, the backward scales it in place."""
 
     @staticmethod
     def forward(
@@ -109,7 +197,12 @@ class NativeMLCFunction(torch.autograd.Function):
 def native_mlc_loss(
     reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
 ) -> torch.Tensor:
-    """Per-prompt MLC loss ``(N,)`` through the native kernel."""
-    if reps.requires_grad and torch.is_grad_enabled():
+    """Per-prompt MLC loss ``(N,)`` through the native kernel (the custom op under ``torch.compile``
+    and for ``meta`` tensors, a plain autograd Function in eager CPU calls)."""
+    write_grad = bool(reps.requires_grad and torch.is_grad_enabled())
+    if reps.device.type == "meta" or torch.compiler.is_compiling():
+        args = _arguments(reps, present, tau, objective, anchor)
+        return native_forward(*args[:5], write_grad, args[5])[0]
+    if write_grad:
         return NativeMLCFunction.apply(reps, present, tau, objective, anchor)
     return native_loss_and_grad(reps, present, tau, objective, write_grad=False, anchor=anchor)[0]

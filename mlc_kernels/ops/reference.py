@@ -3,6 +3,11 @@
 This is the oracle of the tests (run in float64) and the baseline of the benchmarks. It is
 deliberately not optimised: plain autograd through ``svdvals``, one batched call per distinct
 mask pattern so that missing variants are simply left out of the matrix.
+
+Under ``torch.compile`` and for ``meta`` tensors (no values to group by) the same formula runs on
+the whole ``(N, m, d)`` batch with masks instead (:func:`_dense_reference_mlc_loss`): missing rows
+are zero, which adds only zero singular values past the ``min(c, d)`` real ones, and those are
+left out of the softmax. The tests hold both forms to the same values and gradients.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import NORM_EPS
+from .common import NORM_EPS, autocast_off
 
 
 def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
@@ -43,8 +48,49 @@ def reference_mlc_loss(
     (fp16/bf16 are promoted to fp32, which ``svdvals`` needs); differentiable by autograd.
     ``anchor``: stop-gradient on each prompt's base row (its first present variant): ``z_b.detach()``.
     """
-    with torch.autocast(reps.device.type, enabled=False):
+    with autocast_off(reps.device):
+        if reps.device.type == "meta" or torch.compiler.is_compiling():
+            return _dense_reference_mlc_loss(reps, present, tau, objective, anchor)
         return _reference_mlc_loss(reps, present, tau, objective, anchor)
+
+
+def _dense_reference_mlc_loss(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> torch.Tensor:
+    """:func:`reference_mlc_loss` without data-dependent shapes or branches (masks in place of groups)."""
+    work = reps if reps.dtype in (torch.float32, torch.float64) else reps.float()
+    n, m, d = reps.shape
+    z = F.normalize(torch.where(present[..., None], work, 0.0), dim=-1, eps=NORM_EPS)
+    count = present.sum(dim=1)
+    k = count.to(work.dtype).clamp_min(1.0)
+    is_base = F.one_hot(torch.argmax(present.to(torch.uint8), dim=1), m).bool() & present  # first present row
+    if anchor:
+        z = torch.where(is_base[..., None], z.detach(), z)
+    if objective in ("pairwise", "signed_pairwise"):
+        cos = z @ z.mT
+        upper = torch.ones(m, m, dtype=torch.bool, device=reps.device).triu(diagonal=1)
+        pair = present[:, :, None] & present[:, None, :] & upper
+        terms = torch.where(pair, 1.0 - (cos if objective == "signed_pairwise" else cos**2), 0.0)
+        loss = terms.sum(dim=(1, 2)) / (k * (k - 1) / 2).clamp_min(1.0)
+    elif objective == "anchor_cos":
+        base = (z * is_base[..., None]).sum(dim=1).detach()
+        terms = torch.where(present & ~is_base, 1.0 - (z * base[:, None]).sum(dim=-1), 0.0)
+        loss = terms.sum(dim=1) / (k - 1).clamp_min(1.0)
+    else:
+        finite = torch.where(torch.isfinite(z), z, 0.0)
+        s = torch.linalg.svdvals(finite)  # (N, min(m, d)); past min(c, d) only the zeros of missing rows
+        if objective == "rank1":
+            loss = 1.0 - s[:, 0] ** 2 / k
+        else:
+            if objective == "signed_sv_softmax":
+                rho = finite.sum(dim=1).norm(dim=-1) / k.sqrt()
+                s = torch.cat([rho[:, None], s[:, 1:]], dim=1)
+            rank = torch.minimum(count, torch.full_like(count, d)).clamp_min(1)
+            valid = torch.arange(s.shape[1], device=reps.device) < rank[:, None]
+            logits = torch.where(valid, s / tau, float("-inf"))
+            loss = -torch.log_softmax(logits, dim=-1)[:, 0]
+    loss = torch.where(count >= 2, loss, 0.0)
+    return loss + 0.0 * torch.where(present[..., None], work, 0.0).sum(dim=(1, 2))
 
 
 def _reference_mlc_loss(

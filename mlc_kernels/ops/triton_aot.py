@@ -16,13 +16,14 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import re
 import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .common import interpreting
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -128,7 +129,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, constexprs: dict, options: d
 
 def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
     """Compile every kernel of every (dtype, config) the dispatcher can pick on each arch, once each."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+    if interpreting():
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a separate process)")
     from .triton_kernels import all_kernel_configs
 

@@ -19,18 +19,14 @@ forward+backward reads reps twice and writes the gradient once. Both ops are reg
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .common import OBJECTIVES, singular_value_cutoff
+from .common import MAX_VARIANTS, OBJECTIVES, interpreting, singular_value_cutoff
 from .triton_tuned import TUNED
-
-MAX_VARIANTS = 32
-"""The largest m the kernels support (tiles are 16x16 for m <= 16, else 32x32)."""
 
 MAX_SWEEPS = 12
 """Jacobi sweeps at most; converged inputs stop after 1-2, random ones after 5-7 (fp32)."""
@@ -421,11 +417,6 @@ def gram_splits(n: int, d: int, cfg: KernelConfig) -> tuple[int, int]:
     want = min(blocks, max(1, triton.cdiv(cfg.gram_programs, max(n, 1))))
     chunk = triton.cdiv(blocks, want) * cfg.gram_block_d
     return triton.cdiv(max(d, 1), chunk), chunk
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _patch_interpreter_bf16_dot() -> None:
