@@ -314,17 +314,17 @@ def mlc_small_kernel(
         info = defl_ptr + pid * (3 * M_PAD)
         if DEFLATE:
             if tl.load(info + 2 * M_PAD) > 0.0:  # flagged: finite, >= 2 present rows, lambda_2 small
+                # E E^T, scaled to unit trace (no marker entries: masked rows stay exact zeros, decoupled);
+                # its eigensolver runs before G is formed, so that G is not live through the sweeps
+                small = _sum_partials(resid_ptr, pid, r_splits, tile, M_PAD)
+                scale = tl.sum(tl.sum(tl.where(eye, small, 0.0), axis=1), axis=0)
+                scale = tl.where(scale > 1.1754944e-38, scale, 1.0)
+                lam_r, vec_r = _jacobi_eigh(small / scale, eye, rows, k, M_PAD, N_SWEEPS)
+                lam_r = lam_r * scale
                 present, bad, norms, inv, pair, gram, count, base = _cosines(
                     part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
                 v1 = tl.load(info + rows)
                 lam1 = tl.load(info + 2 * M_PAD + 1)
-                # E E^T, scaled to unit trace (no marker entries: masked rows stay exact zeros, decoupled)
-                small = _sum_partials(resid_ptr, pid, r_splits, tile, M_PAD)
-                scale = tl.sum(tl.where(eye, small, 0.0), axis=1)
-                scale = tl.sum(tl.where(present, scale, 0.0), axis=0)
-                scale = tl.where(scale > 1.1754944e-38, scale, 1.0)
-                lam_r, vec_r = _jacobi_eigh(small / scale, eye, rows, k, M_PAD, N_SWEEPS)
-                lam_r = lam_r * scale
                 # the c residual eigenpairs of the present rows hold the c - 1 small singular pairs and the
                 # null direction v_1 (the smallest): that slot takes (lambda_1, v_1)
                 rank_r = _descending_rank(lam_r, present, rows)
@@ -345,11 +345,13 @@ def mlc_small_kernel(
                 shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
                 shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
                 lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
+                if M_PAD > 16:  # G again from the partials (the same values): not live through the sweeps,
+                    # which kept ptxas from spilling with one warp per 32 x 32 prompt
+                    present, bad, norms, inv, pair, gram, count, base = _cosines(
+                        part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
                 valid = present & (lam > -0.5)
                 rank = _descending_rank(lam, valid, rows)
-                loss, mmat = _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau,
-                                                 sv_cutoff, objective)  # fmt: skip
-                if deflate:
+                if deflate:  # stored at once: nothing more stays live through the objective
                     top = valid & (rank == 0)
                     lam1 = tl.sum(tl.where(top, lam, 0.0), axis=0)
                     lam2 = tl.sum(tl.where(valid & (rank == 1), lam, 0.0), axis=0)
@@ -358,6 +360,8 @@ def mlc_small_kernel(
                     tl.store(info + M_PAD + rows, tl.where(present, inv, 0.0))
                     tl.store(info + 2 * M_PAD + rows, tl.where(rows == 0, flag.to(tl.float32),
                                                                tl.where(rows == 1, lam1, 0.0)))  # fmt: skip
+                loss, mmat = _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau,
+                                                 sv_cutoff, objective)  # fmt: skip
             else:
                 loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
             _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
