@@ -42,10 +42,6 @@ def contract_bound(impl: str, dtype: torch.dtype, delta: float, m: int) -> float
 def test_gradient_matches_float64_reference_near_collinearity(impl, dtype, delta, objective):
     if dtype == torch.float64 and impl == "triton":
         pytest.skip("triton takes fp32/bf16/fp16")
-    if impl == "triton":
-        # the Triton kernel does not deflate yet: its fp32 Gram route cuts these gradients off (a known gap,
-        # README "Numerics")
-        pytest.xfail("the Triton kernel's fp32 Gram route without deflation")
     reps = near_collinear(6, 5, 64, delta).to(dtype)
     _, ref = loss_and_grad(reps.double(), None, "reference", objective=objective)  # the same rounded input
     _, got = loss_and_grad(reps.to(impl_device(impl)), None, impl, objective=objective)

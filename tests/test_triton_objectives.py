@@ -165,3 +165,31 @@ def test_shipped_tuned_entry_is_used_and_compiled(monkeypatch):
     assert cfg == triton_kernels.KernelConfig(**entry)
     assert triton_kernels.kernel_config(10, torch.bfloat16, 80) != cfg  # only for its own arch
     assert (90, torch.bfloat16, cfg) in triton_kernels.all_kernel_configs()
+
+
+@pytest.mark.parametrize("objective", ["sv_softmax", "signed_sv_softmax"])
+@pytest.mark.parametrize(("m", "d"), [(20, 64), (6, 4)])  # M_PAD 32; m > d
+def test_deflation_with_masks(objective, m, d):
+    """Near collinearity (delta 1e-4) the kernel deflates like ``gram_torch._deflate`` with masked rows (holding
+    NaN, never read) and M_PAD 32: its fp32 gradient meets the converged contract's bound against the float64
+    reference (tests/test_converged.py). m > d is ill-conditioned there (a kept singular value near 0; the
+    torch impl misses the bound as well): finite, the loss of the torch impl. Bitwise deterministic."""
+    from helpers import loss_and_grad, near_collinear
+
+    reps = near_collinear(3, m, d, 1e-4, seed=4).float()
+    present = torch.ones(3, m, dtype=torch.bool)
+    present[0, 1] = present[1, m - 1] = present[2, 0] = present[2, 2] = False
+    clean = torch.where(present[..., None], reps, 0.0)
+    reps[~present] = float("nan")
+    dev = impl_device("triton")
+    loss, got = triton_loss_and_grad(reps.to(dev), present.to(dev), 1.0, objective)
+    again = triton_loss_and_grad(reps.to(dev), present.to(dev), 1.0, objective)
+    assert torch.equal(loss, again[0]) and torch.equal(got, again[1])
+    got = got.double().cpu()
+    assert torch.isfinite(got).all() and (got[~present] == 0).all()
+    torch_loss, _ = loss_and_grad(clean, present, "torch", objective=objective)
+    torch.testing.assert_close(loss.double().cpu(), torch_loss, rtol=1e-5, atol=1e-5)
+    if m <= d:
+        _, ref = loss_and_grad(clean.double(), present, "reference", objective=objective)
+        err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
+        assert float(err.max()) <= 16 * 6e-8 / 1e-4, err.tolist()  # the converged contract's fp32 bound

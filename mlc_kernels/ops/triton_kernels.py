@@ -7,6 +7,12 @@
    (bitwise deterministic), forms the cosine matrix G with masks and non-finite detection, runs
    the Jacobi eigensolver when the objective needs one, and writes the per-prompt loss and the
    ``(M_PAD, M_PAD)`` fp32 matrix ``B`` with ``dloss/dR = B R``.
+   Near collinearity (the softmax objectives, ``lambda_2 < DEFLATION_RATIO * lambda_1``) it flags the
+   prompt and writes v_1 and the row norms; ``mlc_residual_kernel`` (grid ``(N, splits)``, unflagged
+   prompts exit at once) streams the rows again for the partial residual Grams ``E E^T`` with
+   ``E = (I - v_1 v_1^T) Z`` formed in fp32 per d-block, and a second pass of the small kernel
+   (``DEFLATE=True``) takes the small singular pairs from the unit-trace-scaled ``E E^T`` (its own Jacobi)
+   and rewrites those prompts' loss and ``B``: the torch impl's deflation (``gram_torch._deflate``).
 3. ``mlc_grad_kernel``, grid ``(N, d_chunks)``: streams the rows once more and writes
    ``g_n B_n R_n`` in the input dtype (``g``: the incoming gradient of each prompt's loss).
 
@@ -25,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import MAX_VARIANTS, OBJECTIVES, interpreting, singular_value_cutoff
+from . import common
+from .common import MAX_VARIANTS, OBJECTIVES, deflated_cutoff, interpreting, singular_value_cutoff
 from .triton_tuned import TUNED
 
 MAX_SWEEPS = 12
@@ -33,6 +40,10 @@ MAX_SWEEPS = 12
 
 EIGEN_OBJECTIVES = (0, 1, 5)
 """Codes of the objectives that need the eigen-decomposition of G (the others are pairwise sums)."""
+
+DEFLATED_OBJECTIVES = (0, 5)
+"""Codes of the objectives whose gradient needs the small singular pairs: they deflate near collinearity
+(``ops.common.DEFLATION_RATIO``). rank1 needs only (lambda_1, v_1), which deflation leaves as they are."""
 
 
 @triton.jit
@@ -135,14 +146,17 @@ def mlc_gram_kernel(
 
 
 @triton.jit
-def _eigen_objective(gram, shifted, present, pair, eye, rows, m, d, count, count_f, inv_tau, sv_cutoff, objective,
-                     M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):  # fmt: skip
-    """Loss and M of the eigen objectives (sv_softmax 0, rank1 1, signed_sv_softmax 5)."""
-    k = m + (m % 2)
-    lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
-    valid = present & (lam > -0.5)
+def _descending_rank(lam, valid, rows):
+    """Position of each valid eigenvalue in descending order (ties by index); invalid ones are not counted."""
     ahead = (lam[None, :] > lam[:, None]) | ((lam[None, :] == lam[:, None]) & (rows[None, :] < rows[:, None]))
-    rank = tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
+    return tl.sum((ahead & valid[None, :]).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau, sv_cutoff, objective):
+    """Loss and M of the eigen objectives (sv_softmax 0, rank1 1, signed_sv_softmax 5) from the spectrum:
+    eigenvalues ``lam`` with eigenvectors the columns of ``vec``, ``rank`` their descending order among the
+    ``valid`` ones; ``g_j / s_j`` is cut off below ``sv_cutoff``."""
     kept = valid & (rank < tl.minimum(count, d))  # Z has min(m_n, d) singular values
     top = valid & (rank == 0)
     sv = tl.sqrt(tl.maximum(lam, 0.0))
@@ -198,83 +212,205 @@ def _pairwise_objective(gram, pair, eye, rows, base, count_f, objective):
 
 
 @triton.jit
+def _sum_partials(ptr, pid, n_splits, tile, M_PAD: tl.constexpr):
+    """Sum of the ``(M_PAD, M_PAD)`` partials of prompt ``pid`` in split order with Kahan compensation."""
+    raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    for s in range(n_splits):
+        part = tl.load(ptr + (pid * n_splits + s) * (M_PAD * M_PAD) + tile) - carry
+        total = raw + part
+        carry = (total - raw) - part
+        raw = total
+    return raw
+
+
+@triton.jit
+def _cosines(part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD: tl.constexpr):
+    """The prompt's masks, row norms and cosine matrix G from its partial Gram matrices."""
+    present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+    raw = _sum_partials(part_ptr, pid, n_splits, tile, M_PAD)
+    sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
+    bad = tl.sum((present & ~(sq < 3.0e38)).to(tl.int32), axis=0) > 0  # NaN or inf in a present row
+    norms = tl.sqrt(sq)
+    inv = 1.0 / tl.maximum(norms, 1e-12)
+    pair = present[:, None] & present[None, :]
+    gram = tl.where(pair, raw * inv[:, None] * inv[None, :], 0.0)
+    gram = tl.where(bad, 0.0, gram)
+    count = tl.sum(present.to(tl.int32), axis=0)
+    base = tl.min(tl.where(present, rows, M_PAD), axis=0)  # the first present variant
+    return present, bad, norms, inv, pair, gram, count, base
+
+
+@triton.jit
+def _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base, count, bad,
+                   anchor, write_b, M_PAD: tl.constexpr):  # fmt: skip
+    """Store the loss and, if write_b, B = D (M - diag((M G)_ll)) D with D = diag(1 / max(|r_l|, eps))."""
+    eligible = count >= 2
+    loss = tl.where(eligible, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(loss_ptr + pid, loss)
+    if write_b:
+        mmat = tl.where(eligible, mmat, 0.0)
+        nonzero = norms > 1e-12
+        proj = tl.where(nonzero, tl.sum(mmat * gram, axis=1), 0.0)
+        out_scale = tl.where(nonzero, inv, 0.0)  # a zero row has no direction: zero gradient
+        bmat = (mmat - tl.where(eye, proj[:, None], 0.0)) * out_scale[:, None] * inv[None, :]
+        bmat = tl.where(pair, bmat, 0.0)
+        bmat = tl.where(anchor & (rows[:, None] == base), 0.0, bmat)  # stop-gradient on the base row
+        bmat = tl.where(bad, float("nan"), bmat)
+        tl.store(bmat_ptr + pid * (M_PAD * M_PAD) + tile, bmat)
+
+
+@triton.jit
 def mlc_small_kernel(
     part_ptr,
     mask_ptr,
     loss_ptr,
     bmat_ptr,
+    defl_ptr,
+    resid_ptr,
     n,
     m,
     d,
     n_splits,
+    r_splits,
     inv_tau,
     sv_cutoff,
+    defl_ratio,
+    defl_cutoff,
     objective,
     anchor,
     write_b,
+    deflate,
     M_PAD: tl.constexpr,
     PROMPTS: tl.constexpr,
     N_SWEEPS: tl.constexpr,
+    DEFLATE: tl.constexpr,
 ):
     """Per prompt: sum the partial Gram matrices, loss (N,) fp32 and, if write_b, B (N, M_PAD, M_PAD) fp32
-    with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8."""
+    with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8.
+
+    Deflation (``ops.common.DEFLATION_RATIO``), for the eigen objectives when ``deflate``: the first pass
+    (``DEFLATE=False``) writes ``defl`` (N, 3, M_PAD) fp32: v_1, the inverse row norms and
+    ``(flag, lambda_1)``, with flag 1 where ``lambda_2 < defl_ratio * lambda_1``. ``mlc_residual_kernel``
+    then writes the residual Grams' partials ``resid`` (N, r_splits, M_PAD, M_PAD), and the second pass
+    (``DEFLATE=True``) recomputes each flagged prompt's spectrum from them and overwrites its loss and B;
+    unflagged prompts exit after reading their flag."""
     rows = tl.arange(0, M_PAD)
     eye = rows[:, None] == rows[None, :]
     tile = rows[:, None] * M_PAD + rows[None, :]
-    in_range = rows < m
     inv_tau = tl.cast(inv_tau, tl.float32)  # torch.compile may pass Python floats as fp64
     sv_cutoff = tl.cast(sv_cutoff, tl.float32)
+    defl_ratio = tl.cast(defl_ratio, tl.float32)
+    defl_cutoff = tl.cast(defl_cutoff, tl.float32)
+    k = m + (m % 2)  # the Jacobi sweeps rotate the first k (even) indices
     for j in range(PROMPTS):
         # the last program may run past N: it recomputes prompt N-1 (same values, same stores)
         pid = tl.minimum(tl.program_id(0) * PROMPTS + j, n - 1).to(tl.int64)
-        present = tl.load(mask_ptr + pid * m + rows, mask=in_range, other=0) != 0
+        info = defl_ptr + pid * (3 * M_PAD)
+        if DEFLATE:
+            if tl.load(info + 2 * M_PAD) > 0.0:  # flagged: finite, >= 2 present rows, lambda_2 small
+                # E E^T, scaled to unit trace (no marker entries: masked rows stay exact zeros, decoupled);
+                # its eigensolver runs before G is formed, so that G is not live through the sweeps
+                small = _sum_partials(resid_ptr, pid, r_splits, tile, M_PAD)
+                scale = tl.sum(tl.sum(tl.where(eye, small, 0.0), axis=1), axis=0)
+                scale = tl.where(scale > 1.1754944e-38, scale, 1.0)
+                lam_r, vec_r = _jacobi_eigh(small / scale, eye, rows, k, M_PAD, N_SWEEPS)
+                lam_r = lam_r * scale
+                present, bad, norms, inv, pair, gram, count, base = _cosines(
+                    part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+                v1 = tl.load(info + rows)
+                lam1 = tl.load(info + 2 * M_PAD + 1)
+                # the c residual eigenpairs of the present rows hold the c - 1 small singular pairs and the
+                # null direction v_1 (the smallest): that slot takes (lambda_1, v_1)
+                rank_r = _descending_rank(lam_r, present, rows)
+                drop = present & (rank_r == count - 1)
+                lam = tl.where(drop, lam1, lam_r)
+                vec = tl.where(drop[None, :], v1[:, None], vec_r)
+                rank = tl.where(drop, 0, rank_r + 1)
+                count_f = tl.maximum(count, 1).to(tl.float32)
+                loss, mmat = _spectral_objective(gram, lam, vec, present, rank, pair, d, count, count_f, inv_tau,
+                                                 defl_cutoff, objective)  # fmt: skip
+                _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
+                               count, bad, anchor, write_b, M_PAD)  # fmt: skip
+        else:
+            present, bad, norms, inv, pair, gram, count, base = _cosines(
+                part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+            count_f = tl.maximum(count, 1).to(tl.float32)
+            if (objective == 0) | (objective == 1) | (objective == 5):
+                shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
+                shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
+                lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
+                if M_PAD > 16:  # G again from the partials (the same values): not live through the sweeps,
+                    # which kept ptxas from spilling with one warp per 32 x 32 prompt
+                    present, bad, norms, inv, pair, gram, count, base = _cosines(
+                        part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+                valid = present & (lam > -0.5)
+                rank = _descending_rank(lam, valid, rows)
+                if deflate:  # stored at once: nothing more stays live through the objective
+                    top = valid & (rank == 0)
+                    lam1 = tl.sum(tl.where(top, lam, 0.0), axis=0)
+                    lam2 = tl.sum(tl.where(valid & (rank == 1), lam, 0.0), axis=0)
+                    flag = (count >= 2) & ~bad & (lam2 < defl_ratio * lam1)
+                    tl.store(info + rows, tl.sum(tl.where(top[None, :], vec, 0.0), axis=1))  # v_1
+                    tl.store(info + M_PAD + rows, tl.where(present, inv, 0.0))
+                    tl.store(info + 2 * M_PAD + rows, tl.where(rows == 0, flag.to(tl.float32),
+                                                               tl.where(rows == 1, lam1, 0.0)))  # fmt: skip
+                loss, mmat = _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau,
+                                                 sv_cutoff, objective)  # fmt: skip
+            else:
+                loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
+            _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
+                           count, bad, anchor, write_b, M_PAD)  # fmt: skip
 
-        # 1. the Gram matrix: partials summed in split order with Kahan compensation
+
+@triton.jit
+def mlc_residual_kernel(
+    reps_ptr,
+    mask_ptr,
+    defl_ptr,
+    resid_ptr,
+    m,
+    d,
+    stride_n,
+    stride_m,
+    chunk,
+    n_splits,
+    M_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """Partial residual Grams E E^T of the prompts flagged for deflation, with E = (I - v_1 v_1^T) Z formed
+    in fp32 per d-block from the rows (Z = diag(1 / |r|) R; accurate to eps * |z|). defl: (N, 3, M_PAD)
+    fp32 from the small kernel's first pass; resid: (N, n_splits, M_PAD, M_PAD) fp32, written only for
+    flagged prompts (the others exit after reading their flag). Program (n, s) covers
+    d in [s*chunk, (s+1)*chunk)."""
+    pid = tl.program_id(0).to(tl.int64)
+    sid = tl.program_id(1)
+    info = defl_ptr + pid * (3 * M_PAD)
+    if tl.load(info + 2 * M_PAD) > 0.0:
+        rows = tl.arange(0, M_PAD)
+        present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+        v1 = tl.where(present, tl.load(info + rows), 0.0)
+        inv = tl.where(present, tl.load(info + M_PAD + rows), 0.0)
+        coef = v1 * inv  # v_1^T Z = sum_i (v1_i / |r_i|) r_i
+        cols = tl.arange(0, BLOCK_D)
+        row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
+        begin = sid * chunk
+        stop = tl.minimum(begin + chunk, d)
         raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
         carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-        for s in range(n_splits):
-            part = tl.load(part_ptr + (pid * n_splits + s) * (M_PAD * M_PAD) + tile) - carry
+        for start in range(begin, stop, BLOCK_D):
+            offs = start + cols
+            x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < stop), other=0.0)
+            x = x.to(tl.float32)
+            along = tl.sum(x * coef[:, None], axis=0)  # (v_1^T Z) on this block
+            e = x * inv[:, None] - v1[:, None] * along[None, :]
+            part = tl.dot(e, tl.trans(e), input_precision="ieee") - carry
             total = raw + part
             carry = (total - raw) - part
             raw = total
-
-        # 2. cosine matrix, masks, non-finite detection
-        sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
-        bad = tl.sum((present & ~(sq < 3.0e38)).to(tl.int32), axis=0) > 0  # NaN or inf in a present row
-        norms = tl.sqrt(sq)
-        inv = 1.0 / tl.maximum(norms, 1e-12)
-        pair = present[:, None] & present[None, :]
-        gram = tl.where(pair, raw * inv[:, None] * inv[None, :], 0.0)
-        gram = tl.where(bad, 0.0, gram)
-        count = tl.sum(present.to(tl.int32), axis=0)
-        count_f = tl.maximum(count, 1).to(tl.float32)
-        base = tl.min(tl.where(present, rows, M_PAD), axis=0)  # the first present variant
-
-        # 3. loss and M (dloss/dZ = M Z)
-        if (objective == 0) | (objective == 1) | (objective == 5):
-            shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
-            shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
-            loss, mmat = _eigen_objective(gram, shifted, present, pair, eye, rows, m, d, count, count_f, inv_tau,
-                                          sv_cutoff, objective, M_PAD, N_SWEEPS)  # fmt: skip
-        else:
-            loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
-
-        eligible = count >= 2
-        loss = tl.where(eligible, loss, 0.0)
-        loss = tl.where(bad, float("nan"), loss)
-        tl.store(loss_ptr + pid, loss)
-
-        # 4. B = D (M - diag((M G)_ll)) D with D = diag(1 / max(|r_l|, eps))
-        if write_b:
-            mmat = tl.where(eligible, mmat, 0.0)
-            nonzero = norms > 1e-12
-            proj = tl.where(nonzero, tl.sum(mmat * gram, axis=1), 0.0)
-            out_scale = tl.where(nonzero, inv, 0.0)  # a zero row has no direction: zero gradient
-            bmat = (mmat - tl.where(eye, proj[:, None], 0.0)) * out_scale[:, None] * inv[None, :]
-            bmat = tl.where(pair, bmat, 0.0)
-            bmat = tl.where(anchor & (rows[:, None] == base), 0.0, bmat)  # stop-gradient on the base row
-            bmat = tl.where(bad, float("nan"), bmat)
-            tl.store(bmat_ptr + pid * (M_PAD * M_PAD) + tile, bmat)
+        out = resid_ptr + (pid * n_splits + sid) * (M_PAD * M_PAD) + rows[:, None] * M_PAD + rows[None, :]
+        tl.store(out, raw)
 
 
 @triton.jit
@@ -337,7 +473,9 @@ class KernelConfig:
 
     ``gram_programs``: the Gram kernel splits d so that about this many programs run
     (``N * splits``); ``small_prompts``: prompts per program of the small kernel;
-    ``grad_blocks``: ``BLOCK_D`` blocks streamed by each program of the gradient kernel.
+    ``grad_blocks``: ``BLOCK_D`` blocks streamed by each program of the gradient kernel;
+    ``resid_*``: the residual-Gram kernel of the deflation (fp32 tiles whatever the input dtype; its d is
+    split like the Gram kernel's, into ``resid_block_d`` multiples).
     """
 
     m_pad: int
@@ -351,6 +489,9 @@ class KernelConfig:
     grad_warps: int = 4
     grad_stages: int = 3
     grad_blocks: int = 4
+    resid_block_d: int = 64
+    resid_warps: int = 4
+    resid_stages: int = 2
 
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -387,7 +528,8 @@ def kernel_config(m: int, dtype: torch.dtype, arch: int = 90) -> KernelConfig:
 
 
 INTERPRETER_CONFIG = {
-    m_pad: KernelConfig(m_pad, gram_block_d=16, gram_programs=8, grad_block_d=16, grad_blocks=2) for m_pad in (16, 32)
+    m_pad: KernelConfig(m_pad, gram_block_d=16, gram_programs=8, grad_block_d=16, grad_blocks=2, resid_block_d=16)
+    for m_pad in (16, 32)
 }
 """Under ``TRITON_INTERPRET=1``: small blocks and several splits, so that small test shapes exercise
 the multi-block, multi-split and multi-chunk paths."""
@@ -410,12 +552,14 @@ def device_arch(device: torch.device) -> int:
     return major * 10 + minor
 
 
-def gram_splits(n: int, d: int, cfg: KernelConfig) -> tuple[int, int]:
+def gram_splits(n: int, d: int, cfg: KernelConfig, block_d: int | None = None) -> tuple[int, int]:
     """``(splits, chunk)``: the Gram kernel's slices of d per prompt and their length (a multiple of
-    ``gram_block_d``), so that ``n * splits`` is about ``cfg.gram_programs``. Depends only on the shape."""
-    blocks = triton.cdiv(max(d, 1), cfg.gram_block_d)
+    ``block_d``, default ``gram_block_d``), so that ``n * splits`` is about ``cfg.gram_programs``. Depends
+    only on the shape."""
+    block_d = cfg.gram_block_d if block_d is None else block_d
+    blocks = triton.cdiv(max(d, 1), block_d)
     want = min(blocks, max(1, triton.cdiv(cfg.gram_programs, max(n, 1))))
-    chunk = triton.cdiv(blocks, want) * cfg.gram_block_d
+    chunk = triton.cdiv(blocks, want) * block_d
     return triton.cdiv(max(d, 1), chunk), chunk
 
 
@@ -474,11 +618,27 @@ def _forward_launch(
         reps, mask, part, m, d, reps.stride(0), reps.stride(1), chunk, splits,
         M_PAD=cfg.m_pad, BLOCK_D=cfg.gram_block_d, num_warps=cfg.gram_warps, num_stages=cfg.gram_stages,
     )  # fmt: skip
-    wrap(mlc_small_kernel)[(triton.cdiv(n, cfg.small_prompts),)](
-        part, mask, loss, bmat if write_b else loss, n, m, d, splits, 1.0 / tau,
-        singular_value_cutoff(d, m, torch.float32), objective, anchor, write_b,
-        M_PAD=cfg.m_pad, PROMPTS=cfg.small_prompts, N_SWEEPS=MAX_SWEEPS, num_warps=cfg.small_warps, num_stages=1,
+    # rank1 needs only (lambda_1, v_1), which deflation keeps: only the softmax objectives deflate
+    deflate = objective in DEFLATED_OBJECTIVES
+    defl = torch.empty((n if deflate else 0, 3, cfg.m_pad), dtype=torch.float32, device=reps.device)
+    r_splits, r_chunk = gram_splits(n, d, cfg, cfg.resid_block_d)
+    resid = torch.empty((n if deflate else 0, r_splits, cfg.m_pad, cfg.m_pad), dtype=torch.float32,
+                        device=reps.device)  # fmt: skip
+    small_args = (
+        part, mask, loss, bmat if write_b else loss, defl if deflate else loss, resid if deflate else loss,
+        n, m, d, splits, r_splits, 1.0 / tau, singular_value_cutoff(d, m, torch.float32),
+        float(common.DEFLATION_RATIO), deflated_cutoff(m, torch.float32), objective, anchor, write_b, deflate,
     )  # fmt: skip
+    small_grid = (triton.cdiv(n, cfg.small_prompts),)
+    small_meta = {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS,
+                  "num_warps": cfg.small_warps, "num_stages": 1}  # fmt: skip
+    wrap(mlc_small_kernel)[small_grid](*small_args, DEFLATE=False, **small_meta)
+    if deflate:  # prompts not flagged by the first pass exit after reading their flag
+        wrap(mlc_residual_kernel)[(n, r_splits)](
+            reps, mask, defl, resid, m, d, reps.stride(0), reps.stride(1), r_chunk, r_splits,
+            M_PAD=cfg.m_pad, BLOCK_D=cfg.resid_block_d, num_warps=cfg.resid_warps, num_stages=cfg.resid_stages,
+        )  # fmt: skip
+        wrap(mlc_small_kernel)[small_grid](*small_args, DEFLATE=True, **small_meta)
     return loss, bmat
 
 
@@ -592,6 +752,7 @@ __all__ = [
     "KernelConfig",
     "mlc_gram_kernel",
     "mlc_small_kernel",
+    "mlc_residual_kernel",
     "mlc_grad_kernel",
     "kernel_config",
     "all_kernel_configs",
