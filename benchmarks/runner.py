@@ -418,7 +418,7 @@ def plot_rows(rows: list[Any], spec: PlotSpec, title: str, path: Path) -> None:
         axes[0][1].set_ylabel(spec.extra[1])
     for ax in axes[0]:
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
-        if spec.log:
+        if spec.log and any(bar.get_height() > 0 for bar in ax.patches):
             ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.suptitle(title, fontsize=9)
