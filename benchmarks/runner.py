@@ -148,7 +148,9 @@ class Timing:
         return cls(statistics.median(times_ms), q[2] - q[0], min(times_ms), max(times_ms), len(times_ms))
 
 
-def time_stmt(fn: Callable[[], object], device: torch.device, min_run_time: float, threads: int) -> Timing:
+def time_stmt(
+    fn: Callable[[], object], device: torch.device, min_run_time: float, threads: int, min_blocks: int = MIN_BLOCKS
+) -> Timing:
     """``fn()`` timed by ``torch.utils.benchmark.Timer.blocked_autorange`` after two warm-up calls."""
     from torch.utils.benchmark import Timer
 
@@ -158,7 +160,7 @@ def time_stmt(fn: Callable[[], object], device: torch.device, min_run_time: floa
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     m = timer.blocked_autorange(min_run_time=min_run_time)
     times = [t * 1e3 for t in m.times]
-    while len(times) < MIN_BLOCKS:  # a short budget or a long call: more blocks of the same size for a spread
+    while len(times) < min_blocks:  # a short budget or a long call: more blocks of the same size for a spread
         times.append(timer.timeit(m.number_per_run).mean * 1e3)
     return Timing.of(times)
 
@@ -615,7 +617,11 @@ def run_train_step(opts: Options) -> list[dict[str, Any]]:
     for variant in VARIANTS:
         trainer, model, optimizer, batch = build(variant)
         t = time_stmt(
-            lambda tr=trainer, mo=model, o=optimizer, b=batch: step(tr, mo, o, b), device, opts.budget_s, opts.threads
+            lambda tr=trainer, mo=model, o=optimizer, b=batch: step(tr, mo, o, b),
+            device,
+            opts.budget_s,
+            opts.threads,
+            min_blocks=3,  # a step takes seconds on CPU
         )
         del trainer, model, optimizer, batch
         peak = None

@@ -34,8 +34,19 @@ def test_grid_alone_runs_only_the_loss_suite(tmp_path, capsys):
 
 def test_every_requested_suite_runs_and_writes_a_png(tmp_path):
     # train-step used to return early from main, so the suites after it never ran
-    main([*TINY, "--suite", "fused-linear,hf-capture", "--fused-linear-shape", "6x4x16x8", "--hf-shape", "1x2x4",
-          "--out", str(tmp_path)])  # fmt: skip
+    main(
+        [
+            *TINY,
+            "--suite",
+            "fused-linear,hf-capture",
+            "--fused-linear-shape",
+            "6x4x16x8",
+            "--hf-shape",
+            "1x2x4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     fused = _csv(tmp_path / "fused_linear.csv")
     assert [r["variant"] for r in fused] == ["unfused", "fused"]
     assert all("median_ms" in r and "iqr_ms" in r and r["threads"] == "1" for r in fused)
@@ -47,8 +58,20 @@ def test_every_requested_suite_runs_and_writes_a_png(tmp_path):
 
 
 def test_fused_linear_memory_under_the_default_allocator(tmp_path, capsys):
-    main([*TINY[:4], "--quiet", "--threads", "1", "--suite", "fused-linear", "--fused-linear-shape", "8x4x32x16",
-          "--out", str(tmp_path)])  # fmt: skip
+    main(
+        [
+            *TINY[:4],
+            "--quiet",
+            "--threads",
+            "1",
+            "--suite",
+            "fused-linear",
+            "--fused-linear-shape",
+            "8x4x32x16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     rows = _csv(tmp_path / "fused_linear.csv")
     assert all(r["allocator"] == "glibc-default" and r["peak_extra_bytes"] != "" for r in rows)
     assert "glibc-default" in capsys.readouterr().out
@@ -68,3 +91,32 @@ def test_threads_and_timing_statistics():
     t = Timing.of([4.0, 1.0, 3.0, 2.0, 5.0])
     assert (t.median_ms, t.min_ms, t.max_ms, t.runs) == (3.0, 1.0, 5.0, 5)
     assert t.iqr_ms == pytest.approx(2.0)
+
+
+def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
+    import benchmarks.runner as runner
+
+    fake = [
+        {
+            "device": "cpu",
+            "variant": v,
+            "median_ms": 1.0,
+            "iqr_ms": 0.0,
+            "min_ms": 1.0,
+            "max_ms": 1.0,
+            "runs": 3,
+            "threads": 1,
+            "peak_extra_bytes": None,
+            "time_vs_dpo": 1.0,
+            "memory_vs_dpo": None,
+        }
+        for v in ("dpo", "mlc")
+    ]
+    monkeypatch.setattr(runner, "run_train_step", lambda opts: fake)
+    main([*TINY, "--suite", "train-step,fused-linear", "--fused-linear-shape", "6x4x16x8", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "train_step.csv",
+        "train_step.png",
+        "fused_linear.csv",
+        "fused_linear.png",
+    }
