@@ -36,7 +36,12 @@ class CaptureRow:
     T: int
     layer: int
     variant: str
-    time_ms: float
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    threads: int
     peak_extra_bytes: int | None = None
     time_vs_naive: float | None = None
     memory_vs_naive: float | None = None

@@ -1,10 +1,15 @@
 """``mlc-bench``: time forward, backward and forward+backward of every impl over a grid, and
 measure peak memory; print a table with each impl's speed-up over ``reference`` measured in the
-same run; write CSV and PNG plots.
+same run; write CSV and PNG plots (one shared writer for every suite).
 
-Timings are medians over repeats after warm-up (CUDA events on GPU, ``perf_counter`` on CPU).
+Timings: ``torch.utils.benchmark.Timer.blocked_autorange`` (CUDA-synchronised) for calls that can be
+repeated as they are (forward, forward+backward, the fused-linear and capture steps); the backward alone
+needs a fresh graph per call and is timed call by call (CUDA events on GPU, ``perf_counter`` on CPU).
+Every cell reports the median, the interquartile range and min-max of its measurements, and the
+number of intra-op threads, which is fixed (``--threads``; default: the physical cores available).
 Peak memory is the extra memory of one forward+backward above the inputs: on CUDA from the
-caching allocator's peak; on CPU from the peak resident set of a fresh child process.
+caching allocator's peak; on CPU from the peak resident set of a fresh child process, under the
+default allocator unless ``--malloc-mmap-threshold`` is given.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,12 +52,29 @@ class Row:
     m: int
     d: int
     mode: str
-    time_ms: float
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    threads: int
     speedup_vs_reference: float | None = None
     peak_extra_bytes: int | None = None
     peak_over_reps: float | None = None
     bandwidth_gbs: float | None = None
     bandwidth_pct_nominal: float | None = None
+
+
+@dataclass
+class Options:
+    """What every suite shares: device, timing budget, threads and how memory is measured."""
+
+    device: torch.device
+    budget_s: float
+    memory: bool
+    threads: int
+    mmap_threshold: int | None = None  # MALLOC_MMAP_THRESHOLD_ of the CPU memory child (None: glibc default)
+    progress: bool = False
 
 
 def device_name(device: torch.device) -> str:
@@ -89,9 +113,68 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn, setup, device: torch.device, budget_s: float, min_reps: int = 3, max_reps: int = 100) -> float:
-    """Median milliseconds of ``fn(setup())``, timing only ``fn``; repeats within ``budget_s``."""
-    for _ in range(2):  # warm-up (compilation, allocator)
+SUITES = ("loss", "fused-linear", "hf-capture", "train-step")
+DEFAULT_SUITES = ("loss", "fused-linear", "hf-capture")  # train-step (minutes on CPU) runs only when named
+
+
+def default_threads() -> int:
+    """Physical cores available to this process: psutil's physical count, capped by the CPU affinity."""
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or available
+    except ImportError:
+        physical = available
+    return max(1, min(physical, available))
+
+
+MIN_BLOCKS = 5  # measurements per cell at least, for the median and IQR
+
+
+@dataclass
+class Timing:
+    """Statistics of one cell, in milliseconds per call."""
+
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, times_ms: list[float]) -> Timing:
+        q = statistics.quantiles(times_ms, n=4, method="inclusive") if len(times_ms) > 1 else [times_ms[0]] * 3
+        return cls(statistics.median(times_ms), q[2] - q[0], min(times_ms), max(times_ms), len(times_ms))
+
+
+def time_stmt(
+    fn: Callable[[], object], device: torch.device, min_run_time: float, threads: int, min_blocks: int = MIN_BLOCKS
+) -> Timing:
+    """``fn()`` timed by ``torch.utils.benchmark.Timer.blocked_autorange`` after two warm-up calls."""
+    from torch.utils.benchmark import Timer
+
+    for _ in range(2):  # warm-up (compilation, allocator, lazy imports)
+        fn()
+    _sync(device)
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    m = timer.blocked_autorange(min_run_time=min_run_time)
+    times = [t * 1e3 for t in m.times]
+    while len(times) < min_blocks:  # a short budget or a long call: more blocks of the same size for a spread
+        times.append(timer.timeit(m.number_per_run).mean * 1e3)
+    return Timing.of(times)
+
+
+def time_call(
+    fn: Callable[[Any], object],
+    setup: Callable[[], Any],
+    device: torch.device,
+    budget_s: float,
+    min_reps: int = 5,
+    max_reps: int = 200,
+) -> Timing:
+    """``fn(setup())`` call by call, timing only ``fn`` (for calls that need fresh state, e.g. a backward)."""
+    for _ in range(2):
         fn(setup())
     _sync(device)
     times: list[float] = []
@@ -110,29 +193,29 @@ def time_call(fn, setup, device: torch.device, budget_s: float, min_reps: int = 
             t0 = time.perf_counter()
             fn(state)
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return Timing.of(times)
 
 
-def time_modes(reps: torch.Tensor, impl: str, budget_s: float) -> dict[str, float]:
+def time_modes(reps: torch.Tensor, impl: str, budget_s: float, threads: int) -> dict[str, Timing]:
     """Milliseconds of forward (with grad enabled), backward, and forward+backward."""
     device = reps.device
     leaf = reps.detach().requires_grad_()
 
-    def forward(_):
+    def forward():
         return mlc_loss(leaf, impl=impl)
 
     def setup_backward():
         leaf.grad = None
         return mlc_loss(leaf, impl=impl)
 
-    def full(_):
+    def full():
         leaf.grad = None
         mlc_loss(leaf, impl=impl).backward()
 
     return {
-        "forward": time_call(forward, lambda: None, device, budget_s),
+        "forward": time_stmt(forward, device, budget_s, threads),
         "backward": time_call(lambda loss: loss.backward(), setup_backward, device, budget_s),
-        "full": time_call(full, lambda: None, device, budget_s),
+        "full": time_stmt(full, device, budget_s, threads),
     }
 
 
@@ -149,12 +232,23 @@ def cuda_peak_extra(reps: torch.Tensor, impl: str) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
-def _child_peak_code(setup: str, step: str) -> str:
+def _module() -> str:
+    """This module's importable name (``benchmarks.runner`` from a checkout, ``mlc_kernels.benchmarks.runner``
+    installed), so that the memory child imports this very file."""
+    spec = globals().get("__spec__")
+    name = spec.name if spec is not None else __name__
+    return name if name != "__main__" else "benchmarks.runner"
+
+
+def _child_peak_code(setup: str, step: str, threads: int) -> str:
     # VmHWM (peak RSS of this process image) is reset to the current RSS by writing 5 to
     # /proc/self/clear_refs; ru_maxrss would carry the parent's RSS over fork+exec.
+    package = _module().rsplit(".", 1)[0]
     return (
         "import torch, json\n"
-        "from mlc_kernels.benchmarks.runner import *\n"
+        f"torch.set_num_threads({threads})\n"
+        f"from {_module()} import *\n"
+        f"from {package} import hf_capture, train_step\n"
         "def hwm():\n"
         "    for line in open('/proc/self/status'):\n"
         "        if line.startswith('VmHWM'):\n"
@@ -167,11 +261,15 @@ def _child_peak_code(setup: str, step: str) -> str:
     )
 
 
-def _run_child(code: str) -> int:
+def _run_child(code: str, opts: Options) -> int:
+    """Runs ``code`` in a fresh interpreter with the run's threads and allocator setting; its last line is an int."""
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    env["MALLOC_MMAP_THRESHOLD_"] = "65536"  # large blocks go back to the OS when freed: RSS tracks live memory
+    env["OMP_NUM_THREADS"] = str(opts.threads)
+    env.pop("MALLOC_MMAP_THRESHOLD_", None)
+    if opts.mmap_threshold is not None:  # large blocks go back to the OS when freed: RSS tracks live memory
+        env["MALLOC_MMAP_THRESHOLD_"] = str(opts.mmap_threshold)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     return int(json.loads(out.stdout.strip().splitlines()[-1]))
 
@@ -182,23 +280,20 @@ def loss_step(reps: torch.Tensor, impl: str) -> int:
     return 0
 
 
-def cpu_peak_extra(n: int, m: int, d: int, dtype: str, impl: str) -> int:
+def cpu_peak_extra(n: int, m: int, d: int, dtype: str, impl: str, opts: Options) -> int:
     """Peak resident memory of one forward+backward above the inputs, in a fresh child process (Linux)."""
     setup = (
         f"x = torch.randn({n}, {m}, {d}, dtype=DTYPES[{dtype!r}]).requires_grad_()\n"
         f"loss_step(torch.randn(2, 2, 8, dtype=DTYPES[{dtype!r}]).requires_grad_(), {impl!r})"  # lazy imports
     )
-    return _run_child(_child_peak_code(setup, f"loss_step(x, {impl!r})"))
+    return _run_child(_child_peak_code(setup, f"loss_step(x, {impl!r})", opts.threads), opts)
 
 
 def run_grid(
     grid: list[tuple[int, int, int]],
     impls: list[str],
     dtypes: list[str],
-    device: torch.device,
-    budget_s: float,
-    memory: bool,
-    progress: bool = True,
+    opts: Options,
     reference_max_n: int | None = None,
 ) -> list[Row]:
     """Benchmark every (N, m, d) x dtype x impl; returns one Row per mode.
@@ -207,11 +302,12 @@ def run_grid(
     """
     from tqdm import tqdm
 
+    device = opts.device
     name = device_name(device)
     peak_bw = nominal_bandwidth(device)
     rows: list[Row] = []
     jobs = [(cfg, dt, impl) for cfg in grid for dt in dtypes for impl in impls]
-    for (n, m, d), dt, impl in tqdm(jobs, desc="mlc-bench", disable=not progress, file=sys.stderr):
+    for (n, m, d), dt, impl in tqdm(jobs, desc="mlc-bench", disable=not opts.progress, file=sys.stderr):
         if impl == "reference" and reference_max_n is not None and n > reference_max_n:
             continue
         reps = make_inputs(n, m, d, DTYPES[dt], device)
@@ -220,93 +316,135 @@ def run_grid(
         except (ImplementationUnavailableError, TypeError, ValueError) as err:
             print(f"skip {impl} {dt} N={n} m={m} d={d}: {err}", file=sys.stderr)
             continue
-        times = time_modes(reps, impl, budget_s)
+        times = time_modes(reps, impl, opts.budget_s, opts.threads)
         peak = None
-        if memory:
-            peak = cuda_peak_extra(reps, impl) if device.type == "cuda" else cpu_peak_extra(n, m, d, dt, impl)
+        if opts.memory:
+            peak = cuda_peak_extra(reps, impl) if device.type == "cuda" else cpu_peak_extra(n, m, d, dt, impl, opts)
         reps_bytes = reps.numel() * reps.element_size()
         for mode in MODES:
-            row = Row(name, impl, dt, n, m, d, mode, times[mode])
+            t = times[mode]
+            row = Row(name, impl, dt, n, m, d, mode, **asdict(t), threads=opts.threads)
             if mode == "full" and peak is not None:
                 row.peak_extra_bytes = peak
                 row.peak_over_reps = peak / reps_bytes
             if mode == "forward" and device.type == "cuda":
                 # the fused kernel reads reps twice and writes the gradient once
-                row.bandwidth_gbs = 3 * reps_bytes / (times[mode] * 1e-3) / 1e9
+                row.bandwidth_gbs = 3 * reps_bytes / (t.median_ms * 1e-3) / 1e9
                 if peak_bw:
                     row.bandwidth_pct_nominal = 100 * row.bandwidth_gbs * 1e9 / peak_bw
             rows.append(row)
         del reps
-    baseline = {(r.dtype, r.N, r.m, r.d, r.mode): r.time_ms for r in rows if r.impl == "reference"}
+    baseline = {(r.dtype, r.N, r.m, r.d, r.mode): r.median_ms for r in rows if r.impl == "reference"}
     for r in rows:
         ref = baseline.get((r.dtype, r.N, r.m, r.d, r.mode))
-        r.speedup_vs_reference = ref / r.time_ms if ref else None
+        r.speedup_vs_reference = ref / r.median_ms if ref else None
     return rows
 
 
-def format_table(rows: list[Row]) -> str:
-    """A plain-text table of the rows (one line per impl, config and mode)."""
-    head = (
-        f"{'impl':<10}{'dtype':<6}{'N':>6}{'m':>4}{'d':>6}  {'mode':<9}"
-        f"{'ms':>10}{'x ref':>9}{'peak/reps':>11}{'GB/s':>9}{'%peak':>7}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        spd = f"{r.speedup_vs_reference:.1f}" if r.speedup_vs_reference else "-"
-        mem = f"{r.peak_over_reps:.2f}" if r.peak_over_reps is not None else "-"
-        bw = f"{r.bandwidth_gbs:.0f}" if r.bandwidth_gbs else "-"
-        pct = f"{r.bandwidth_pct_nominal:.0f}" if r.bandwidth_pct_nominal else "-"
-        lines.append(
-            f"{r.impl:<10}{r.dtype:<6}{r.N:>6}{r.m:>4}{r.d:>6}  {r.mode:<9}"
-            f"{r.time_ms:>10.3f}{spd:>9}{mem:>11}{bw:>9}{pct:>7}"
-        )
+# ---------------------------------------------------------------------------------------------------------
+# One writer for every suite: a printed table, a CSV and a PNG.
+
+Column = tuple[str, str, str]  # (field, header, format spec); a None value prints as "-"
+
+TIMING_COLUMNS: list[Column] = [
+    ("median_ms", "median ms", ".3f"),
+    ("iqr_ms", "IQR ms", ".3f"),
+    ("min_ms", "min ms", ".3f"),
+    ("max_ms", "max ms", ".3f"),
+    ("runs", "runs", "d"),
+]
+
+
+def _as_dict(row: Any) -> dict[str, Any]:
+    return asdict(row) if is_dataclass(row) else dict(row)
+
+
+def format_rows(rows: list[Any], columns: list[Column]) -> str:
+    """A plain-text table of ``rows`` (dataclasses or dicts) with the given columns."""
+    cells = [[header for _, header, _ in columns]]
+    for row in map(_as_dict, rows):
+        cells.append(["-" if row.get(f) is None else format(row[f], spec) for f, _, spec in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+    lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
 
 
-def write_csv(rows: list[Row], path: Path) -> None:
+def write_csv(rows: list[Any], path: Path) -> None:
+    """All fields of ``rows`` (the union, in first-seen order) as CSV."""
+    dicts = [_as_dict(r) for r in rows]
+    names = list(dict.fromkeys(k for d in dicts for k in d))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0]).keys()))
+        writer = csv.DictWriter(f, fieldnames=names)
         writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
+        writer.writerows(dicts)
 
 
-def plot(rows: list[Row], path: Path) -> None:
-    """Two panels: forward+backward time per config and impl (log scale), and speed-up over reference."""
+@dataclass
+class PlotSpec:
+    """Grouped bars: one group per ``label(row)``, one bar per ``series(row)``; the left panel the median
+    time with the IQR as error bars, the right panel ``extra`` (field, axis label) when given."""
+
+    label: Callable[[dict[str, Any]], str]
+    series: Callable[[dict[str, Any]], str]
+    extra: tuple[str, str] | None = None
+    log: bool = False
+    keep: Callable[[dict[str, Any]], bool] = lambda row: True
+
+
+def plot_rows(rows: list[Any], spec: PlotSpec, title: str, path: Path) -> None:
+    """The PNG of a suite (matplotlib, Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    full = [r for r in rows if r.mode == "full"]
-    configs = sorted({(r.dtype, r.N, r.m, r.d) for r in full}, key=lambda c: (c[0], c[1] * c[2] * c[3]))
-    impls = sorted({r.impl for r in full}, key=["reference", "torch", "native", "triton"].index)
-    fig, (ax_t, ax_s) = plt.subplots(1, 2, figsize=(13, 4.5))
-    width = 0.8 / max(len(impls), 1)
-    for i, impl in enumerate(impls):
-        xs, ts, ss = [], [], []
-        for j, cfg in enumerate(configs):
-            hit = [r for r in full if (r.dtype, r.N, r.m, r.d) == cfg and r.impl == impl]
-            if hit:
-                xs.append(j + i * width)
-                ts.append(hit[0].time_ms)
-                ss.append(hit[0].speedup_vs_reference or 0.0)
-        ax_t.bar(xs, ts, width, label=impl)
-        ax_s.bar(xs, ss, width, label=impl)
-    labels = [f"{dt}\nN={n} m={m}\nd={d}" for dt, n, m, d in configs]
-    for ax in (ax_t, ax_s):
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(configs))], labels, fontsize=7)
-        ax.set_yscale("log")
-        ax.legend()
-    ax_t.set_ylabel("forward+backward time (ms)")
-    ax_s.set_ylabel("speed-up over reference (x)")
-    fig.suptitle(f"MLC loss on {full[0].device}" if full else "MLC loss")
+    dicts = [r for r in map(_as_dict, rows) if spec.keep(r)]
+    labels = list(dict.fromkeys(spec.label(r) for r in dicts))
+    series = list(dict.fromkeys(spec.series(r) for r in dicts))
+    panels = 2 if spec.extra else 1
+    fig, axes = plt.subplots(1, panels, figsize=(max(6.5, 1.2 * len(labels) * panels + 3), 4.5), squeeze=False)
+    width = 0.8 / max(len(series), 1)
+    for i, name in enumerate(series):
+        hits = [(labels.index(spec.label(r)), r) for r in dicts if spec.series(r) == name]
+        xs = [j + i * width for j, _ in hits]
+        med = [r["median_ms"] for _, r in hits]
+        half_iqr = [r["iqr_ms"] / 2 for _, r in hits]
+        axes[0][0].bar(xs, med, width, yerr=half_iqr, capsize=2, label=name)
+        if spec.extra:
+            field = spec.extra[0]
+            axes[0][1].bar(xs, [r.get(field) or 0.0 for _, r in hits], width, label=name)
+    axes[0][0].set_ylabel("median time (ms), IQR bars")
+    if spec.extra:
+        axes[0][1].set_ylabel(spec.extra[1])
+    for ax in axes[0]:
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(labels))], labels, fontsize=7)
+        if spec.log and any(bar.get_height() > 0 for bar in ax.patches):
+            ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def emit(name: str, title: str, rows: list[Any], columns: list[Column], spec: PlotSpec, out: Path) -> None:
+    """Print the table and write ``OUT/<name>.csv`` and ``OUT/<name>.png``."""
+    print(title)
+    print(format_rows(rows, columns))
+    write_csv(rows, out / f"{name}.csv")
+    plot_rows(rows, spec, title, out / f"{name}.png")
+    print(f"wrote {out / (name + '.csv')} and {out / (name + '.png')}")
+
+
+def _mb(row: dict[str, Any]) -> float | None:
+    return row["peak_extra_bytes"] / 2**20 if row.get("peak_extra_bytes") is not None else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Suites
 
 FUSED_LINEAR_SHAPE = (1024, 10, 4096, 1024)  # N, m, d_h, d
 
@@ -321,10 +459,16 @@ class FusedRow:
     d_h: int
     d: int
     variant: str
-    time_ms: float
+    median_ms: float
+    iqr_ms: float
+    min_ms: float
+    max_ms: float
+    runs: int
+    threads: int
     peak_extra_bytes: int | None = None
     time_vs_unfused: float | None = None
     memory_vs_unfused: float | None = None
+    allocator: str = ""
 
 
 def fused_linear_step(hidden, weight, bias, impl: str, fused: bool) -> int:
@@ -350,106 +494,80 @@ def fused_linear_inputs(n, m, dh, d, dtype, device):
     return hidden, weight, bias
 
 
-def run_fused_linear(shape, impl: str, dtype: str, device: torch.device, budget_s: float, memory: bool) -> list:
+def allocator_name(opts: Options) -> str:
+    """How peak memory is measured, for the results: the CUDA caching allocator or glibc's setting."""
+    if opts.device.type == "cuda":
+        return "cuda-caching"
+    return "glibc-default" if opts.mmap_threshold is None else f"glibc MALLOC_MMAP_THRESHOLD_={opts.mmap_threshold}"
+
+
+def run_fused_linear(shape, impl: str, dtype: str, opts: Options) -> list[FusedRow]:
     """Time and peak memory of the fused linear loss against the unfused composite, same impl."""
+    device = opts.device
     n, m, dh, d = shape
     hidden, weight, bias = fused_linear_inputs(n, m, dh, d, DTYPES[dtype], device)
     rows = []
     for variant, fused in (("unfused", False), ("fused", True)):
-        ms = time_call(
-            lambda _, f=fused: fused_linear_step(hidden, weight, bias, impl, f),
-            lambda: None,
-            device,
-            budget_s,
-            min_reps=3,
-            max_reps=10,
+        t = time_stmt(
+            lambda f=fused: fused_linear_step(hidden, weight, bias, impl, f), device, opts.budget_s, opts.threads
         )
         peak = None
-        if memory and device.type == "cuda":
-            for t in (hidden, weight, bias):
-                t.grad = None
+        if opts.memory and device.type == "cuda":
+            for p in (hidden, weight, bias):
+                p.grad = None
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             handed_back = fused_linear_step(hidden, weight, bias, impl, fused)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before - handed_back
-        elif memory:
+        elif opts.memory:
             setup = (
                 f"h, w, b = fused_linear_inputs({n}, {m}, {dh}, {d}, DTYPES[{dtype!r}], torch.device('cpu'))\n"
                 f"fused_linear_step(*fused_linear_inputs(2, {m}, 8, 4, DTYPES[{dtype!r}], torch.device('cpu')), "
                 f"{impl!r}, {fused})"
             )
-            peak = _run_child(_child_peak_code(setup, f"fused_linear_step(h, w, b, {impl!r}, {fused})"))
-        rows.append(FusedRow(device_name(device), impl, dtype, n, m, dh, d, variant, ms, peak))
+            code = _child_peak_code(setup, f"fused_linear_step(h, w, b, {impl!r}, {fused})", opts.threads)
+            peak = _run_child(code, opts)
+        rows.append(
+            FusedRow(
+                device_name(device),
+                impl,
+                dtype,
+                n,
+                m,
+                dh,
+                d,
+                variant,
+                **asdict(t),
+                threads=opts.threads,
+                peak_extra_bytes=peak,
+                allocator=allocator_name(opts),
+            )
+        )
     unfused, fused_row = rows
-    fused_row.time_vs_unfused = fused_row.time_ms / unfused.time_ms
+    fused_row.time_vs_unfused = fused_row.median_ms / unfused.median_ms
     if fused_row.peak_extra_bytes is not None and unfused.peak_extra_bytes:
         fused_row.memory_vs_unfused = fused_row.peak_extra_bytes / unfused.peak_extra_bytes
     return rows
 
 
-def plot_fused(rows: list, path: Path) -> None:
-    """Time and extra memory of the fused linear loss next to the unfused composite."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(8, 3.5))
-    names = [r.variant for r in rows]
-    ax_t.bar(names, [r.time_ms for r in rows], color=["tab:gray", "tab:green"])
-    ax_t.set_ylabel("forward+backward time (ms)")
-    if all(r.peak_extra_bytes is not None for r in rows):
-        ax_m.bar(names, [r.peak_extra_bytes / 2**20 for r in rows], color=["tab:gray", "tab:green"])
-    ax_m.set_ylabel("extra peak memory (MB)")
-    r = rows[0]
-    fig.suptitle(
-        f"fused linear MLC loss, {r.impl} {r.dtype}, N={r.N} m={r.m} d_h={r.d_h} d={r.d} on {r.device}", fontsize=9
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def format_fused_table(rows: list) -> str:
-    head = (
-        f"{'impl':<8}{'dtype':<6}{'N':>6}{'m':>4}{'d_h':>6}{'d':>6}  {'variant':<9}"
-        f"{'ms':>10}{'extra MB':>10}{'t/unfused':>11}{'mem/unfused':>13}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mb = f"{r.peak_extra_bytes / 2**20:.1f}" if r.peak_extra_bytes is not None else "-"
-        tr = f"{r.time_vs_unfused:.2f}" if r.time_vs_unfused else "-"
-        mr = f"{r.memory_vs_unfused:.2f}" if r.memory_vs_unfused is not None else "-"
-        lines.append(
-            f"{r.impl:<8}{r.dtype:<6}{r.N:>6}{r.m:>4}{r.d_h:>6}{r.d:>6}  {r.variant:<9}"
-            f"{r.time_ms:>10.1f}{mb:>10}{tr:>11}{mr:>13}"
-        )
-    return "\n".join(lines)
-
-
-def run_hf_capture(shape, device: torch.device, budget_s: float, memory: bool) -> list:
+def run_hf_capture(shape, opts: Options) -> list:
     """The variant passes: naive vs truncated (same N), and the gradient cache vs truncated."""
     from .hf_capture import CaptureRow, build, config_for, inputs, variant_step
 
+    device = opts.device
     n, m, t = shape
     layer = config_for(device)[0]["num_hidden_layers"] // 2
     model, head = build(device)
     ids, att = inputs(n, m, t, device)
     rows = []
     for variant in ("naive", "truncated", "grad_cache"):
-        ms = time_call(
-            lambda _, v=variant: variant_step(model, head, ids, att, layer, v),
-            lambda: None,
-            device,
-            budget_s,
-            min_reps=2,
-            max_reps=5,
+        timing = time_stmt(
+            lambda v=variant: variant_step(model, head, ids, att, layer, v), device, opts.budget_s, opts.threads
         )
         peak = None
-        if memory and device.type == "cuda":
+        if opts.memory and device.type == "cuda":
             model.zero_grad(set_to_none=True)
             head.zero_grad(set_to_none=True)
             torch.cuda.synchronize()
@@ -458,19 +576,31 @@ def run_hf_capture(shape, device: torch.device, budget_s: float, memory: bool) -
             handed_back = variant_step(model, head, ids, att, layer, variant)
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated() - before - handed_back
-        elif memory:
+        elif opts.memory:
             setup = (
-                "from mlc_kernels.benchmarks.hf_capture import build, inputs, variant_step\n"
                 "dev = torch.device('cpu')\n"
-                "model, head = build(dev)\n"
-                f"ids, att = inputs({n}, {m}, {t}, dev)\n"
-                f"variant_step(model, head, ids[:1, :2, :4], att[:1, :2, :4], {layer}, {variant!r})"
+                "model, head = hf_capture.build(dev)\n"
+                f"ids, att = hf_capture.inputs({n}, {m}, {t}, dev)\n"
+                f"hf_capture.variant_step(model, head, ids[:1, :2, :4], att[:1, :2, :4], {layer}, {variant!r})"
             )
-            peak = _run_child(_child_peak_code(setup, f"variant_step(model, head, ids, att, {layer}, {variant!r})"))
-        rows.append(CaptureRow(device_name(device), n, m, t, layer, variant, ms, peak))
+            step = f"hf_capture.variant_step(model, head, ids, att, {layer}, {variant!r})"
+            peak = _run_child(_child_peak_code(setup, step, opts.threads), opts)
+        rows.append(
+            CaptureRow(
+                device_name(device),
+                n,
+                m,
+                t,
+                layer,
+                variant,
+                **asdict(timing),
+                threads=opts.threads,
+                peak_extra_bytes=peak,
+            )
+        )
     naive, truncated, cached = rows
     for r in (truncated, cached):
-        r.time_vs_naive = r.time_ms / naive.time_ms
+        r.time_vs_naive = r.median_ms / naive.median_ms
         if r.peak_extra_bytes is not None and naive.peak_extra_bytes:
             r.memory_vs_naive = r.peak_extra_bytes / naive.peak_extra_bytes
     if cached.peak_extra_bytes is not None and truncated.peak_extra_bytes:
@@ -478,48 +608,46 @@ def run_hf_capture(shape, device: torch.device, budget_s: float, memory: bool) -
     return rows
 
 
-def format_capture_table(rows: list) -> str:
-    head = (
-        f"{'variant':<12}{'N':>4}{'m':>4}{'T':>5}{'k':>4}{'ms':>10}{'extra MB':>10}"
-        f"{'t/naive':>9}{'mem/naive':>11}{'mem/truncated':>15}"
-    )
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        mb = f"{r.peak_extra_bytes / 2**20:.1f}" if r.peak_extra_bytes is not None else "-"
-        tn = f"{r.time_vs_naive:.2f}" if r.time_vs_naive else "-"
-        mn = f"{r.memory_vs_naive:.2f}" if r.memory_vs_naive is not None else "-"
-        mt = f"{r.memory_vs_truncated:.2f}" if r.memory_vs_truncated is not None else "-"
-        lines.append(
-            f"{r.variant:<12}{r.N:>4}{r.m:>4}{r.T:>5}{r.layer:>4}{r.time_ms:>10.1f}{mb:>10}{tn:>9}{mn:>11}{mt:>15}"
-        )
-    return "\n".join(lines)
-
-
-def run_train_step(device: torch.device, budget_s: float, memory: bool) -> list[dict]:
+def run_train_step(opts: Options) -> list[dict[str, Any]]:
     """A whole DPO step with and without MLC (see benchmarks/train_step.py); ratios to DPO alone."""
     from .train_step import VARIANTS, build, step
 
-    rows = []
+    device = opts.device
+    rows: list[dict[str, Any]] = []
     for variant in VARIANTS:
         trainer, model, optimizer, batch = build(variant)
-        ms = time_call(lambda _, t=trainer, mo=model, o=optimizer, b=batch: step(t, mo, o, b), lambda: None, device,
-                       budget_s, min_reps=2, max_reps=3)  # fmt: skip
+        t = time_stmt(
+            lambda tr=trainer, mo=model, o=optimizer, b=batch: step(tr, mo, o, b),
+            device,
+            opts.budget_s,
+            opts.threads,
+            min_blocks=3,  # a step takes seconds on CPU
+        )
         del trainer, model, optimizer, batch
         peak = None
-        if memory and device.type == "cpu":
+        if opts.memory and device.type == "cpu":
             setup = (
-                "from mlc_kernels.benchmarks.train_step import build, step\n"
-                f"t, mo, o, b = build({variant!r})\n"
-                "step(t, mo, o, b)"  # allocates gradients and optimizer states before the baseline
+                f"t, mo, o, b = train_step.build({variant!r})\n"
+                "train_step.step(t, mo, o, b)"  # allocates gradients and optimizer states before the baseline
             )
-            peak = _run_child(_child_peak_code(setup, "step(t, mo, o, b) or 0"))
-        rows.append({"device": device_name(device), "variant": variant, "step_ms": round(ms, 1),
-                     "peak_extra_bytes": peak})  # fmt: skip
+            peak = _run_child(_child_peak_code(setup, "train_step.step(t, mo, o, b) or 0", opts.threads), opts)
+        rows.append(
+            {
+                "device": device_name(device),
+                "variant": variant,
+                **asdict(t),
+                "threads": opts.threads,
+                "peak_extra_bytes": peak,
+            }
+        )
     base = rows[0]
     for r in rows:
-        r["time_vs_dpo"] = round(r["step_ms"] / base["step_ms"], 3)
-        if r["peak_extra_bytes"] is not None and base["peak_extra_bytes"]:
-            r["memory_vs_dpo"] = round(r["peak_extra_bytes"] / base["peak_extra_bytes"], 3)
+        r["time_vs_dpo"] = round(r["median_ms"] / base["median_ms"], 3)
+        r["memory_vs_dpo"] = (
+            round(r["peak_extra_bytes"] / base["peak_extra_bytes"], 3)
+            if r["peak_extra_bytes"] is not None and base["peak_extra_bytes"]
+            else None
+        )
     return rows
 
 
@@ -528,16 +656,46 @@ def parse_grid(text: str) -> list[tuple[int, int, int]]:
     return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
 
 
+def parse_suites(text: str | None, grid_given: bool) -> list[str]:
+    """``--suite`` as a list: a comma list of SUITES or ``all``; without it, ``loss`` when ``--grid`` is
+    given (the grid only concerns the loss suite), else the default suites."""
+    if text is None:
+        return ["loss"] if grid_given else list(DEFAULT_SUITES)
+    names = [s for s in text.split(",") if s]
+    if "all" in names:
+        names = [*DEFAULT_SUITES, *(s for s in names if s == "train-step")]
+    unknown = [s for s in names if s not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"--suite: unknown {unknown or text!r}; choose from {', '.join(SUITES)}, all")
+    return list(dict.fromkeys(names))
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split("x"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mlc-bench", description="Benchmark the MLC loss implementations.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--grid", type=parse_grid, help="NxMxD,... (default: a CPU or GPU grid)")
+    parser.add_argument("--grid", type=parse_grid, help="NxMxD,... of the loss suite (implies --suite loss)")
     parser.add_argument(
         "--impls", default=None, help="comma list (default: reference,torch and triton on CUDA, native on CPU)"
     )
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")
-    parser.add_argument("--budget", type=float, default=0.3, help="seconds of timing per impl and mode")
+    parser.add_argument("--budget", type=float, default=0.3, help="min_run_time (s) of each timed cell")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="intra-op threads, fixed for the run (default: physical cores available)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument(
+        "--malloc-mmap-threshold",
+        type=int,
+        default=None,
+        help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the CPU memory child (default: glibc's default)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV and PNG")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
@@ -548,27 +706,33 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--suite",
-        choices=("loss", "fused-linear", "hf-capture", "train-step", "all"),
-        default="all",
-        help="all = loss, fused-linear and hf-capture; train-step (several minutes on CPU) runs only when named",
-    )
-    parser.add_argument(
-        "--hf-shape",
-        type=lambda t: tuple(int(v) for v in t.split("x")),
         default=None,
-        help="NxMxT of the variant-pass comparison (default 8x10x32)",
+        help=f"comma list of {', '.join(SUITES)} or all (= {', '.join(DEFAULT_SUITES)}; train-step, minutes on CPU, "
+        "only when named); default: loss with --grid, else all",
     )
+    parser.add_argument("--hf-shape", type=_shape, default=None, help="NxMxT of the variant-pass comparison")
     parser.add_argument(
         "--fused-linear-shape",
-        type=lambda t: tuple(int(v) for v in t.split("x")),
+        type=_shape,
         default=FUSED_LINEAR_SHAPE,
         help="NxMxD_HxD of the fused linear comparison (default 1024x10x4096x1024)",
     )
     parser.add_argument("--fused-linear-impl", default=None, help="loss impl of both variants (default: auto)")
     args = parser.parse_args(argv)
+    try:
+        suites = parse_suites(args.suite, args.grid is not None)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
 
     device = torch.device(args.device)
     gpu = device.type == "cuda"
+    threads = args.threads or default_threads()
+    torch.set_num_threads(threads)
+    opts = Options(device, args.budget, not args.no_memory, threads, args.malloc_mmap_threshold, not args.quiet)
+    print(
+        f"mlc-bench: suites {', '.join(suites)}; {device_name(device)}; {threads} intra-op threads; "
+        f"torch {torch.__version__}; memory: {allocator_name(opts) if opts.memory else 'off'}"
+    )
     grid = args.grid or (GPU_GRID if gpu else CPU_GRID)
     default_impls = ["reference", "torch", "triton"] if gpu else ["reference", "torch", "native"]
     impls = args.impls.split(",") if args.impls else default_impls
@@ -583,78 +747,126 @@ def main(argv: list[str] | None = None) -> None:
     ref_max_n = args.reference_max_n if args.reference_max_n is not None else (256 if gpu else None)
     from mlc_kernels.ops.triton_kernels import kernel_config_override
 
-    if args.suite in ("loss", "all"):
+    if "loss" in suites:
         with kernel_config_override(overrides):
-            rows = run_grid(
-                grid,
-                impls,
-                dtypes,
-                device,
-                args.budget,
-                memory=not args.no_memory,
-                progress=not args.quiet,
-                reference_max_n=ref_max_n,
-            )
+            rows = run_grid(grid, impls, dtypes, opts, reference_max_n=ref_max_n)
         if not rows:
             raise SystemExit("mlc-bench: nothing ran (no impl could run on this device)")
-        print(f"MLC loss benchmark on {rows[0].device}, torch {torch.__version__}")
-        print(format_table(rows))
-        write_csv(rows, args.out / "mlc_bench.csv")
-        plot(rows, args.out / "mlc_bench.png")
-        print(f"wrote {args.out / 'mlc_bench.csv'} and {args.out / 'mlc_bench.png'}")
-    if args.suite in ("fused-linear", "all"):
-        fl_impl = "auto" if args.fused_linear_impl is None else args.fused_linear_impl
+        columns: list[Column] = [
+            ("impl", "impl", ""),
+            ("dtype", "dtype", ""),
+            ("N", "N", "d"),
+            ("m", "m", "d"),
+            ("d", "d", "d"),
+            ("mode", "mode", ""),
+            *TIMING_COLUMNS,
+            ("speedup_vs_reference", "x ref", ".1f"),
+            ("peak_over_reps", "peak/reps", ".2f"),
+            ("bandwidth_gbs", "GB/s", ".0f"),
+            ("bandwidth_pct_nominal", "%peak", ".0f"),
+        ]
+        spec = PlotSpec(
+            label=lambda r: f"{r['dtype']}\nN={r['N']} m={r['m']}\nd={r['d']}",
+            series=lambda r: r["impl"],
+            extra=("speedup_vs_reference", "speed-up over reference (x)"),
+            log=True,
+            keep=lambda r: r["mode"] == "full",
+        )
+        emit(
+            "mlc_bench",
+            f"MLC loss benchmark on {rows[0].device}, torch {torch.__version__}, {threads} threads "
+            "(plot: forward+backward)",
+            rows,
+            columns,
+            spec,
+            args.out,
+        )
+    if "fused-linear" in suites:
         fl_dtype = "bf16" if gpu else "fp32"
-        from mlc_kernels.loss import resolve_impl
-
-        fl_impl = resolve_impl(
-            fl_impl, torch.empty(0, args.fused_linear_shape[1], 1, device=device, dtype=DTYPES[fl_dtype])
-        )
+        probe = torch.empty(0, args.fused_linear_shape[1], 1, device=device, dtype=DTYPES[fl_dtype])
+        fl_impl = resolve_impl(args.fused_linear_impl or "auto", probe)
         with kernel_config_override(overrides):
-            fl_rows = run_fused_linear(
-                args.fused_linear_shape, fl_impl, fl_dtype, device, args.budget, memory=not args.no_memory
-            )
-        print(
-            f"Fused linear MLC loss vs linear + mlc_loss on {fl_rows[0].device} (extra memory: above inputs, "
-            "parameters and the gradients handed back)"
+            fl_rows = run_fused_linear(args.fused_linear_shape, fl_impl, fl_dtype, opts)
+        columns = [
+            ("impl", "impl", ""),
+            ("dtype", "dtype", ""),
+            ("N", "N", "d"),
+            ("m", "m", "d"),
+            ("d_h", "d_h", "d"),
+            ("d", "d", "d"),
+            ("variant", "variant", ""),
+            *TIMING_COLUMNS,
+            ("extra_mb", "extra MB", ".1f"),
+            ("time_vs_unfused", "t/unfused", ".2f"),
+            ("memory_vs_unfused", "mem/unfused", ".2f"),
+        ]
+        shown = [{**asdict(r), "extra_mb": _mb(asdict(r))} for r in fl_rows]
+        spec = PlotSpec(label=lambda r: r["variant"], series=lambda r: r["impl"], extra=("extra_mb", "extra peak MB"))
+        emit(
+            "fused_linear",
+            f"Fused linear MLC loss vs linear + mlc_loss on {fl_rows[0].device}, {threads} threads "
+            f"(extra memory above inputs, parameters and the gradients handed back; {allocator_name(opts)})",
+            shown,
+            columns,
+            spec,
+            args.out,
         )
-        print(format_fused_table(fl_rows))
-        write_csv(fl_rows, args.out / "fused_linear.csv")
-        plot_fused(fl_rows, args.out / "fused_linear.png")
-        print(f"wrote {args.out / 'fused_linear.csv'} and {args.out / 'fused_linear.png'}")
-    if args.suite == "train-step":
-        rows = run_train_step(device, args.budget, memory=not args.no_memory)
-        print(
-            "A whole DPO step (hidden 512, 8 layers, vocab 151936; 8 prompts, 32+64 tokens) with and without MLC"
-            " (m=10, k=4); extra = peak above parameters, gradients, optimizer states and inputs"
-        )
-        for r in rows:
-            print(r)
-        path = args.out / "train_step.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[-1]))
-            writer.writeheader()
-            writer.writerows(rows)
-        print(f"wrote {path}")
-        return
-    if args.suite in ("hf-capture", "all"):
+    if "hf-capture" in suites:
         try:
             import transformers  # noqa: F401
         except ImportError:
             print("hf-capture: skipped (pip install transformers)")
-            return
-        from .hf_capture import HF_SHAPE, HF_SHAPE_GPU
+        else:
+            from .hf_capture import HF_SHAPE, HF_SHAPE_GPU
 
-        shape = args.hf_shape or (HF_SHAPE_GPU if gpu else HF_SHAPE)
-        cap_rows = run_hf_capture(shape, device, args.budget, memory=not args.no_memory)
-        print(
-            f"Variant passes on a Qwen2-style model (vocab 151936) on {cap_rows[0].device}: naive full forward with "
-            "output_hidden_states vs truncated at k vs truncated + gradient cache (1 prompt per chunk)"
+            cap_rows = run_hf_capture(args.hf_shape or (HF_SHAPE_GPU if gpu else HF_SHAPE), opts)
+            columns = [
+                ("variant", "variant", ""),
+                ("N", "N", "d"),
+                ("m", "m", "d"),
+                ("T", "T", "d"),
+                ("layer", "k", "d"),
+                *TIMING_COLUMNS,
+                ("extra_mb", "extra MB", ".1f"),
+                ("time_vs_naive", "t/naive", ".2f"),
+                ("memory_vs_naive", "mem/naive", ".2f"),
+                ("memory_vs_truncated", "mem/truncated", ".2f"),
+            ]
+            shown = [{**asdict(r), "extra_mb": _mb(asdict(r))} for r in cap_rows]
+            spec = PlotSpec(
+                label=lambda r: r["variant"],
+                series=lambda r: f"N={r['N']} T={r['T']}",
+                extra=("extra_mb", "extra peak MB"),
+            )
+            emit(
+                "hf_capture",
+                f"Variant passes on a Qwen2-style model (vocab 151936) on {cap_rows[0].device}: naive "
+                "full forward with output_hidden_states vs truncated at k vs truncated + gradient cache",
+                shown,
+                columns,
+                spec,
+                args.out,
+            )
+    if "train-step" in suites:
+        ts_rows = run_train_step(opts)
+        columns = [
+            ("variant", "variant", ""),
+            *TIMING_COLUMNS,
+            ("extra_mb", "extra MB", ".1f"),
+            ("time_vs_dpo", "t/dpo", ".2f"),
+            ("memory_vs_dpo", "mem/dpo", ".2f"),
+        ]
+        shown = [{**r, "extra_mb": _mb(r)} for r in ts_rows]
+        spec = PlotSpec(label=lambda r: r["variant"], series=lambda r: "step", extra=("extra_mb", "extra peak MB"))
+        emit(
+            "train_step",
+            "A whole DPO step (hidden 512, 8 layers, vocab 151936; 8 prompts, 32+64 tokens) with and "
+            "without MLC (m=10, k=4); extra = peak above parameters, gradients, optimizer states and inputs",
+            shown,
+            columns,
+            spec,
+            args.out,
         )
-        print(format_capture_table(cap_rows))
-        write_csv(cap_rows, args.out / "hf_capture.csv")
-        print(f"wrote {args.out / 'hf_capture.csv'}")
 
 
 if __name__ == "__main__":

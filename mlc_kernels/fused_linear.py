@@ -93,16 +93,17 @@ class _FusedLinearMLC(torch.autograd.Function):
         losses = torch.empty(n, dtype=loss_dtype, device=hidden.device)
         count = eligible_count(present)
         scale = (1.0 / count.to(loss_dtype)) if reduction == "mean" else torch.ones((), device=hidden.device)
-        grads = _Grads(hidden, weight, bias, needs) if precompute else None
+        ws = _Workspace(hidden, weight, bias, min(chunk, n), cdtype)
+        grads = _Grads(hidden, weight, bias, needs, ws) if precompute else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
-                rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
-                reps = F.linear(rows, w, b).view(stop - start, m, d)
+                rows, reps = ws.project(hidden, start, stop, w, b)
                 if precompute:
                     loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
                     grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)
+                    del grad_reps  # freed before the next chunk's kernel allocates its own
                 else:
                     from .ops import per_prompt_loss
 
@@ -130,8 +131,9 @@ class _FusedLinearMLC(torch.autograd.Function):
                     g.mul_(grad_out.to(g.dtype))
         else:  # reduction="none", or a second backward of the same graph: recompute with per-prompt weights
             needs = ctx.needs_input_grad[:3]
-            grads = _Grads(hidden, weight, bias, needs)
             n, m, dh = hidden.shape
+            ws = _Workspace(hidden, weight, bias, min(chunk, n), cdtype)
+            grads = _Grads(hidden, weight, bias, needs, ws)
             if reduction != "none":
                 grad_out = grad_out.expand(n)
                 if reduction == "mean":
@@ -143,20 +145,64 @@ class _FusedLinearMLC(torch.autograd.Function):
             with torch.autocast(hidden.device.type, enabled=False):
                 for start in range(0, n, chunk):
                     stop = min(start + chunk, n)
-                    rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
-                    reps = F.linear(rows, w, b).view(stop - start, m, d)
+                    rows, reps = ws.project(hidden, start, stop, w, b)
                     _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
                     weights = grad_out[start:stop].to(grad_reps.dtype)[:, None, None]
                     grads.add(start, stop, rows, grad_reps.mul_(weights).view(-1, d), w)
+                    del grad_reps
             grad_hidden, grad_weight, grad_bias = grads.finish()
         return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
-class _Grads:
-    """Accumulates the three gradients chunk by chunk (weight and bias in fp32 or fp64)."""
+class _Workspace:
+    """One chunk's buffers, allocated once per pass and reused by every chunk (the last, shorter chunk
+    uses a prefix): the representations, the inputs cast to the compute dtype when a cast is needed,
+    and the temporaries of the gradient GEMMs whose output dtype differs from the accumulator's.
 
-    def __init__(self, hidden, weight, bias, needs):
+    Chunk-sized tensors freed and reallocated every chunk stay in the heap under glibc's default
+    allocator (and in the CUDA caching allocator); one set of buffers keeps the extra memory at one chunk.
+    """
+
+    def __init__(
+        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prompts: int, cdtype: torch.dtype
+    ) -> None:
+        m, dh = hidden.shape[1], hidden.shape[2]
+        d = weight.shape[0]
+        rows = prompts * m
+        kw = {"dtype": cdtype, "device": hidden.device}
+        self.m, self.dh, self.d = m, dh, d
+        self.reps = torch.empty(rows, d, **kw)
+        self.rows = torch.empty(rows, dh, **kw) if hidden.dtype != cdtype else None
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        self.grad_hidden = torch.empty(rows, dh, **kw) if hidden.dtype != cdtype else None
+        self.grad_weight = torch.empty(d, dh, **kw) if cdtype != acc else None
+        self.grad_bias = torch.empty(d, **kw) if bias is not None else None
+
+    def project(
+        self, hidden: torch.Tensor, start: int, stop: int, w: torch.Tensor, b: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's inputs ``(c*m, d_h)`` in the compute dtype and its representations ``(c, m, d)``,
+        written into the workspace (``rows @ w.T + b``, as ``F.linear`` computes it)."""
+        r = (stop - start) * self.m
+        rows = hidden[start:stop].reshape(-1, self.dh)
+        if self.rows is not None:
+            rows = self.rows[:r].copy_(rows)
+        elif not rows.is_contiguous():
+            rows = rows.contiguous()
+        out = self.reps[:r]
+        if b is not None:
+            torch.addmm(b, rows, w.t(), out=out)
+        else:
+            torch.mm(rows, w.t(), out=out)
+        return rows, out.view(stop - start, self.m, self.d)
+
+
+class _Grads:
+    """Accumulates the three gradients chunk by chunk (weight and bias in fp32 or fp64), through the
+    workspace's buffers where a dtype conversion is needed."""
+
+    def __init__(self, hidden, weight, bias, needs, ws: _Workspace):
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.hidden = torch.empty_like(hidden) if needs[0] else None
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
@@ -165,26 +211,30 @@ class _Grads:
         )
         self._dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         self._m = hidden.shape[1]
+        self._ws = ws
 
     def add(self, start: int, stop: int, rows: torch.Tensor, grad_rows: torch.Tensor, w: torch.Tensor) -> None:
         """``rows``: the chunk's inputs ``(c*m, d_h)``; ``grad_rows``: dloss/dreps ``(c*m, d)``.
 
-        The GEMMs write into the gradient buffers directly where the dtypes allow (no chunk-sized temporaries).
+        The GEMMs write into the gradient buffers directly where the dtypes allow, else into the
+        workspace (no chunk-sized temporaries are allocated per chunk).
         """
+        ws = self._ws
         grad_rows = grad_rows.to(rows.dtype)
+        r = grad_rows.shape[0]
         if self.hidden is not None:
             target = self.hidden[start:stop].view(-1, self.hidden.shape[2])
             if target.dtype == grad_rows.dtype:
                 torch.mm(grad_rows, w, out=target)
             else:
-                target.copy_(grad_rows @ w)
+                target.copy_(torch.mm(grad_rows, w, out=ws.grad_hidden[:r]))
         if self.weight is not None:
             if self.weight.dtype == rows.dtype:
                 self.weight.addmm_(grad_rows.T, rows)
             else:
-                self.weight += (grad_rows.T @ rows).to(self.weight.dtype)
+                self.weight += torch.mm(grad_rows.T, rows, out=ws.grad_weight)
         if self.bias is not None:
-            self.bias += grad_rows.sum(dim=0).to(self.bias.dtype)
+            self.bias += torch.sum(grad_rows, dim=0, out=ws.grad_bias)
 
     def finish(self):
         weight = self.weight.to(self._dtypes[0]) if self.weight is not None else None

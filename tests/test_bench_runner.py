@@ -1,28 +1,122 @@
-"""The benchmark runner runs end to end on a tiny grid (a smoke test: no timing is asserted)."""
+"""The benchmark runner's structure on tiny shapes (suite selection, CSV columns, threads, one PNG per
+suite): a smoke test, no timing is asserted."""
 
 from __future__ import annotations
 
 import csv
 
-from mlc_kernels.benchmarks.runner import main
+import pytest
+
+from benchmarks.runner import Timing, default_threads, main, parse_suites
+
+TINY = ["--device", "cpu", "--budget", "0.01", "--no-memory", "--quiet", "--threads", "1"]
 
 
-def test_mlc_bench_writes_csv_and_plots(tmp_path, capsys):
-    main(
-        [
-            "--device", "cpu", "--grid", "3x4x16", "--impls", "reference,torch,native", "--budget", "0.01",
-            "--no-memory", "--fused-linear-shape", "6x4x16x8", "--hf-shape", "1x2x4", "--out", str(tmp_path), "--quiet",
-        ]
-    )  # fmt: skip
-    assert "MLC loss benchmark on" in capsys.readouterr().out
-    rows = list(csv.DictReader(open(tmp_path / "mlc_bench.csv")))
+def _csv(path) -> list[dict[str, str]]:
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_grid_alone_runs_only_the_loss_suite(tmp_path, capsys):
+    main([*TINY, "--grid", "3x4x16", "--impls", "reference,torch,native", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "MLC loss benchmark on" in out and "1 intra-op threads" in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlc_bench.csv", "mlc_bench.png"]
+    rows = _csv(tmp_path / "mlc_bench.csv")
     assert {r["impl"] for r in rows} == {"reference", "torch", "native"}
     assert {r["mode"] for r in rows} == {"forward", "backward", "full"}
-    assert all(float(r["time_ms"]) > 0 for r in rows)
-    assert all(float(r["speedup_vs_reference"]) > 0 for r in rows)
-    fused = list(csv.DictReader(open(tmp_path / "fused_linear.csv")))
+    for r in rows:
+        assert float(r["min_ms"]) <= float(r["median_ms"]) <= float(r["max_ms"])
+        assert float(r["iqr_ms"]) >= 0 and int(r["runs"]) >= 3 and r["threads"] == "1"
+        assert float(r["speedup_vs_reference"]) > 0
+    assert (tmp_path / "mlc_bench.png").stat().st_size > 1000
+
+
+def test_every_requested_suite_runs_and_writes_a_png(tmp_path):
+    # train-step used to return early from main, so the suites after it never ran
+    main(
+        [
+            *TINY,
+            "--suite",
+            "fused-linear,hf-capture",
+            "--fused-linear-shape",
+            "6x4x16x8",
+            "--hf-shape",
+            "1x2x4",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    fused = _csv(tmp_path / "fused_linear.csv")
     assert [r["variant"] for r in fused] == ["unfused", "fused"]
-    capture = list(csv.DictReader(open(tmp_path / "hf_capture.csv")))
+    assert all("median_ms" in r and "iqr_ms" in r and r["threads"] == "1" for r in fused)
+    capture = _csv(tmp_path / "hf_capture.csv")
     assert [r["variant"] for r in capture] == ["naive", "truncated", "grad_cache"]
-    for name in ("mlc_bench.png", "fused_linear.png"):
+    for name in ("fused_linear.png", "hf_capture.png"):
         assert (tmp_path / name).stat().st_size > 1000
+    assert not (tmp_path / "mlc_bench.csv").exists()
+
+
+def test_fused_linear_memory_under_the_default_allocator(tmp_path, capsys):
+    main(
+        [
+            *TINY[:4],
+            "--quiet",
+            "--threads",
+            "1",
+            "--suite",
+            "fused-linear",
+            "--fused-linear-shape",
+            "8x4x32x16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    rows = _csv(tmp_path / "fused_linear.csv")
+    assert all(r["allocator"] == "glibc-default" and r["peak_extra_bytes"] != "" for r in rows)
+    assert "glibc-default" in capsys.readouterr().out
+
+
+def test_suite_selection():
+    assert parse_suites(None, grid_given=True) == ["loss"]
+    assert parse_suites(None, grid_given=False) == ["loss", "fused-linear", "hf-capture"]
+    assert parse_suites("train-step,loss", grid_given=True) == ["train-step", "loss"]
+    assert parse_suites("all,train-step", grid_given=False)[-1] == "train-step"
+    with pytest.raises(Exception, match="unknown"):
+        parse_suites("nope", grid_given=False)
+
+
+def test_threads_and_timing_statistics():
+    assert 1 <= default_threads()
+    t = Timing.of([4.0, 1.0, 3.0, 2.0, 5.0])
+    assert (t.median_ms, t.min_ms, t.max_ms, t.runs) == (3.0, 1.0, 5.0, 5)
+    assert t.iqr_ms == pytest.approx(2.0)
+
+
+def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
+    import benchmarks.runner as runner
+
+    fake = [
+        {
+            "device": "cpu",
+            "variant": v,
+            "median_ms": 1.0,
+            "iqr_ms": 0.0,
+            "min_ms": 1.0,
+            "max_ms": 1.0,
+            "runs": 3,
+            "threads": 1,
+            "peak_extra_bytes": None,
+            "time_vs_dpo": 1.0,
+            "memory_vs_dpo": None,
+        }
+        for v in ("dpo", "mlc")
+    ]
+    monkeypatch.setattr(runner, "run_train_step", lambda opts: fake)
+    main([*TINY, "--suite", "train-step,fused-linear", "--fused-linear-shape", "6x4x16x8", "--out", str(tmp_path)])
+    assert {p.name for p in tmp_path.iterdir()} == {
+        "train_step.csv",
+        "train_step.png",
+        "fused_linear.csv",
+        "fused_linear.png",
+    }

@@ -178,3 +178,31 @@ def test_second_backward_of_the_same_graph_recomputes():
     first = w.grad.clone()
     loss.backward()
     torch.testing.assert_close(w.grad, 2 * first)
+
+
+def test_chunked_path_reuses_one_workspace(monkeypatch):
+    """Every chunk's representations live in the same preallocated buffer (one allocation per pass)."""
+    import mlc_kernels.fused_linear as fl
+
+    seen: list[int] = []
+    real = fl.per_prompt_loss_and_grad
+
+    def spy(name):
+        fn = real(name)
+
+        def wrapped(reps, *args):
+            seen.append(reps.untyped_storage().data_ptr())
+            return fn(reps, *args)
+
+        return wrapped
+
+    monkeypatch.setattr(fl, "per_prompt_loss_and_grad", spy)
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(7, 3, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    weight = torch.randn(5, 8, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(5, generator=gen, dtype=torch.float64).requires_grad_()
+    fl.fused_linear_mlc_loss(hidden, weight, bias, impl="torch", chunk_size=2).backward()
+    assert len(seen) == 4 and len(set(seen)) == 1
+    seen.clear()
+    fl.fused_linear_mlc_loss(hidden, weight, bias, impl="torch", chunk_size=2, reduction="none").sum().backward()
+    assert len(seen) == 4 and len(set(seen)) == 1  # the backward's recompute: its own single workspace
