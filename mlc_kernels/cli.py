@@ -317,47 +317,9 @@ def cmd_eval(args) -> None:
 
 
 def cmd_demo(args) -> None:
-    import time
+    from .transfer.demo import run_demo
 
-    start = time.time()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    train_records, heldout = load_sample("train"), load_sample("heldout")
-    model, tokenizer = demo_model_and_tokenizer(seed=args.seed)
-    mlc = MLCArguments(
-        languages=LANGUAGES, weight=args.mlc_weight, layer=2, rep_size=32, impl="auto", generation_prompt=False
-    )
-    print(
-        f"mlc demo: mini Qwen2-style model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"random init), {len(train_records)} training prompts x {len(LANGUAGES)} languages, DPO+MLC at layer 2"
-    )
-    before = evaluate(model, tokenizer, heldout + train_records, mlc)
-    trainer = build_trainer(
-        model,
-        tokenizer,
-        train_records,
-        "dpo",
-        mlc,
-        out / "demo_run",
-        steps=args.steps,
-        batch_size=8,
-        learning_rate=args.learning_rate,
-        seed=args.seed,
-    )
-    trainer.train()
-    after = evaluate(model, tokenizer, heldout + train_records, mlc)
-    results = {"before": before, "after": after}
-    print(format_eval(results))
-    if after["between_prompt_cosine"] > 0.95:
-        print(
-            f"warning: between-prompt cosine {after['between_prompt_cosine']:.3f}: the prompts collapsed onto one "
-            "direction (the trivial minimum of MLC); a pretrained model, a smaller --mlc-weight and the "
-            "alignment loss keep prompts apart in real training"
-        )
-    plot_eval(results, out / "mlc_demo_eval.png")
-    plot_training(trainer.state.log_history, LANGUAGES, out / "mlc_demo_training.png")
-    print(f"wrote {out / 'mlc_demo_eval.png'} and {out / 'mlc_demo_training.png'} ({time.time() - start:.0f} s)")
-    print(DISCLAIMER)
+    run_demo(args.out, steps=args.steps, seed=args.seed, mlc_weight=args.mlc_weight)
 
 
 def cmd_transfer(args) -> None:
@@ -402,11 +364,10 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--split", default="heldout")
     p_eval.add_argument("--out", default=".")
     _add_mlc_options(p_eval)
-    p_demo = sub.add_parser("demo", help="the offline demo (mini model, sample set, CPU)")
-    p_demo.add_argument("--out", default=".")
-    p_demo.add_argument("--steps", type=int, default=40)
-    p_demo.add_argument("--learning-rate", type=float, default=3e-3)
-    p_demo.add_argument("--mlc-weight", type=float, default=1.0)
+    p_demo = sub.add_parser("demo", help="the offline demo (shipped world-v2 model: DPO vs DPO+MLC, CPU)")
+    p_demo.add_argument("--out", default="mlc_demo")
+    p_demo.add_argument("--steps", type=int, default=120)
+    p_demo.add_argument("--mlc-weight", type=float, default=None, help="default: the pre-registered rule's")
     p_demo.add_argument("--seed", type=int, default=0)
     p_transfer = sub.add_parser("transfer", help="cross-lingual transfer of base-language alignment (synthetic world)")
     p_transfer.add_argument("--quick", action="store_true", help="3 seeds, 64+64 prompts per language (< 10 min)")
@@ -418,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
     p_transfer.add_argument("--mlc-weight", type=float, default=None, help="MLC weight (default 1.0)")
     p_transfer.add_argument("--mlc-tau", type=float, default=None, help="MLC temperature (default 1.0)")
     p_transfer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p_transfer.add_argument("--world", default="v2", help="v2 (default: code-switching world, gate) or v1")
+    p_transfer.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
     sub.add_parser("bench", help="kernel benchmarks (mlc-bench)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
