@@ -1,10 +1,11 @@
-// Native CPU kernel of the MLC loss: the fused forward + gradient of DESIGN.md section 2.
+// Native CPU kernel of the MLC loss: the fused forward + gradient dZ = M Z (objectives in ops/common.py).
 //
 // The two streaming products go to BLAS through ATen: the Gram matrices R R^T in double (batched,
 // chunked so the double copy stays small; the small eigenvalues are then far above fp32's noise
 // floor) and the gradient dR = B R. In between, one task per prompt (at::parallel_for) solves the
 // m x m eigenproblem in double (Householder + implicit QL) and builds the loss and B.
-// Registered as torch.ops.mlc_native.mlc_fused(reps, mask, tau, objective, write_grad, sv_cutoff).
+// Registered as torch.ops.mlc_native.mlc_fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff);
+// anchor: stop-gradient on each prompt's base row (its first present variant), the loss unchanged.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -161,12 +162,13 @@ void symmetric_eigh(const std::vector<double>& a, int n, std::vector<double>& la
 
 // `raw`: the prompt's m x m Gram matrix R R^T (masked rows zeroed); `bmat` (m x m) receives B.
 double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double inv_tau, int objective,
-                   double sv_cutoff, double* bmat) {
+                   bool anchor, double sv_cutoff, double* bmat) {
   std::vector<double> gram(m * m, 0.0), norms(m, 0.0), inv(m, 0.0);
-  int count = 0;
+  int count = 0, base = -1;
   bool bad = false;
   for (int i = 0; i < m; ++i) {
     if (!mask[i]) continue;
+    if (base < 0) base = i;  // the base row b: the first present variant
     ++count;
     if (!std::isfinite(raw[i * m + i])) bad = true;
   }
@@ -189,6 +191,21 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
           loss += 0.5 * (1.0 - gram[i * m + j] * gram[i * m + j]) / n_pairs;
           mmat[i * m + j] = -2.0 * gram[i * m + j] / n_pairs;
         }
+  } else if (objective == 3) {  // signed_pairwise: mean over pairs of (1 - G_ij)
+    const double n_pairs = std::max(0.5 * count * (count - 1), 1.0);
+    for (int i = 0; i < m; ++i)
+      for (int j = 0; j < m; ++j)
+        if (i != j && mask[i] && mask[j]) {
+          loss += 0.5 * (1.0 - gram[i * m + j]) / n_pairs;
+          mmat[i * m + j] = -1.0 / n_pairs;
+        }
+  } else if (objective == 4) {  // anchor_cos: mean over j != b of 1 - G_jb; M_jb = -1 / (c - 1)
+    const double denom = std::max(count - 1, 1);
+    for (int j = 0; j < m; ++j)
+      if (mask[j] && j != base) {
+        loss += (1.0 - gram[j * m + base]) / denom;
+        mmat[j * m + base] = -1.0 / denom;
+      }
   } else if (eligible && !bad) {
     // Masked rows: zero row and column, diagonal -1 (an eigenvalue that is dropped).
     std::vector<double> a(gram), lam, vec;
@@ -201,6 +218,7 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
     std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return lam[x] > lam[y]; });
     const int kept = static_cast<int>(std::min<int64_t>(order.size(), std::min<int64_t>(count, d)));
     std::vector<double> w(m, 0.0);
+    double rho_coef = 0.0;
     const int top = order[0];
     if (objective == 0) {  // sv_softmax: -log softmax(s / tau)_1 over the min(m_n, d) singular values
       std::vector<double> sv(kept), ex(kept);
@@ -212,6 +230,24 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
         const double g = (ex[r] / denom - (r == 0 ? 1.0 : 0.0)) * inv_tau;
         w[order[r]] = sv[r] >= sv_cutoff ? g / sv[r] : 0.0;  // 2 dloss/dlambda; subgradient 0 below eps_s
       }
+    } else if (objective == 5) {  // signed_sv_softmax: logits (rho, s_2, ..., s_k) / tau
+      double total = 0.0;
+      for (int i = 0; i < m; ++i)
+        for (int j = 0; j < m; ++j)
+          if (mask[i] && mask[j]) total += gram[i * m + j];
+      const double rho = std::sqrt(std::max(total, 0.0) / count);  // |sum_j z_j| / sqrt(c)
+      std::vector<double> lg(kept), ex(kept);
+      lg[0] = rho;
+      for (int r = 1; r < kept; ++r) lg[r] = std::sqrt(std::max(lam[order[r]], 0.0));
+      const double top_logit = *std::max_element(lg.begin(), lg.end());  // rho may be below s_2
+      double denom = 0.0;
+      for (int r = 0; r < kept; ++r) denom += (ex[r] = std::exp((lg[r] - top_logit) * inv_tau));
+      loss = std::log(denom) + (top_logit - rho) * inv_tau;
+      for (int r = 1; r < kept; ++r) {
+        const double g = ex[r] / denom * inv_tau;
+        w[order[r]] = lg[r] >= sv_cutoff ? g / lg[r] : 0.0;
+      }
+      rho_coef = rho >= sv_cutoff ? (ex[0] / denom - 1.0) * inv_tau / (count * rho) : 0.0;
     } else {  // rank1: 1 - s_1^2 / m_n
       loss = 1.0 - std::max(lam[top], 0.0) / count;
       w[top] = -2.0 / count;
@@ -220,6 +256,7 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
       for (int j = 0; j < m; ++j) {
         double acc = 0.0;
         for (int k = 0; k < m; ++k) acc += vec[i * m + k] * w[k] * vec[j * m + k];
+        if (mask[i] && mask[j]) acc += rho_coef;  // signed_sv_softmax: (g_rho / (c rho)) 1 1^T
         mmat[i * m + j] = acc;
       }
   }
@@ -233,7 +270,7 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
   // dr_l = (dZ_l - z_l (dZ_l . z_l)) / |r_l| with dZ = M Z, as dR = B R; a zero row gets no gradient.
   std::fill(bmat, bmat + m * m, 0.0);
   for (int l = 0; l < m; ++l) {
-    if (!mask[l]) continue;
+    if (!mask[l] || (anchor && l == base)) continue;  // anchor: the base row's gradient stays 0
     const bool nonzero = norms[l] > kNormEps;
     double proj = 0.0;
     if (nonzero)
@@ -248,7 +285,8 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
 }
 
 std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, const at::Tensor& mask_in, double tau,
-                                                 int64_t objective, bool write_grad, double sv_cutoff) {
+                                                 int64_t objective, bool anchor, bool write_grad,
+                                                 double sv_cutoff) {
   TORCH_CHECK(reps_in.dim() == 3, "mlc_native.mlc_fused: reps must be (N, m, d), got ", reps_in.sizes());
   TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == reps_in.size(0) && mask_in.size(1) == reps_in.size(1),
               "mlc_native.mlc_fused: mask must be (N, m)");
@@ -283,7 +321,7 @@ std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, cons
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (const auto p : c10::irange(begin, end)) {
       losses[p] = prompt_loss(raw_p + p * m * m, mask_p + p * m, m, d, 1.0 / tau, static_cast<int>(objective),
-                              sv_cutoff, write_grad ? bmat_p + p * m * m : nullptr);
+                              anchor, sv_cutoff, write_grad ? bmat_p + p * m * m : nullptr);
     }
   });
   if (is_double) {
@@ -311,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, cons
 }  // namespace
 
 TORCH_LIBRARY(mlc_native, m) {
-  m.def("mlc_fused(Tensor reps, Tensor mask, float tau, int objective, bool write_grad, float sv_cutoff)"
+  m.def("mlc_fused(Tensor reps, Tensor mask, float tau, int objective, bool anchor, bool write_grad, float sv_cutoff)"
         " -> (Tensor, Tensor)");
 }
 

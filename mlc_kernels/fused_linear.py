@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, resolve_impl
+from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, check_guard_options, parse_guard
+from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, mlc_loss, reduce_with_guard, resolve_impl
 from .ops import per_prompt_loss_and_grad
 
 DEFAULT_CHUNK_ROWS = 1024
@@ -66,7 +67,7 @@ def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 class _FusedLinearMLC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, present, tau, objective, reduction, impl, chunk, cdtype):
+    def forward(ctx, hidden, weight, bias, present, tau, objective, reduction, impl, chunk, cdtype, anchor=False):
         n, m, dh = hidden.shape
         d = weight.shape[0]
         loss_and_grad = per_prompt_loss_and_grad(impl)
@@ -85,18 +86,18 @@ class _FusedLinearMLC(torch.autograd.Function):
                 rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
                 reps = F.linear(rows, w, b).view(stop - start, m, d)
                 if precompute:
-                    loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
+                    loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
                     grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)
                 else:
                     from .ops import per_prompt_loss
 
                     with torch.no_grad():
-                        loss = per_prompt_loss(impl)(reps, present[start:stop], tau, objective)
+                        loss = per_prompt_loss(impl)(reps, present[start:stop], tau, objective, anchor)
                 losses[start:stop] = loss
         ctx.save_for_backward(hidden, weight, bias, present)
         ctx.grads = grads.finish() if precompute else None
-        ctx.options = (tau, objective, reduction, impl, chunk, cdtype)
+        ctx.options = (tau, objective, reduction, impl, chunk, cdtype, anchor)
         if reduction == "none":
             return losses
         total = losses.sum()
@@ -106,7 +107,7 @@ class _FusedLinearMLC(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, present = ctx.saved_tensors
-        tau, objective, reduction, impl, chunk, cdtype = ctx.options
+        tau, objective, reduction, impl, chunk, cdtype, anchor = ctx.options
         if ctx.grads is not None:  # computed in the forward: scale in place (first backward only)
             grad_hidden, grad_weight, grad_bias = ctx.grads
             ctx.grads = None
@@ -130,12 +131,12 @@ class _FusedLinearMLC(torch.autograd.Function):
                     stop = min(start + chunk, n)
                     rows = hidden[start:stop].reshape(-1, dh).to(cdtype)
                     reps = F.linear(rows, w, b).view(stop - start, m, d)
-                    _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective)
+                    _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
                     weights = grad_out[start:stop].to(grad_reps.dtype)[:, None, None]
                     grads.add(start, stop, rows, grad_reps.mul_(weights).view(-1, d), w)
             grad_hidden, grad_weight, grad_bias = grads.finish()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
 class _Grads:
@@ -188,6 +189,10 @@ def fused_linear_mlc_loss(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
+    guard: str | None = None,
+    uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
+    uniform_t: float = DEFAULT_UNIFORM_T,
+    whiten_shrinkage: float | None = None,
 ) -> torch.Tensor:
     """MLC loss of ``hidden @ weight.T + bias`` without keeping the representations for backward.
 
@@ -200,6 +205,12 @@ def fused_linear_mlc_loss(
         chunk_size: prompts per chunk (default ``1024 // m``, about 1024 rows; see ``DEFAULT_CHUNK_ROWS``
             for the time/memory trade-off on GPU). Extra memory
             is bounded by the chunk, not by N.
+        guard, uniform_weight, uniform_t, whiten_shrinkage: as :func:`mlc_kernels.mlc_loss`. ``center`` stays
+            fused and exact: the mean of the representations is ``mean(h) W^T + b``, so the fused loss runs on
+            the centred hidden states without bias (the gradient reaches ``hidden`` through the centring; the
+            bias gets a zero gradient). ``anchor`` passes through to the kernel. ``whiten`` materialises the
+            ``(N, m, d)`` representations (it needs their covariance) and runs the unfused
+            :func:`mlc_kernels.mlc_loss`; ``uniform`` materialises them for its own term only.
 
     Returns:
         The loss as ``mlc_loss(hidden @ weight.T + bias, mask, ...)`` returns it, with gradients for
@@ -211,12 +222,41 @@ def fused_linear_mlc_loss(
     check_options(tau, objective, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    spec = parse_guard(guard)
+    check_guard_options(spec, reduction, uniform_weight, uniform_t, whiten_shrinkage)
     cdtype = _compute_dtype(hidden, weight, bias)
     probe = hidden.new_empty((0, m, weight.shape[0]), dtype=cdtype)
     name = resolve_impl(impl, probe)
     chunk = chunk_size or max(1, DEFAULT_CHUNK_ROWS // m)
     present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=hidden.device)
-    return _FusedLinearMLC.apply(hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype)
+    if spec is None:  # the plain loss, exactly as without guards
+        return _FusedLinearMLC.apply(
+            hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype
+        )
+    # keeps the bias in the graph with a zero gradient (engines expect a gradient for every parameter)
+    touch = 0.0 * bias.sum() if bias is not None and bias.requires_grad else None
+    if spec.whiten:
+        reps = F.linear(hidden, weight, bias)
+        options = {"uniform_weight": uniform_weight, "uniform_t": uniform_t, "whiten_shrinkage": whiten_shrinkage}
+        return mlc_loss(reps, mask, tau=tau, objective=objective, reduction=reduction, impl=impl, guard=str(spec),
+                        **options)  # fmt: skip
+    if spec.center:
+        # mean(h W^T + b) over the present rows = mean(h) W^T + b: centre h (differentiably) and drop the bias
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        x = torch.where(present[..., None], hidden.to(acc), 0.0)
+        mu = x.sum(dim=(0, 1)) / present.sum().clamp_min(1).to(acc)
+        hidden = torch.where(present[..., None], x - mu, 0.0).to(hidden.dtype)
+        bias = None
+    per_prompt = _FusedLinearMLC.apply(
+        hidden, weight, bias, present, float(tau), objective, "none" if spec.uniform else reduction, name, chunk,
+        cdtype, spec.anchor,
+    )  # fmt: skip
+    if spec.uniform:
+        reps = F.linear(hidden, weight, bias)
+        out = reduce_with_guard(per_prompt, present, reduction, spec, reps, uniform_weight, uniform_t)
+    else:
+        out = per_prompt
+    return out + touch if touch is not None else out
 
 
 class FusedLinearMLCLoss(nn.Module):
@@ -230,10 +270,19 @@ class FusedLinearMLCLoss(nn.Module):
         reduction: str = "mean",
         impl: str = "auto",
         chunk_size: int | None = None,
+        guard: str | None = None,
+        uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
+        uniform_t: float = DEFAULT_UNIFORM_T,
+        whiten_shrinkage: float | None = None,
     ) -> None:
         super().__init__()
         self.options = {"tau": tau, "objective": objective, "reduction": reduction, "impl": impl}
         self.options["chunk_size"] = chunk_size
+        if guard is not None:  # the repr of the unguarded module stays as it was
+            parse_guard(guard)
+            self.options.update(
+                guard=guard, uniform_weight=uniform_weight, uniform_t=uniform_t, whiten_shrinkage=whiten_shrinkage
+            )
 
     def forward(self, hidden, weight, bias=None, mask=None) -> torch.Tensor:
         return fused_linear_mlc_loss(hidden, weight, bias, mask, **self.options)

@@ -23,6 +23,10 @@ class MLCHead(nn.Module):
     through ``forward`` so that an engine sharding the head as its own unit (FSDP) gathers its parameters
     around the call; for that reason the class lists itself in ``_no_split_modules`` when registered on a
     transformers model by the trainers.
+
+    ``bias=False`` and ``orthogonal=True`` (``W`` kept semi-orthogonal through
+    ``torch.nn.utils.parametrizations.orthogonal``) go with the ``anchor`` guard: the extractor can then
+    neither shrink nor shift the representations towards a trivial minimum. Both are saved in the config.
     """
 
     def __init__(
@@ -31,6 +35,7 @@ class MLCHead(nn.Module):
         rep_size: int,
         bias: bool = True,
         *,
+        orthogonal: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -44,10 +49,21 @@ class MLCHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(rep_size, hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(rep_size, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
+        self.orthogonal = bool(orthogonal)
+        if self.orthogonal:
+            from torch.nn.utils.parametrizations import orthogonal as orthogonal_parametrization
+
+            orthogonal_parametrization(self, "weight")
 
     def reset_parameters(self) -> None:
-        """``nn.Linear``'s initialisation (same draws from the generator)."""
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        """``nn.Linear``'s initialisation (same draws from the generator); an orthogonal head is re-projected."""
+        if getattr(self, "orthogonal", False):
+            with torch.no_grad():
+                weight = torch.empty_like(self.weight)
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+                self.weight = weight  # the parametrization's right inverse projects it
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
         if self.bias is not None:
             bound = 1 / math.sqrt(self.hidden_size)
             nn.init.uniform_(self.bias, -bound, bound)
@@ -70,7 +86,10 @@ class MLCHead(nn.Module):
         return self(hidden, mask, loss=True, **loss_options)
 
     def config(self) -> dict:
-        return {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.bias is not None}
+        config = {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.bias is not None}
+        if self.orthogonal:  # absent for the default head: its config file stays as it was
+            config["orthogonal"] = True
+        return config
 
     def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
         """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it.
@@ -80,7 +99,12 @@ class MLCHead(nn.Module):
 
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        source = state_dict or dict(self.named_parameters())
+        own = {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
+        if self.orthogonal and state_dict and any(k.startswith("parametrizations.") for k in state_dict):
+            # the engine's state dict holds the parametrization's inner tensors: write the module's own W
+            # (an orthogonal head sharded by FSDP/ZeRO-3 is not supported: its W would be a shard)
+            state_dict = None
+        source = state_dict or own
         names = ["weight"] + (["bias"] if self.bias is not None else [])
         if sorted(source) != sorted(names):
             raise ValueError(f"MLCHead.save_pretrained: state_dict holds {sorted(source)}, expected {names}")
@@ -131,9 +155,13 @@ class MLCHead(nn.Module):
                     f"expected {shape} from {CONFIG_NAME} (hidden_size={config['hidden_size']}, "
                     f"rep_size={config['rep_size']})"
                 )
-        head = cls(config["hidden_size"], config["rep_size"], bias=config["bias"], device=device, dtype=dtype)
+        head = cls(config["hidden_size"], config["rep_size"], bias=config["bias"],
+                   orthogonal=bool(config.get("orthogonal", False)), device=device, dtype=dtype)  # fmt: skip
         with torch.no_grad():
-            head.weight.copy_(tensors["weight"])
+            if head.orthogonal:
+                head.weight = tensors["weight"].to(head.weight)  # through the parametrization's right inverse
+            else:
+                head.weight.copy_(tensors["weight"])
             if config["bias"]:
                 head.bias.copy_(tensors["bias"])
         return head

@@ -1,5 +1,5 @@
 """Representations from Hugging Face decoder-only models: the hidden state of the last prompt token at
-decoder layer k, with the forward stopped right after that layer (DESIGN.md section 4).
+decoder layer k, with the forward stopped right after that layer.
 
 - :func:`last_prompt_hidden`: ``(B, hidden)`` for a padded batch (left or right padding);
   :func:`last_prompt_hidden_packed` for a packed batch (flash-attention 2, position ids).
@@ -184,22 +184,81 @@ def packed_last_index(position_ids: torch.Tensor) -> torch.Tensor:
     return torch.cat([starts[1:] - 1, starts.new_tensor([total - 1])])
 
 
+PACKED_ATTENTION = ("flash_attention_2", "flash_attention_3", "sdpa", "eager", "flex_attention")
+"""Attention implementations that keep packed sequences apart: flash-attn's varlen kernels read the
+sequence starts from the position ids; for ``sdpa``, ``eager`` and ``flex_attention`` transformers builds a
+block-diagonal causal mask from them (when no attention mask is passed)."""
+
+
 def last_prompt_hidden_packed(
-    model: nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor, layer: int, *, truncate: bool = True
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    layer: int,
+    *,
+    truncate: bool = True,
+    last_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """:func:`last_prompt_hidden` for a packed batch without padding: ``input_ids`` and ``position_ids``
-    ``(1, total)``, sequences delimited by position 0. Needs an attention implementation that honours
-    packed position ids (``attn_implementation="flash_attention_2"``, flash-attn on CUDA); eager and
-    SDPA attention would attend across sequences. Returns ``(num_sequences, hidden_size)``."""
+    """:func:`last_prompt_hidden` for packed rows without padding: ``input_ids`` and ``position_ids``
+    ``(R, L)``, sequences delimited by position 0. ``last_index`` ``(B, 2)``: (row, column) of each wanted
+    sequence's last token (from :func:`pack_sequences`); without it, ``R`` must be 1 and every sequence's
+    last token is returned. Returns ``(B, hidden_size)``.
+
+    The attention implementation must keep the sequences apart (:data:`PACKED_ATTENTION`); no attention mask
+    is passed, so that transformers derives the block-diagonal mask from the position ids."""
     impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", None)
-    if impl not in ("flash_attention_2", "flash_attention_3"):
+    if impl not in PACKED_ATTENTION:
         raise ValueError(
-            f"last_prompt_hidden_packed needs attn_implementation='flash_attention_2' (got {impl!r}): "
-            "other attention implementations mix the packed sequences"
+            f"last_prompt_hidden_packed needs an attention implementation that separates packed sequences "
+            f"({', '.join(PACKED_ATTENTION)}), got {impl!r}"
         )
-    index = packed_last_index(position_ids)
+    if last_index is None:
+        index = packed_last_index(position_ids)
+        last_index = torch.stack([torch.zeros_like(index), index], dim=1)
     hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, position_ids=position_ids)
-    return hidden[0, index.to(hidden.device)]
+    last_index = last_index.to(hidden.device)
+    return hidden[last_index[:, 0], last_index[:, 1]]
+
+
+def pack_sequences(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, row_length: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack the non-padding tokens of ``(B, T)`` rows (left or right padding) into ``(R, L)`` rows without
+    padding: first-fit decreasing into rows of ``row_length`` tokens (default: twice the longest sequence, so
+    that rows fill well while attention, linear in the row length per token, stays a small share; ``row_length
+    >= total``: one row). Position ids
+    restart at 0 per sequence; a row's unused tail holds a filler sequence (token 0), its own block, whose
+    outputs are never read. Returns ``(input_ids, position_ids, last_index (B, 2))``, the last giving the
+    (row, column) of each sequence's last token."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    if min(lengths, default=1) == 0:
+        raise ValueError("pack_sequences: every row needs at least one non-padding token")
+    capacity = max(row_length or 2 * max(lengths), max(lengths))
+    rows: list[list[int]] = []  # sequence indices per packed row
+    room: list[int] = []
+    for seq in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        slot = next((r for r, free in enumerate(room) if free >= lengths[seq]), None)
+        if slot is None:
+            rows.append([])
+            room.append(capacity)
+            slot = len(rows) - 1
+        rows[slot].append(seq)
+        room[slot] -= lengths[seq]
+    width = capacity if len(rows) > 1 else capacity - room[0]
+    keep = attention_mask.bool()
+    ids = input_ids.new_zeros(len(rows), width)
+    positions = torch.zeros(len(rows), width, dtype=torch.long, device=input_ids.device)
+    last = torch.zeros(len(lengths), 2, dtype=torch.long)
+    for r, members in enumerate(rows):
+        col = 0
+        for seq in members:
+            n = lengths[seq]
+            ids[r, col : col + n] = input_ids[seq][keep[seq]]
+            positions[r, col : col + n] = torch.arange(n, device=input_ids.device)
+            last[seq] = torch.tensor([r, col + n - 1])
+            col += n
+        positions[r, col:] = torch.arange(width - col, device=input_ids.device)  # the filler sequence
+    return ids, positions, last
 
 
 def variant_representations(
@@ -211,10 +270,15 @@ def variant_representations(
     *,
     truncate: bool = True,
     micro_batch: int | None = None,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Representations of all variants: ``input_ids``/``attention_mask`` ``(N, m, T)``, ``variant_mask``
     ``(N, m)`` bool (False: missing translation, not run). Returns ``(reps (N, m, hidden), mask (N, m))``;
-    missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once."""
+    missing variants hold zeros. ``micro_batch`` bounds how many variants run through the model at once.
+
+    ``packed``: each micro-batch's variants run packed into rows without padding (:func:`pack_sequences`,
+    :func:`last_prompt_hidden_packed`; one row under flash-attn): the model processes about the real tokens
+    only, which pays off when the variants' lengths differ (low-resource languages tokenise 2-3x longer)."""
     if input_ids.dim() != 3 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (N, m, T), got {tuple(input_ids.shape)} and "
@@ -227,10 +291,16 @@ def variant_representations(
     flat = mask.reshape(-1).nonzero().flatten()
     ids, att = input_ids.reshape(-1, t)[flat], attention_mask.reshape(-1, t)[flat]
     step = micro_batch or max(len(flat), 1)
-    parts = [
-        last_prompt_hidden(model, ids[s : s + step], att[s : s + step], layer, truncate=truncate)
-        for s in range(0, len(flat), step)
-    ]
+
+    def run(chunk_ids: torch.Tensor, chunk_att: torch.Tensor) -> torch.Tensor:
+        if packed:
+            impl = getattr(getattr(_unwrap(model), "config", None), "_attn_implementation", "")
+            one_row = str(impl).startswith("flash")  # flash-attn's varlen path reads one packed row
+            ids_p, pos_p, last = pack_sequences(chunk_ids, chunk_att, chunk_ids.numel() if one_row else None)
+            return last_prompt_hidden_packed(model, ids_p, pos_p, layer, truncate=truncate, last_index=last)
+        return last_prompt_hidden(model, chunk_ids, chunk_att, layer, truncate=truncate)
+
+    parts = [run(ids[s : s + step], att[s : s + step]) for s in range(0, len(flat), step)]
     hidden = torch.cat(parts) if parts else None
     size = hidden.shape[-1] if hidden is not None else _unwrap(model).config.hidden_size
     dtype = hidden.dtype if hidden is not None else next(model.parameters()).dtype
@@ -238,6 +308,50 @@ def variant_representations(
     if hidden is not None:
         reps = reps.index_put((flat,), hidden)
     return reps.view(n, m, size), mask
+
+
+AUTO_CHUNK_SHARE = 0.25
+"""``chunk_prompts="auto"`` without a budget: the chunk's activations are about this share of the batch's."""
+
+
+def activation_bytes_per_prompt(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+) -> int:
+    """Estimated activation memory (bytes) that autograd keeps for one prompt's truncated variant passes:
+    per token and decoder layer about ``(34 h + 5 a t) / 2`` elements (the accounting of Korthikanti et al.
+    2022 for a transformer layer, in 16-bit units), for the prompt's m variants of t tokens up to layer k."""
+    config = _unwrap(model).config
+    hidden = int(config.hidden_size)
+    heads = int(getattr(config, "num_attention_heads", 1) or 1)
+    element = next(model.parameters()).element_size()
+    n, m, t = input_ids.shape
+    k = resolve_layer(model, layer)
+    per_token_layer = (34 * hidden + 5 * heads * t) / 2 * element
+    return int(m * t * k * per_token_layer)
+
+
+def auto_chunk_prompts(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    layer: int,
+    memory_budget: int | None = None,
+) -> int:
+    """The largest chunk of prompts whose estimated activations (:func:`activation_bytes_per_prompt`) fit in
+    ``memory_budget`` bytes; without a budget, a quarter of the batch's (so about 0.25x the activation memory
+    of the plain truncated passes, for one extra no-grad pass and four recompute chunks). At least 1."""
+    n = input_ids.shape[0]
+    per_prompt = max(activation_bytes_per_prompt(model, input_ids, attention_mask, layer), 1)
+    budget = memory_budget if memory_budget is not None else AUTO_CHUNK_SHARE * per_prompt * n
+    return int(max(1, min(n, budget // per_prompt)))
+
+
+def _chunk(model, input_ids, attention_mask, layer, chunk_prompts: int | str, memory_budget: int | None) -> int:
+    if chunk_prompts == "auto":
+        return auto_chunk_prompts(model, input_ids, attention_mask, layer, memory_budget)
+    if isinstance(chunk_prompts, bool) or not isinstance(chunk_prompts, int) or chunk_prompts < 1:
+        raise ValueError(f"chunk_prompts must be an int >= 1 or 'auto', got {chunk_prompts!r}")
+    return chunk_prompts
 
 
 def _rng_state(device: torch.device) -> tuple:
@@ -289,7 +403,8 @@ def grad_cached_mlc_backward(
     layer: int,
     variant_mask: torch.Tensor | None = None,
     *,
-    chunk_prompts: int = 1,
+    chunk_prompts: int | str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """MLC loss with the representation-gradient cache; accumulates gradients into ``model`` (and into
     whatever ``loss_fn`` closes over, e.g. an ``MLCHead``) and returns the loss, detached.
@@ -301,11 +416,13 @@ def grad_cached_mlc_backward(
        (so dropout matches) and its representations' gradient is backpropagated into the model.
 
     Peak activation memory is that of one chunk's truncated passes. Gradients add up across calls,
-    as under gradient accumulation.
+    as under gradient accumulation. ``chunk_prompts="auto"``: :func:`auto_chunk_prompts` (``memory_budget``
+    in bytes).
     """
     n, m, _ = input_ids.shape
     device = input_ids.device
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
+    chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
     reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     reps = reps.detach().requires_grad_()
     loss = loss_fn(reps, mask)
@@ -346,7 +463,8 @@ def grad_cached_mlc_loss(
     layer: int,
     variant_mask: torch.Tensor | None = None,
     *,
-    chunk_prompts: int = 1,
+    chunk_prompts: int | str = "auto",
+    memory_budget: int | None = None,
 ) -> torch.Tensor:
     """The gradient-cached MLC loss as a differentiable scalar: use it like any loss term (``total =
     align + w * grad_cached_mlc_loss(...)``; one ``backward``). ``params`` are the parameters of
@@ -354,6 +472,7 @@ def grad_cached_mlc_loss(
     chunk of variant passes is recomputed with autograd. Memory as in :func:`grad_cached_mlc_backward`."""
     n, m, _ = input_ids.shape
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
+    chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
     reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
     runner = {
         "model": model, "loss_fn": loss_fn, "reps": reps, "mask": mask, "ids": input_ids,

@@ -8,6 +8,14 @@ import os
 import torch
 from torch import nn
 
+from .guards import (
+    DEFAULT_UNIFORM_T,
+    DEFAULT_UNIFORM_WEIGHT,
+    check_guard_options,
+    guard_representations,
+    parse_guard,
+    uniformity,
+)
 from .ops import per_prompt_loss
 from .ops.common import OBJECTIVES
 
@@ -144,6 +152,10 @@ def mlc_loss(
     reduction: str = "mean",
     impl: str = "auto",
     validate: bool = False,
+    guard: str | None = None,
+    uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
+    uniform_t: float = DEFAULT_UNIFORM_T,
+    whiten_shrinkage: float | None = None,
 ) -> torch.Tensor:
     """Multi-Lingual Consistency loss (arXiv 2602.16660) of ``reps``.
 
@@ -153,29 +165,53 @@ def mlc_loss(
         mask: optional ``(N, m)`` bool, True where the variant is present.
         tau: softmax temperature of ``sv_softmax`` (> 0).
         objective: ``"sv_softmax"`` (the paper's ``-log softmax(s / tau)_1``), ``"rank1"``
-            (``1 - s_1^2 / m_n``) or ``"pairwise"`` (mean over pairs of ``1 - cos^2``).
+            (``1 - s_1^2 / m_n``), ``"pairwise"`` (mean over pairs of ``1 - cos^2``), or the signed
+            ``"signed_pairwise"``, ``"anchor_cos"``, ``"signed_sv_softmax"`` (``ops.common.OBJECTIVES``).
         reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
             none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
         impl: ``"auto"`` (triton on CUDA, native on CPU), ``"reference"``, ``"torch"``, ``"native"``,
             ``"triton"``.
         validate: raise ``ValueError`` naming the first prompt with a non-finite present value
-            (one host sync). Without it such prompts get a NaN loss.
+            (one host sync). Without it such prompts get a NaN loss (with ``center``/``whiten`` the
+            whole batch: the mean is shared).
+        guard: None (the plain loss) or components of ``mlc_kernels.guards.GUARDS`` joined by ``"+"``:
+            ``center``, ``whiten``, ``uniform`` (with center or whiten), ``anchor``. With ``uniform`` the
+            result is ``mean + uniform_weight * L_unif`` (``"sum"``: that times the number of eligible
+            prompts; ``"none"`` is refused). Centring/whitening run in fp32 (fp64 for fp64 input).
+        uniform_weight, uniform_t: weight and temperature t of the uniformity term (defaults 1 and 2).
+        whiten_shrinkage: the covariance shrinkage a of ``whiten`` (None: ``d / (n_rows + d)``).
 
     Returns:
         The loss, float32 (float64 for float64 ``reps``); the gradient w.r.t. ``reps`` has its dtype.
     """
     check_inputs(reps, mask, tau, objective, reduction)
-    name = resolve_impl(impl, reps)
+    spec = parse_guard(guard)
+    check_guard_options(spec, reduction, uniform_weight, uniform_t, whiten_shrinkage)
     present = mask if mask is not None else torch.ones(reps.shape[:2], dtype=torch.bool, device=reps.device)
     if validate:
         _raise_on_first_bad_prompt(reps, present)
-    per_prompt = per_prompt_loss(name)(reps, present, float(tau), objective)
+    if spec is None:  # the plain loss, exactly as without guards
+        name = resolve_impl(impl, reps)
+        per_prompt = per_prompt_loss(name)(reps, present, float(tau), objective)
+    else:
+        work = guard_representations(reps, present, spec, whiten_shrinkage)
+        name = resolve_impl(impl, work)
+        per_prompt = per_prompt_loss(name)(work, present, float(tau), objective, spec.anchor)
+    return reduce_with_guard(per_prompt, present, reduction, spec, work if spec else reps, uniform_weight, uniform_t)
+
+
+def reduce_with_guard(per_prompt, present, reduction, spec, reps, uniform_weight, uniform_t) -> torch.Tensor:
+    """The reduction of ``per_prompt``, plus the uniformity term of ``spec`` computed on ``reps``."""
     if reduction == "none":
         return per_prompt
     total = per_prompt.sum()
+    count = eligible_count(present).to(total.dtype)
+    if spec is not None and spec.uniform:
+        unif = uniformity(reps, present, float(uniform_t)).to(total.dtype)
+        total = total + float(uniform_weight) * unif * count  # mean + weight * L_unif after the division
     if reduction == "sum":
         return total
-    return total / eligible_count(present).to(total.dtype)
+    return total / count
 
 
 class MLCLoss(nn.Module):
@@ -189,9 +225,18 @@ class MLCLoss(nn.Module):
         reduction: str = "mean",
         impl: str = "auto",
         validate: bool = False,
+        guard: str | None = None,
+        uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
+        uniform_t: float = DEFAULT_UNIFORM_T,
+        whiten_shrinkage: float | None = None,
     ) -> None:
         super().__init__()
         self.options = {"tau": tau, "objective": objective, "reduction": reduction, "impl": impl, "validate": validate}
+        if guard is not None:  # the repr of the unguarded module stays as it was
+            parse_guard(guard)
+            self.options.update(
+                guard=guard, uniform_weight=uniform_weight, uniform_t=uniform_t, whiten_shrinkage=whiten_shrinkage
+            )
 
     def forward(self, reps: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         return mlc_loss(reps, mask, **self.options)

@@ -21,6 +21,17 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
     - ``between_prompt_cosine`` ``()``: mean |cosine| between the consensus directions of different
       prompts. Close to 1 means collapse: every prompt maps to the same direction.
     - ``between_prompt_s1_share`` ``()``: ``s1_share`` of the matrix of consensus directions.
+
+    Collapse diagnostics on the sign-aligned consensus directions
+    ``c_i = normalize(sum_j sign(z_ij . z_ib) z_ij)`` (b: the base row, the prompt's first present variant;
+    ``mlc_kernels.guards.signed_consensus``), over the prompts with >= 2 present variants:
+
+    - ``signed_between_prompt_cosine`` ``()``: mean over pairs of prompts of ``c_i . c_k`` (signed, not
+      ``|cos|``): about 1 when every prompt maps to the same direction, about 0 when they are spread.
+    - ``consensus_effective_rank`` ``()``: RankMe, ``exp(-sum_k p_k log p_k)`` with ``p = sigma / sum(sigma)``
+      the normalised singular values of the matrix of the c_i: 1 when they collapse, up to min(#prompts, d).
+    - ``sign_flip_share`` ``()``: share of the present non-base rows whose cosine to their base row is
+      negative, ``z_ij . z_ib < 0`` (j != b): the rows an unsigned objective aligns with a flipped sign.
     """
     acc = torch.float64 if reps.dtype == torch.float64 else torch.float32
     n, m, _ = reps.shape
@@ -57,6 +68,7 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
         between_s1 = torch.linalg.eigvalsh(cos)[-1] / k
     else:
         between, between_s1 = nan, nan
+    signed = _signed_diagnostics(reps, present, valid, nan)
     return {
         "s1_share": s1_share,
         "mean_cosine": mean_cosine,
@@ -64,4 +76,28 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
         "valid": valid,
         "between_prompt_cosine": between,
         "between_prompt_s1_share": between_s1,
+        **signed,
     }
+
+
+def _signed_diagnostics(reps, present, valid, nan) -> dict[str, torch.Tensor]:
+    from .guards import signed_consensus
+
+    c, _, sign = signed_consensus(reps, present)
+    base = torch.argmax(present.to(torch.uint8), dim=1)
+    slot = torch.arange(present.shape[1], device=present.device)
+    rows = present & valid[:, None] & (slot[None, :] != base[:, None])
+    flips = (sign < 0) & rows
+    flip_share = flips.sum().to(nan.dtype) / rows.sum() if bool(rows.any()) else nan
+    centers = c[valid]
+    k = centers.shape[0]
+    if k >= 2:
+        cos = centers @ centers.T
+        iu = torch.triu_indices(k, k, offset=1, device=reps.device)
+        signed_cos = cos[iu[0], iu[1]].mean()
+        sv = torch.linalg.svdvals(centers)
+        p = sv / sv.sum().clamp_min(NORM_EPS)
+        rank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+    else:
+        signed_cos, rank = nan, nan
+    return {"signed_between_prompt_cosine": signed_cos, "consensus_effective_rank": rank, "sign_flip_share": flip_share}

@@ -1,4 +1,4 @@
-"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons`` (DESIGN.md section 4).
+"""TRL trainers with MLC as an extra term: ``L = L_align + mlc_weight * L_cons``.
 
 The variant prompts of each record (the base-language prompt and its translations) are tokenised with the
 chat template into a column ``mlc_variant_ids``; a collator wrapping TRL's own keeps all variants of a
@@ -11,17 +11,21 @@ the trainer's logs.
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, GUARDS, check_guard_options, parse_guard
 from .head import MLCHead
 from .hf import resolve_layer, variant_representations
 from .loss import IMPLEMENTATIONS, eligible_count
 from .metrics import consistency_metrics
 from .ops.common import OBJECTIVES
+
+logger = logging.getLogger(__name__)
 
 MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
 VARIANT_COLUMN = "mlc_variant_ids"
@@ -30,7 +34,8 @@ VARIANT_COLUMN = "mlc_variant_ids"
 @dataclass
 class MLCArguments:
     """Options of the MLC term. ``layer`` counts decoder layers from 1 (negative: from the end; None: the
-    middle layer)."""
+    middle layer). ``base_language`` is variant 0 of every prompt (the base row of the signed objectives and
+    of the ``anchor`` guard): ``languages`` is reordered to put it first, the others keeping their order."""
 
     languages: tuple[str, ...] = ("en",)
     base_language: str = "en"
@@ -44,6 +49,36 @@ class MLCArguments:
     grad_cache: bool = False
     chunk_prompts: int = 1
     log_metrics: bool = True
+    guard: str | None = field(
+        default=None,
+        metadata={
+            "help": "collapse guard: None, or components joined by '+' from "
+            f"{', '.join(GUARDS)} (e.g. 'center+uniform+anchor'); see mlc_kernels.guards"
+        },
+    )
+    uniform_weight: float = field(
+        default=DEFAULT_UNIFORM_WEIGHT, metadata={"help": "weight of the uniformity term of the 'uniform' guard"}
+    )
+    uniform_t: float = field(
+        default=DEFAULT_UNIFORM_T, metadata={"help": "temperature t of the uniformity term (Wang & Isola: 2)"}
+    )
+    head_bias: bool = field(default=True, metadata={"help": "give the extractor a bias (False goes with 'anchor')"})
+    head_orthogonal: bool = field(
+        default=False, metadata={"help": "keep the extractor's weight (semi-)orthogonal (goes with 'anchor')"}
+    )
+    collapse_warn_threshold: float = field(
+        default=0.9,
+        metadata={"help": "warn (once) when the mean |cosine| between prompts' consensus directions stays above this"},
+    )
+    collapse_warn_patience: int = field(
+        default=3, metadata={"help": "consecutive logged training steps above collapse_warn_threshold before warning"}
+    )
+
+    def __post_init__(self) -> None:
+        languages = tuple(self.languages)
+        if self.base_language in languages and languages[0] != self.base_language:
+            languages = (self.base_language, *(lang for lang in languages if lang != self.base_language))
+        self.languages = languages
 
     def check(self, model: torch.nn.Module) -> int:
         """Raise a clear error for a bad option; returns the resolved 1-based layer."""
@@ -64,6 +99,22 @@ class MLCArguments:
                 f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "
                 f"got {list(self.languages)}"
             )
+        if self.languages[0] != self.base_language:
+            raise ValueError(
+                f"MLCArguments.languages must start with base_language {self.base_language!r} (variant 0 is the base "
+                f"row of the signed objectives and of the anchor guard), got {list(self.languages)}"
+            )
+        try:
+            check_guard_options(parse_guard(self.guard), "sum", self.uniform_weight, self.uniform_t, None)
+        except ValueError as err:
+            raise ValueError(f"MLCArguments.guard / uniform options: {err}") from None
+        if not isinstance(self.collapse_warn_threshold, (int, float)) or isinstance(self.collapse_warn_threshold, bool):
+            raise ValueError(
+                f"MLCArguments.collapse_warn_threshold must be a number, got {self.collapse_warn_threshold!r}"
+            )
+        value = self.collapse_warn_patience
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"MLCArguments.collapse_warn_patience must be a positive int, got {value!r}")
         from .hf import decoder_layers
 
         n_layers = len(decoder_layers(model)[0])
@@ -171,12 +222,14 @@ class MLCTrainerMixin:
         if not hasattr(base, "mlc_head"):
             param = next(base.parameters())
             # initialised on the CPU (CPU generator, seeded by the trainer): the same extractor on any device
-            head = MLCHead(hidden, mlc_args.rep_size, dtype=param.dtype)
+            head = MLCHead(hidden, mlc_args.rep_size, bias=mlc_args.head_bias, orthogonal=mlc_args.head_orthogonal,
+                           dtype=param.dtype)  # fmt: skip
             base.add_module("mlc_head", head.to(param.device))
         no_split = getattr(base, "_no_split_modules", None)  # FSDP's transformer wrap policy reads it
         if no_split is not None and "MLCHead" not in no_split:
             base._no_split_modules = {*no_split, "MLCHead"} if isinstance(no_split, set) else [*no_split, "MLCHead"]
         self._mlc_step_count: int | None = None
+        self._collapse_streak, self._collapse_warned = 0, False
         pad = getattr(self.processing_class, "pad_token_id", None)
         self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0)
 
@@ -268,8 +321,12 @@ class MLCTrainerMixin:
         a = self.mlc_args
         ids, att, present = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_mask"]
 
+        options = {"tau": a.tau, "objective": a.objective, "reduction": "sum", "impl": a.impl}
+        if a.guard is not None:
+            options.update(guard=a.guard, uniform_weight=a.uniform_weight, uniform_t=a.uniform_t)
+
         def loss_of(reps, mask):
-            return head(reps, mask, loss=True, tau=a.tau, objective=a.objective, reduction="sum", impl=a.impl) * scale
+            return head(reps, mask, loss=True, **options) * scale
 
         if a.grad_cache and model.training:
             from .hf import grad_cached_mlc_loss
@@ -288,22 +345,47 @@ class MLCTrainerMixin:
         return loss
 
     def _log_consistency(self, model, head, reps, mask, summed_loss: torch.Tensor) -> None:
-        """This process's micro-batch: mean MLC loss, s1 share, between-prompt and per-language cosines."""
+        """This process's micro-batch: mean MLC loss, s1 share, between-prompt and per-language cosines, and the
+        collapse diagnostics, of the representations the loss sees (centred/whitened under those guards)."""
         if not self.mlc_args.log_metrics:
             return
+        from .guards import guard_representations
+
         with torch.no_grad():
-            stats = consistency_metrics(head(reps.detach()), mask)
+            seen = guard_representations(head(reps.detach()), mask, parse_guard(self.mlc_args.guard))
+            stats = consistency_metrics(seen, mask)
         values = {"mlc/loss": summed_loss.item() / eligible_count(mask).item()}
         valid = stats["valid"]
         if bool(valid.any()):
             values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()
             values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
+            for key in ("signed_between_prompt_cosine", "consensus_effective_rank", "sign_flip_share"):
+                values[f"mlc/{key}"] = float(stats[key])
+            if model.training:
+                self._watch_collapse(values["mlc/between_prompt_cosine"])
             for j, lang in enumerate(self.mlc_args.languages):
                 cos = stats["cosine_to_consensus"][:, j]
                 cos = cos[~torch.isnan(cos)]
                 if cos.numel():
                     values[f"mlc/cos_{lang}"] = cos.mean().item()
         self._mlc_log(model, values)
+
+    def _watch_collapse(self, between: float) -> None:
+        """Warn once through ``logging`` when the between-prompt |cosine| stays above the threshold for
+        ``collapse_warn_patience`` consecutive logged training steps (NaN, a single prompt, resets the count)."""
+        a = self.mlc_args
+        above = between > a.collapse_warn_threshold  # False for NaN
+        self._collapse_streak = self._collapse_streak + 1 if above else 0
+        if self._collapse_streak >= a.collapse_warn_patience and not self._collapse_warned:
+            self._collapse_warned = True
+            logger.warning(
+                "mlc: possible collapse: mlc/between_prompt_cosine = %.3f > %.2f for %d consecutive logged steps "
+                "(every prompt's representation is moving to one direction, a trivial minimum of the MLC loss). "
+                "Consider MLCArguments.guard (e.g. 'center', 'center+uniform', 'center+anchor' with head_bias=False "
+                "and head_orthogonal=True, 'whiten') or a signed objective ('signed_sv_softmax', 'anchor_cos', "
+                "'signed_pairwise').",
+                between, a.collapse_warn_threshold, self._collapse_streak,
+            )  # fmt: skip
 
     def _mlc_log(self, model, values: dict[str, float]) -> None:
         """Into the trainer's own metric store: ``_metrics`` (TRL trainers) or ``store_metrics`` (experimental)."""

@@ -1,4 +1,3 @@
-
 """Layer-k capture from Hugging Face decoder-only models (mini models from configs, random init)."""
 
 from __future__ import annotations
@@ -210,7 +209,8 @@ def test_grad_cache_matches_plain_path(dropout):
         losses = []
         for micro in (slice(0, 2), slice(2, 3)):  # gradient accumulation over two micro-batches
             if cached:
-                losses.append(grad_cached_mlc_backward(model, loss_fn, ids[micro], att[micro], k, mask[micro]))
+                losses.append(grad_cached_mlc_backward(model, loss_fn, ids[micro], att[micro], k, mask[micro],
+                                                      chunk_prompts=1))  # fmt: skip
             else:
                 parts = [
                     variant_representations(
@@ -233,15 +233,98 @@ def test_grad_cache_matches_plain_path(dropout):
             torch.testing.assert_close(cached_grads[name], grad, rtol=1e-9, atol=1e-12)
 
 
-def test_packed_last_index_and_refusal_without_flash_attention():
+def test_auto_chunk_prompts_fits_the_budget_and_matches_the_plain_path():
+    from mlc_kernels.hf import activation_bytes_per_prompt, auto_chunk_prompts
+
+    model = tiny_model("llama")
+    ids, att, mask = _problem(n=9)
+    per_prompt = activation_bytes_per_prompt(model, ids, att, 2)
+    assert per_prompt == 3 * ids.shape[-1] * 2 * (34 * 32 + 5 * 4 * ids.shape[-1]) // 2 * 8  # m t k (34h + 5at)/2 bytes
+    assert auto_chunk_prompts(model, ids, att, 2) == 2  # a quarter of 9 prompts
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=5 * per_prompt + 1) == 5
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=1) == 1
+    assert auto_chunk_prompts(model, ids, att, 2, memory_budget=100 * per_prompt) == 9
+    with pytest.raises(ValueError, match="chunk_prompts must be"):
+        grad_cached_mlc_backward(model, lambda r, m: mlc_loss(r, m), ids, att, 2, mask, chunk_prompts=0)
+    # without dropout, any chunking gives the plain path's gradients
+    plain = copy.deepcopy(model)
+    loss = mlc_loss(variant_representations(plain, ids, att, 2, mask)[0], mask, impl="torch")
+    loss.backward()
+    cached = grad_cached_mlc_backward(model, lambda r, m: mlc_loss(r, m, impl="torch"), ids, att, 2, mask)
+    torch.testing.assert_close(cached, loss.detach())
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_packed_last_index_and_unsupported_attention():
     from mlc_kernels.hf import last_prompt_hidden_packed, packed_last_index
 
     position_ids = torch.tensor([[0, 1, 2, 0, 1, 0, 1, 2, 3]])
     assert packed_last_index(position_ids).tolist() == [2, 4, 8]
     with pytest.raises(ValueError, match="must start at 0"):
         packed_last_index(torch.tensor([[1, 2, 0]]))
-    with pytest.raises(ValueError, match="flash_attention_2"):
-        last_prompt_hidden_packed(tiny_model("llama"), torch.ones(1, 9, dtype=torch.long), position_ids, 2)
+    model = tiny_model("llama")
+    model.config._attn_implementation = "no_such_attention"
+    with pytest.raises(ValueError, match="separates packed sequences"):
+        last_prompt_hidden_packed(model, torch.ones(1, 9, dtype=torch.long), position_ids, 2)
+
+
+def test_pack_sequences_left_and_right_padding():
+    from mlc_kernels.hf import pack_sequences
+
+    ids = torch.tensor([[5, 6, 7, 0], [0, 0, 8, 9], [3, 0, 0, 0]])
+    att = torch.tensor([[1, 1, 1, 0], [0, 0, 1, 1], [1, 0, 0, 0]])
+    packed, positions, last = pack_sequences(ids, att)  # rows of twice the longest sequence: one row
+    assert packed.tolist() == [[5, 6, 7, 8, 9, 3]]
+    assert positions.tolist() == [[0, 1, 2, 0, 1, 0]]
+    assert last.tolist() == [[0, 2], [0, 4], [0, 5]]
+    packed, positions, last = pack_sequences(ids, att, row_length=3)  # rows of 3 tokens: no room for a filler
+    assert packed.tolist() == [[5, 6, 7], [8, 9, 3]]
+    assert positions.tolist() == [[0, 1, 2], [0, 1, 0]]
+    assert last.tolist() == [[0, 2], [1, 1], [1, 2]]
+    packed, positions, last = pack_sequences(ids, att, row_length=4)
+    assert packed.tolist() == [[5, 6, 7, 3], [8, 9, 0, 0]] and positions.tolist() == [[0, 1, 2, 0], [0, 1, 0, 1]]
+    with pytest.raises(ValueError, match="at least one"):
+        pack_sequences(ids, att * torch.tensor([[1], [0], [1]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_packed_variant_passes_match_padded(family, attention, side):
+    """No padding, one row: the block-diagonal mask built from the position ids keeps the variants apart
+    (a mask that let them attend across would change every variant after the first)."""
+    # eager attention in float64 turns left-padded rows into NaN in transformers itself (its mask overflows
+    # to -inf): eager runs in float32 here
+    dtype = torch.float64 if attention == "sdpa" else torch.float32
+    tol = {"rtol": 1e-6, "atol": 1e-8} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
+    model = tiny_model(family, dtype=dtype)
+    model.config._attn_implementation = attention
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 64, (2, 3, 9), generator=gen)
+    att = torch.ones_like(ids)
+    for (i, j), n in zip([(0, 0), (0, 1), (1, 0), (1, 2)], [9, 4, 2, 6], strict=True):
+        if side == "right":
+            att[i, j, n:] = 0
+        else:
+            att[i, j, : 9 - n] = 0
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    padded, _ = variant_representations(model, ids, att, 2, mask)
+    packed, _ = variant_representations(model, ids, att, 2, mask, packed=True)
+    torch.testing.assert_close(packed, padded, **tol)  # RoPE tables are fp32
+    packed_micro, _ = variant_representations(model, ids, att, 2, mask, packed=True, micro_batch=2)
+    torch.testing.assert_close(packed_micro, padded, **tol)
+    # the gradient flows through the packed pass like through the padded one
+    params = [p for p in model.parameters() if p.requires_grad]
+    g_packed = torch.autograd.grad(variant_representations(model, ids, att, 2, mask, packed=True)[0].square().sum(),
+                                   params, allow_unused=True)  # fmt: skip
+    g_padded = torch.autograd.grad(variant_representations(model, ids, att, 2, mask)[0].square().sum(), params,
+                                   allow_unused=True)  # fmt: skip
+    for a, b in zip(g_packed, g_padded, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=100 * tol["rtol"], atol=100 * tol["atol"])
 
 
 @pytest.mark.gpu

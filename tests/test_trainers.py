@@ -110,3 +110,26 @@ def test_trainer_gradient_cache_matches_plain_training(tmp_path):
     cached, _ = _curve("torch", tmp_path / "cached", grad_cache=True, steps=3)
     assert plain[0] == pytest.approx(cached[0], rel=1e-6)
     torch.testing.assert_close(torch.tensor(cached), torch.tensor(plain), rtol=1e-3, atol=1e-5)
+
+
+def test_guarded_run_with_a_signed_objective_logs_the_collapse_diagnostics(tmp_path):
+    from mlc_kernels.trainers import SFTMLCTrainer
+
+    tk = tiny_tokenizer()
+    model = tiny_model(len(tk))
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=2, report_to=[], logging_steps=1,
+        use_cpu=True, save_strategy="no", learning_rate=5e-3,
+    )  # fmt: skip
+    mlc = MLCArguments(languages=("zh", "en", "sw"), weight=1.0, layer=2, rep_size=8, objective="signed_sv_softmax",
+                       guard="center+uniform+anchor", head_bias=False, head_orthogonal=True)  # fmt: skip
+    assert mlc.languages == ("en", "zh", "sw")  # the base language is variant 0
+    trainer = SFTMLCTrainer(model=model, args=args, train_dataset=records("sft"), processing_class=tk, mlc_args=mlc)
+    assert model.mlc_head.bias is None and model.mlc_head.orthogonal
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "mlc/loss" in entry]
+    assert logs and all(torch.isfinite(torch.tensor(e["mlc/loss"])) for e in logs)
+    assert {"mlc/signed_between_prompt_cosine", "mlc/consensus_effective_rank", "mlc/sign_flip_share"} <= set(logs[0])
+    trainer.save_model(str(tmp_path / "ckpt"))
+    loaded = MLCHead.from_pretrained(tmp_path / "ckpt" / "mlc_head")
+    torch.testing.assert_close(loaded.weight, model.mlc_head.weight.detach().cpu(), atol=1e-6, rtol=0)

@@ -1,4 +1,4 @@
-"""The Gram route in PyTorch ops, with the closed-form gradient (DESIGN.md section 2).
+"""The Gram route in PyTorch ops, with the closed-form gradient ``dZ = M Z`` (``ops.common.OBJECTIVES``).
 
 Runs on any device and inside ``torch.compile``: batched matmul for G, ``torch.linalg.eigh``
 on the m x m matrices, and a ``torch.autograd.Function`` whose backward is one batched
@@ -12,20 +12,26 @@ import torch
 from .common import MASKED_EIGENVALUE_THRESHOLD, NORM_EPS, OBJECTIVES, accumulation_dtype, singular_value_cutoff
 
 
+def base_index(present: torch.Tensor) -> torch.Tensor:
+    """``(N,)`` index of each prompt's base row b: its first present variant (0 when none is present)."""
+    return torch.argmax(present.to(torch.uint8), dim=1)  # argmax returns the first maximal index
+
+
 def gram_loss_and_backward_matrix(
-    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt loss ``(N,)`` and the matrix ``B`` ``(N, m, m)`` with ``dloss_n/dR_n = B_n R_n``.
 
     ``reps``: ``(N, m, d)`` any float dtype; ``present``: ``(N, m)`` bool. Both outputs are in
-    the accumulation dtype (fp32, or fp64 for fp64 input).
+    the accumulation dtype (fp32, or fp64 for fp64 input). ``anchor``: row b of B is zeroed (the
+    base row gets no gradient; the loss is unchanged).
     """
     with torch.autocast(reps.device.type, enabled=False):  # the Gram matrix stays in fp32 under autocast
-        return _gram_loss_and_backward_matrix(reps, present, tau, objective)
+        return _gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)
 
 
 def _gram_loss_and_backward_matrix(
-    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     acc = accumulation_dtype(reps.dtype)
     n, m, d = reps.shape
@@ -44,11 +50,24 @@ def _gram_loss_and_backward_matrix(
     eligible = count >= 2
 
     code = OBJECTIVES.index(objective)
-    if code == 2:  # pairwise: mean over pairs of (1 - G_ij^2); no eigenproblem
+    slot = torch.arange(m, device=reps.device)
+    base = base_index(pm)
+    is_base = slot[None, :] == base[:, None]  # (N, m)
+    if code in (2, 3):  # pairwise: mean over pairs of (1 - G_ij^2); signed_pairwise: of (1 - G_ij)
         off = pair & ~eye
         n_pairs = (count * (count - 1) / 2).clamp_min(1).to(acc)
-        loss = torch.where(off, 1.0 - gram**2, 0.0).sum(dim=(1, 2)) / 2 / n_pairs
-        mmat = torch.where(off, -2.0 * gram / n_pairs[:, None, None], 0.0)
+        if code == 2:
+            loss = torch.where(off, 1.0 - gram**2, 0.0).sum(dim=(1, 2)) / 2 / n_pairs
+            mmat = torch.where(off, -2.0 * gram / n_pairs[:, None, None], 0.0)
+        else:
+            loss = torch.where(off, 1.0 - gram, 0.0).sum(dim=(1, 2)) / 2 / n_pairs
+            mmat = torch.where(off, -1.0 / n_pairs[:, None, None], 0.0).to(acc)
+    elif code == 4:  # anchor_cos: mean over j != b of 1 - G_jb; M_jb = -1 / (c - 1)
+        others = pm & ~is_base
+        denom = (count - 1).clamp_min(1).to(acc)
+        to_base = (gram * is_base[:, None, :].to(acc)).sum(dim=-1)  # G_jb
+        loss = torch.where(others, 1.0 - to_base, 0.0).sum(dim=1) / denom
+        mmat = torch.where(others[:, :, None] & is_base[:, None, :], -1.0 / denom[:, None, None], 0.0).to(acc)
     else:
         # Masked rows: zero row/column and diagonal -1, so their eigenvalue is exactly -1.
         shifted = torch.where(eye & ~pm[:, :, None], -1.0, gram)
@@ -56,22 +75,34 @@ def _gram_loss_and_backward_matrix(
         lam, vec = torch.linalg.eigh(shifted)
         lam, vec = lam.flip(-1), vec.flip(-1)  # descending: index 0 is s_1
         k = torch.minimum(count, torch.full_like(count, d))  # Z has min(m_n, d) singular values
-        slot = torch.arange(m, device=reps.device)
         kept = (slot[None, :] < k[:, None]) & (lam > MASKED_EIGENVALUE_THRESHOLD)
         sv = lam.clamp_min(0.0).sqrt()
-        if code == 0:
-            logits = torch.where(kept, sv / tau, float("-inf"))
+        cutoff = singular_value_cutoff(d, m, acc)
+        extra = None
+        if code in (0, 5):
+            lead = sv
+            if code == 5:  # signed consensus rho = sqrt(1^T G 1 / c) in place of s_1
+                total = torch.where(pair & finite[:, None, None], gram, 0.0).sum(dim=(1, 2))
+                rho = (total.clamp_min(0.0) / count.clamp_min(1).to(acc)).sqrt()
+                lead = torch.where(slot[None, :] == 0, rho[:, None], sv)
+            logits = torch.where(kept, lead / tau, float("-inf"))
             lse = torch.logsumexp(logits, dim=-1)
             loss = lse - logits[:, 0]
             p = torch.exp(logits - lse[:, None])
             g = (p - (slot == 0).to(acc)) / tau
-            cutoff = singular_value_cutoff(d, m, acc)
             big = kept & (sv >= cutoff)
+            if code == 5:
+                big = big & (slot[None, :] >= 1)
+                use = rho >= cutoff
+                coef = torch.where(use, g[:, 0] / (count.clamp_min(1).to(acc) * torch.where(use, rho, 1.0)), 0.0)
+                extra = torch.where(pair, coef[:, None, None], 0.0)  # (g_rho / (c rho)) 1 1^T on the present rows
             w = torch.where(big, g / torch.where(big, sv, 1.0), 0.0)  # 2 dloss/dlambda_j
         else:
             loss = 1.0 - lam[:, 0].clamp_min(0.0) / count.clamp_min(1).to(acc)
             w = torch.where(slot == 0, -2.0 / count.clamp_min(1).to(acc)[:, None], 0.0)
         mmat = (vec * w[:, None, :]) @ vec.mT
+        if extra is not None:
+            mmat = mmat + extra
     loss = torch.where(eligible, loss, 0.0)
     mmat = torch.where(eligible[:, None, None], mmat, 0.0)
     # Non-finite input: NaN loss and gradient, never a finite loss.
@@ -85,6 +116,8 @@ def _gram_loss_and_backward_matrix(
     core = mmat - torch.diag_embed(proj)
     bmat = torch.where(nonzero, inv, 0.0)[:, :, None] * core * inv[:, None, :]
     bmat = torch.where(pair, bmat, 0.0)
+    if anchor:  # stop-gradient on the base row: dR_b = 0, every other row unchanged
+        bmat = torch.where(is_base[:, :, None], 0.0, bmat)
     return loss, bmat
 
 
@@ -92,8 +125,10 @@ class GramMLCFunction(torch.autograd.Function):
     """Autograd wrapper: forward returns the per-prompt loss; backward is ``dR = (g B) R``."""
 
     @staticmethod
-    def forward(ctx, reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-        loss, bmat = gram_loss_and_backward_matrix(reps, present, tau, objective)
+    def forward(
+        ctx, reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+    ) -> torch.Tensor:
+        loss, bmat = gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)
         ctx.save_for_backward(reps, present, bmat)
         return loss
 
@@ -105,11 +140,13 @@ class GramMLCFunction(torch.autograd.Function):
         rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)  # masked rows may hold NaN
         with torch.autocast(reps.device.type, enabled=False):
             grad = scaled @ rows
-        return grad.to(reps.dtype), None, None, None
+        return grad.to(reps.dtype), None, None, None, None
 
 
-def torch_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+def torch_mlc_loss(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> torch.Tensor:
     """Per-prompt MLC loss ``(N,)`` through the Gram route (see module docstring)."""
     if reps.requires_grad and torch.is_grad_enabled():
-        return GramMLCFunction.apply(reps, present, tau, objective)
-    return gram_loss_and_backward_matrix(reps, present, tau, objective)[0]
+        return GramMLCFunction.apply(reps, present, tau, objective, anchor)
+    return gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)[0]

@@ -68,23 +68,33 @@ def native_available(warn: bool = False) -> bool:
 
 
 def native_loss_and_grad(
-    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, write_grad: bool = True
+    reps: torch.Tensor,
+    present: torch.Tensor,
+    tau: float,
+    objective: str,
+    write_grad: bool = True,
+    anchor: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt loss ``(N,)`` (fp32; fp64 for fp64 input) and per-prompt gradient ``(N, m, d)``
-    in the dtype of reps (empty when not ``write_grad``). No autograd."""
+    in the dtype of reps (empty when not ``write_grad``). No autograd. ``anchor``: the base row
+    (first present variant) gets zero gradient."""
     err = native_error()
     if err is not None:
         raise RuntimeError(f"native kernel unavailable: {err}")
     cutoff = singular_value_cutoff(reps.shape[2], reps.shape[1], torch.float64)
-    return torch.ops.mlc_native.mlc_fused(reps, present, float(tau), OBJECTIVES.index(objective), write_grad, cutoff)
+    return torch.ops.mlc_native.mlc_fused(
+        reps, present, float(tau), OBJECTIVES.index(objective), bool(anchor), write_grad, cutoff
+    )
 
 
 class NativeMLCFunction(torch.autograd.Function):
     """Autograd wrapper: the forward writes the per-prompt gradient, the backward scales it in place."""
 
     @staticmethod
-    def forward(ctx, reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
-        loss, grad = native_loss_and_grad(reps, present, tau, objective, write_grad=True)
+    def forward(
+        ctx, reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+    ) -> torch.Tensor:
+        loss, grad = native_loss_and_grad(reps, present, tau, objective, write_grad=True, anchor=anchor)
         ctx.save_for_backward(grad)
         return loss
 
@@ -93,11 +103,13 @@ class NativeMLCFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
         grad.mul_(grad_loss.to(grad.dtype)[:, None, None])
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def native_mlc_loss(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
+def native_mlc_loss(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> torch.Tensor:
     """Per-prompt MLC loss ``(N,)`` through the native kernel."""
     if reps.requires_grad and torch.is_grad_enabled():
-        return NativeMLCFunction.apply(reps, present, tau, objective)
-    return native_loss_and_grad(reps, present, tau, objective, write_grad=False)[0]
+        return NativeMLCFunction.apply(reps, present, tau, objective, anchor)
+    return native_loss_and_grad(reps, present, tau, objective, write_grad=False, anchor=anchor)[0]

@@ -1,0 +1,137 @@
+# ruff: noqa: E501  (one mutation per line reads best)
+"""Targeted mutation testing of the core modules (on demand, not in CI: each mutant runs a slice of the suite).
+
+Each mutation is one deliberate bug: a file, an exact text to replace, its replacement, and the test files
+that must catch it. The runner copies the working tree to a temporary folder per mutant, applies the bug,
+runs those tests there, and reports ``caught`` (some test failed), ``SURVIVED`` (all passed) or ``stale``
+(the text is no longer in the file: update the list). Native-kernel mutants build their own extension.
+
+    python tests/mutations.py                 # every mutation
+    python tests/mutations.py --only native   # names containing "native"
+    python tests/mutations.py --list
+
+A change to a kernel, its autograd wrapper or a trainer adds mutants of the same kind here and is not done
+while any survives without a written reason (an equivalent mutant, for example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+
+INTERPRET = (("TRITON_INTERPRET", "1"),)
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # the six holes of the first audit
+    Mutation("torch-sv-cutoff-x10", "mlc_kernels/ops/gram_torch.py", "big = kept & (sv >= cutoff)",
+             "big = kept & (sv >= 10 * cutoff)", ("tests/test_numerics.py", "tests/test_converged.py")),
+    Mutation("native-half-grad-doubled", "csrc/mlc_native.cpp", ".copy_(at::bmm(b32", ".copy_(2 * at::bmm(b32", ("tests/test_numerics.py", "tests/test_api.py")),
+    Mutation("fused-autocast-weight-grad-sign", "mlc_kernels/fused_linear.py",
+             "grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)",
+             "grads.add(start, stop, rows, grad_reps.mul_(-scale.to(grad_reps.dtype)).view(-1, d), w)",
+             ("tests/test_fused_linear.py",)),
+    Mutation("hf-truncation-off", "mlc_kernels/hf.py", "    if truncate:\n        if k < len(layers):",
+             "    if False:\n        if k < len(layers):", ("tests/test_hf.py", "tests/test_composition.py")),
+    Mutation("trainer-weight-dropped", "mlc_kernels/trainers.py", "loss = align + weight * self._mlc_loss",
+             "loss = align + self._mlc_loss", ("tests/test_trainers.py", "tests/test_composition.py")),
+    Mutation("transfer-refusal-inverted", "mlc_kernels/transfer/evaluation.py",
+             "[refusal] * len(prompts)) > response_logprobs(", "[refusal] * len(prompts)) < response_logprobs(",
+             ("tests/test_transfer.py",)),
+    # more of the same kinds
+    Mutation("torch-proj-dropped", "mlc_kernels/ops/gram_torch.py", "core = mmat - torch.diag_embed(proj)",
+             "core = mmat", ("tests/test_numerics.py",)),
+    Mutation("torch-masked-eigenvalue-kept", "mlc_kernels/ops/gram_torch.py",
+             "(lam > MASKED_EIGENVALUE_THRESHOLD)", "(lam > -2.0)", ("tests/test_numerics.py", "tests/test_api.py")),
+    Mutation("torch-nan-hidden", "mlc_kernels/ops/gram_torch.py", "loss = torch.where(finite, loss, float(\"nan\"))",
+             "loss = torch.where(finite, loss, 0.0)", ("tests/test_numerics.py", "tests/test_api.py")),
+    Mutation("loss-mean-denominator", "mlc_kernels/loss.py", "return (present.sum(dim=1) >= 2).sum().clamp_min(1)",
+             "return (present.sum(dim=1) >= 1).sum().clamp_min(1)", ("tests/test_api.py",)),
+    Mutation("triton-grad-sign", "mlc_kernels/ops/triton_kernels.py", "core = (mmat - tl.where(eye, proj[:, None], 0.0))",
+             "core = (tl.where(eye, proj[:, None], 0.0) - mmat)", ("tests/test_numerics.py",), INTERPRET),
+    Mutation("gradcache-rng-replay-dropped", "mlc_kernels/hf.py", "with torch.enable_grad(), _replay_rng(states[index], input_ids.device):",
+             "with torch.enable_grad():",
+             ("tests/test_hf.py",)),
+    Mutation("head-bias-ignored", "mlc_kernels/head.py", "F.linear(hidden, self.weight, self.bias)",
+             "F.linear(hidden, self.weight)", ("tests/test_api.py", "tests/test_fused_linear.py")),
+    Mutation("trainer-scale-ignores-processes", "mlc_kernels/trainers.py",
+             "return self.accelerator.num_processes * self._trainer_loss_division",
+             "return self._trainer_loss_division", ("tests/test_distributed.py",)),
+)
+
+
+def _copy_tree(dest: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                           text=True, check=True).stdout.split()  # fmt: skip
+    for rel in files:
+        src = ROOT / rel
+        if src.is_file():
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def run(mutation: Mutation, timeout: int) -> tuple[str, float]:
+    start = time.time()
+    with tempfile.TemporaryDirectory(prefix="mlc-mutant-") as tmp:
+        work = Path(tmp)
+        _copy_tree(work)
+        target = work / mutation.path
+        text = target.read_text()
+        if mutation.old not in text:
+            return "stale", 0.0
+        target.write_text(text.replace(mutation.old, mutation.new, 1))
+        env = {**os.environ, "PYTHONPATH": str(work), "TORCH_EXTENSIONS_DIR": str(work / ".torch_ext"),
+               **dict(mutation.env)}  # fmt: skip
+        tests = [t for t in mutation.tests if (work / t).exists()]
+        try:
+            out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+                                 cwd=work, env=env, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "timeout", time.time() - start
+        status = "SURVIVED" if out.returncode == 0 else ("caught" if out.returncode == 1 else f"error{out.returncode}")
+        return status, time.time() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--timeout", type=int, default=900, help="seconds per mutant")
+    args = parser.parse_args()
+    chosen = [m for m in MUTATIONS if args.only in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36s} {m.path}")
+        return
+    survivors = []
+    for m in chosen:
+        status, seconds = run(m, args.timeout)
+        print(f"{status:9s} {m.name:36s} {seconds:6.0f} s", flush=True)
+        if status != "caught":
+            survivors.append(m.name)
+    print(f"{len(chosen) - len(survivors)} caught, {len(survivors)} not caught: {', '.join(survivors) or '-'}")
+    sys.exit(1 if survivors else 0)
+
+
+if __name__ == "__main__":
+    main()

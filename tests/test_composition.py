@@ -1,0 +1,105 @@
+"""Outcome tests that the pieces compose as documented: the truncated variant pass runs nothing after layer k,
+and a trainer's loss and gradients equal ``align + weight * mlc`` computed independently on the same batch."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+trl = pytest.importorskip("trl")
+
+from trl_fixtures import LANGS, records, tiny_model, tiny_tokenizer  # noqa: E402
+
+from mlc_kernels import mlc_loss  # noqa: E402
+from mlc_kernels.hf import decoder_layers, last_prompt_hidden, variant_representations  # noqa: E402
+from mlc_kernels.trainers import MLC_KEYS, MLCArguments, MLCTrainerMixin, trl_classes  # noqa: E402
+
+
+def _count_calls(model):
+    """Forward-call counters on every decoder layer, the final norm and the LM head."""
+    layers, norm = decoder_layers(model)
+    counts = {f"layer{i + 1}": 0 for i in range(len(layers))} | {"norm": 0, "lm_head": 0}
+    modules = {f"layer{i + 1}": layer for i, layer in enumerate(layers)}
+    modules["norm"] = norm
+    modules["lm_head"] = model.get_output_embeddings()
+
+    def hook(name):
+        def fn(module, args, output):
+            counts[name] += 1
+
+        return fn
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    return counts, handles
+
+
+@pytest.mark.parametrize("layer", [1, 2, 3])
+def test_truncated_pass_runs_no_layer_after_k_and_no_lm_head(layer):
+    model = tiny_model(65).eval()
+    ids = torch.randint(5, 60, (3, 6), generator=torch.Generator().manual_seed(0))
+    att = torch.ones_like(ids)
+    counts, handles = _count_calls(model)
+    try:
+        truncated = last_prompt_hidden(model, ids, att, layer, truncate=True)
+        after_truncated = dict(counts)
+        full = last_prompt_hidden(model, ids, att, layer, truncate=False)
+    finally:
+        for h in handles:
+            h.remove()
+    assert after_truncated["lm_head"] == 0
+    for i in range(1, 5):
+        assert after_truncated[f"layer{i}"] == (1 if i <= layer else 0), (i, after_truncated)
+    # the untruncated pass runs everything once: the counters are live (the test can fail)
+    assert all(counts[f"layer{i}"] == (2 if i <= layer else 1) for i in range(1, 5))
+    assert counts["lm_head"] == 1
+    torch.testing.assert_close(truncated, full)
+
+
+def _batch(trainer):
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+@pytest.mark.parametrize("kind", ["sft", "dpo"])
+def test_trainer_loss_and_gradients_are_align_plus_weight_times_mlc(kind, tmp_path):
+    """weight = 0.3: a dropped or doubled ``weight *`` changes the loss and every extractor gradient."""
+    weight = 0.3
+    tk = tiny_tokenizer()
+    model = tiny_model(len(tk))
+    trainer_cls, config_cls = trl_classes(kind)
+    args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                      use_cpu=True, save_strategy="no")  # fmt: skip
+    mlc = MLCArguments(languages=LANGS, weight=weight, layer=2, rep_size=8, impl="torch", log_metrics=False)
+    extra = {"ref_model": copy.deepcopy(model)} if kind == "dpo" else {}
+    trainer = trainer_cls(model=model, args=args, train_dataset=records("sft" if kind == "sft" else "dpo"),
+                          processing_class=tk, mlc_args=mlc, **extra)  # fmt: skip
+    model.train()
+    batch = _batch(trainer)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    total = trainer.compute_loss(model, dict(batch))
+    total_grads = torch.autograd.grad(total, params, allow_unused=True)
+
+    # independently: the base trainer's alignment loss, and mlc_loss on the extractor's output of layer 2
+    plain = {k: v for k, v in batch.items() if k not in MLC_KEYS}
+    align = super(MLCTrainerMixin, trainer).compute_loss(model, plain)
+    reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], 2,
+                                         batch["mlc_mask"])  # fmt: skip
+    mlc_term = mlc_loss(model.mlc_head(reps), mask, impl="reference")
+    expected = align + weight * mlc_term
+    expected_grads = torch.autograd.grad(expected, params, allow_unused=True)
+
+    assert float(mlc_term.detach()) > 1e-3 and float(align.detach()) > 1e-3  # both terms matter
+    torch.testing.assert_close(total, expected, rtol=1e-5, atol=1e-6)
+    head_ids = {id(p) for p in model.mlc_head.parameters()}
+    checked = 0
+    for p, got, want in zip(params, total_grads, expected_grads, strict=True):
+        if want is None:
+            assert got is None or not got.any()
+            continue
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+        checked += id(p) in head_ids
+    assert checked == 2  # extractor weight and bias
