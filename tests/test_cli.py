@@ -21,14 +21,6 @@ def tiny_checkpoint(tmp_path_factory):
     return path
 
 
-def test_demo_reports_before_and_after(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path), "--steps", "3"])
-    out = capsys.readouterr().out
-    assert "before" in out and "after" in out and "not safety" in out
-    for name in ("mlc_demo_eval.png", "mlc_demo_training.png"):
-        assert (tmp_path / name).stat().st_size > 1000
-
-
 def test_train_then_eval_with_the_extractor(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "run"
     main(["train", "--model", str(tiny_checkpoint), "--output-dir", str(out), "--max-steps", "2", "--batch-size", "4",

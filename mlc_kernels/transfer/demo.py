@@ -40,8 +40,9 @@ def load_shipped(path: Path = SHIPPED):
     return model, tokenizer, json.loads((path / "recipe.json").read_text())
 
 
-def ship(out: Path = SHIPPED, cache_dir: Path | None = None) -> None:
-    """Write the shipped checkpoint: world v2 seed 0, :data:`.v2.MODEL`, pretrained by this package."""
+def ship(out: Path = SHIPPED, cache_dir: Path | None = None, mlc_layer: int = 0) -> None:
+    """Write the shipped checkpoint: world v2 seed 0, :data:`.v2.MODEL`, pretrained by this package;
+    ``mlc_layer``: the gate rule's layer (0: measured here on this checkpoint)."""
     import json
     from dataclasses import asdict
 
@@ -53,7 +54,12 @@ def ship(out: Path = SHIPPED, cache_dir: Path | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    recipe = {"world": "v2", "world_seed": 0, "model": asdict(MODEL), "cache_key": cache_key(world.config, MODEL)}
+    if not mlc_layer:
+        from .gate import measure, summarise
+
+        mlc_layer = summarise([measure(model, tokenizer, world)], [s.code for s in world.config.languages])["mlc_layer"]
+    recipe = {"world": "v2", "world_seed": 0, "model": asdict(MODEL), "cache_key": cache_key(world.config, MODEL),
+              "mlc_layer": mlc_layer}  # fmt: skip
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 

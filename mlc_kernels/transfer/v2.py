@@ -25,8 +25,8 @@ from .gate import format_gate, measure, summarise
 from .pretrain import ModelConfig, pretrained
 from .world import World, WorldConfig, world_config
 
-MODEL = ModelConfig(layers=6, steps=2000)
-"""World v2's model: hidden 64, 6 decoder layers, 2000 pretraining steps of 32 documents (seed = world seed)."""
+MODEL = ModelConfig(layers=4, steps=2000, batch_size=16)
+"""World v2's model: hidden 64, 4 decoder layers, 2000 pretraining steps of 16 documents (seed = world seed)."""
 
 ALIGN = replace(AlignConfig(), mlc_layer=0)
 """v1's alignment settings; ``mlc_layer`` 0 = the gate's rule decides (:func:`.gate.mlc_layer`)."""
@@ -46,16 +46,16 @@ class Condition:
 DPO = "dpo"
 CONDITIONS = (
     Condition("sv_softmax"),  # the paper's loss, no guard
-    Condition("center", guard="center"),
-    Condition("center+uniform", guard="center+uniform"),
-    Condition("anchor", guard="anchor", extractor="linear_nobias"),
-    Condition("whiten", guard="whiten"),
     Condition("anchor_cos+center", objective="anchor_cos", guard="center", extractor="centred"),
+    Condition("center", guard="center"),
+    Condition("anchor", guard="anchor", extractor="linear_nobias"),
     Condition("signed_sv_softmax+center", objective="signed_sv_softmax", guard="center", extractor="centred"),
+    Condition("whiten", guard="whiten"),
+    Condition("center+uniform", guard="center+uniform"),
 )
-"""Round 1, pre-registered (``WORLD_CARD.md``)."""
+"""Round 1, pre-registered (``WORLD_CARD.md``), in the order they are run when CPU time is short."""
 
-WEIGHT_GRID = (0.03, 0.1, 0.3, 1.0)
+WEIGHT_GRID = (0.03, 0.3)
 WEIGHTS: dict[str, float] = {}
 """The MLC weight of each condition, picked on base-language results only by :func:`pick_weight` (filled in by
 the weight selection run recorded in the card; a condition missing here uses ``DEFAULT_WEIGHT``)."""
@@ -128,6 +128,35 @@ def _steps(log_history: list[dict]) -> list[dict]:
     return [{"step": e["step"], **{k: e[k] for k in keys if k in e}} for e in log_history if "loss" in e]
 
 
+def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: AlignConfig, seed: int) -> str:
+    """Hash of everything one alignment run's result depends on (for the per-run result cache)."""
+    import hashlib
+    from dataclasses import asdict
+
+    from .pretrain import cache_key
+
+    blob = json.dumps({"ckpt": cache_key(world, model), "condition": condition, "align": asdict(align),
+                       "seed": seed}, sort_keys=True)  # fmt: skip
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def align_and_evaluate(model, tokenizer, world: World, model_config: ModelConfig, condition: str,
+                       align: AlignConfig, seed: int, runs_dir: Path | None) -> dict:  # fmt: skip
+    """One alignment run (``condition`` "dpo" or "dpo+mlc") and its evaluation: ``{"behaviour", "collapse",
+    "curve"}``; read from / written to ``runs_dir/<run_key>.json`` when ``runs_dir`` is set."""
+    path = runs_dir / f"{run_key(world.config, model_config, condition, align, seed)}.json" if runs_dir else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text())
+    torch.manual_seed(seed)
+    aligned, history = align_model(model, tokenizer, world, condition, align, seed)
+    result = {"behaviour": behaviour(aligned, tokenizer, world, align.eval_per_kind),
+              "collapse": _collapse(aligned, tokenizer, world, align), "curve": _steps(history)}  # fmt: skip
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+    return result
+
+
 def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress=None) -> dict:
     """The gate, then DPO and every condition for each world seed x alignment seed. Returns ``{"languages",
     "gate", "gate_runs", "layer", "rows": {row: {"w<world>s<seed>": behaviour}}, "collapse", "curves",
@@ -158,11 +187,12 @@ def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress
                 else:
                     cond = next(c for c in config.conditions if c.name == name)
                     align, condition = condition_align(config.align, cond, config.weight(name), layer), "dpo+mlc"
-                torch.manual_seed(seed)
-                aligned, history = align_model(model, tokenizer, world, condition, align, seed)
-                rows.setdefault(name, {})[key] = behaviour(aligned, tokenizer, world, config.align.eval_per_kind)
-                collapse.setdefault(name, {})[key] = _collapse(aligned, tokenizer, world, align)
-                curves.setdefault(name, {})[key] = _steps(history)
+                runs_dir = Path(cache_dir) / "runs" if cache_dir is not None else None
+                run = align_and_evaluate(model, tokenizer, world, replace(config.model, seed=world_seed), condition,
+                                         align, seed, runs_dir)  # fmt: skip
+                rows.setdefault(name, {})[key] = run["behaviour"]
+                collapse.setdefault(name, {})[key] = run["collapse"]
+                curves.setdefault(name, {})[key] = run["curve"]
                 done += 1
                 if progress is not None:
                     progress(done, total, f"{key} {name} ({time.time() - run_start:.0f} s)")
@@ -392,7 +422,7 @@ def run_from_args(args) -> str:
 
 
 def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, ...] = WEIGHT_GRID, seed: int = 0,
-                   log=print) -> dict:  # fmt: skip
+                   log=print, names: tuple[str, ...] | None = None) -> dict:  # fmt: skip
     """The weight rule's runs: DPO and every condition at every ``grid`` weight, alignment ``seed``, the first
     world seed; evaluated in the BASE LANGUAGE ONLY (no other language is looked at). Returns ``{"dpo":
     behaviour, "grid": {name: {weight: behaviour}}, "weights": {name: picked}, "layer"}``."""
@@ -410,6 +440,8 @@ def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, 
     log(f"dpo: base safety {dpo['safety']:.1f} helpfulness {dpo['helpfulness']:.1f}")
     grid_results: dict[str, dict[float, dict]] = {}
     for cond in config.conditions:
+        if names is not None and cond.name not in names:
+            continue
         for weight in grid:
             r = run("dpo+mlc", condition_align(config.align, cond, weight, layer))
             grid_results.setdefault(cond.name, {})[weight] = r
@@ -423,7 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m mlc_kernels.transfer.v2")
-    parser.add_argument("step", choices=("gate", "weights"))
+    parser.add_argument("step", choices=("gate", "weights", "runs"))
+    parser.add_argument("--conditions", default=None, help="comma list of condition names (weights, runs)")
+    parser.add_argument("--seeds", default="0,1,2", help="alignment seeds (runs)")
     parser.add_argument("--out", default="transfer_v2_out")
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--world-seeds", default="0,1")
@@ -456,10 +490,31 @@ def main(argv: list[str] | None = None) -> None:
         (out / "gate.txt").write_text(text + f"\n({time.time() - start:.0f} s)\n")
         (out / "gate.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
         print(text)
-    else:
-        result = select_weights(config, cache, log=print)
-        (out / "weights.json").write_text(json.dumps(result, indent=1, default=str))
+    elif args.step == "weights":
+        names = tuple(args.conditions.split(",")) if args.conditions else None
+        result = select_weights(config, cache, log=print, names=names)
+        tag = "_".join(names) if names else "all"
+        (out / f"weights_{tag}.json").write_text(json.dumps(result, indent=1, default=str))
         print(f"picked weights (base language only): {result['weights']} ({time.time() - start:.0f} s)")
+    else:  # fill the per-run result cache, without printing any result
+        names = args.conditions.split(",") if args.conditions else [DPO, *(c.name for c in config.conditions)]
+        config = replace(config, conditions=tuple(c for c in config.conditions if c.name in names),
+                         seeds=parse_seeds(args.seeds))  # fmt: skip
+        summary, _, models = run_gate(config, cache, lambda *a: None)
+        for world_seed, (world, model, tokenizer, _) in models.items():
+            layer = config.align.mlc_layer or summary["mlc_layer"]
+            for seed in config.seeds:
+                for name in names:
+                    t = time.time()
+                    if name == DPO:
+                        align, condition = replace(config.align, mlc_layer=layer), "dpo"
+                    else:
+                        cond = next(c for c in config.conditions if c.name == name)
+                        align = condition_align(config.align, cond, config.weight(name), layer)
+                        condition = "dpo+mlc"
+                    align_and_evaluate(model, tokenizer, world, replace(config.model, seed=world_seed), condition,
+                                       align, seed, cache / "runs")  # fmt: skip
+                    print(f"world {world_seed} seed {seed} {name}: done ({time.time() - t:.0f} s)", flush=True)
 
 
 if __name__ == "__main__":
