@@ -174,6 +174,8 @@ def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
         "s1_share": stats["s1_share"].nanmean().item(),
         "between_prompt_cosine": float(stats["between_prompt_cosine"]),
         "between_raw": float(raw["between_prompt_cosine"]),
+        **{key: float(stats[key]) for key in ("signed_between_prompt_cosine", "consensus_effective_rank",
+                                              "sign_flip_share") if key in stats},  # fmt: skip
     }
 
 

@@ -97,7 +97,7 @@ class WorldConfig:
     Counts are for the base language; a language gets ``text_share`` times as much. ``parallel_share``:
     parallel sentence pairs (base sentence, ``<=>``, translation) per derived language, as a fraction of
     that language's statement count (0 = monolingual pretraining only, the default). ``unsafe_refusal``: share
-    of the pretraining dialogues with an unsafe request answered with the refusal (v1: 0, v2: 0.35).
+    of the pretraining dialogues with an unsafe request answered with the refusal (v1: 0, v2: 0.25).
     ``code_switch``: probability that a concept word of a pretraining document is replaced by its translation
     into a random other language (the matrix language keeps its word order; v1: 0, v2: 0.3)."""
 
@@ -145,12 +145,12 @@ WORLD_VERSIONS = ("v1", "v2")
 
 def world_config(version: str = "v2", seed: int = 0) -> WorldConfig:
     """The world of ``version``: ``v1`` (monolingual, unsafe requests never refused in pretraining) or ``v2``
-    (35% of unsafe requests refused in pretraining, word-level code-switching 0.3), generated from ``seed``."""
+    (25% of unsafe requests refused in pretraining, word-level code-switching 0.3), generated from ``seed``."""
     if version not in WORLD_VERSIONS:
         raise ValueError(f"--world must be one of {WORLD_VERSIONS}, got {version!r}")
     if version == "v1":
         return WorldConfig(seed=seed)
-    return WorldConfig(seed=seed, unsafe_refusal=0.35, code_switch=0.3)
+    return WorldConfig(seed=seed, unsafe_refusal=0.25, code_switch=0.3)
 
 
 def _concepts() -> list[str]:
