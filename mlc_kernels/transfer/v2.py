@@ -106,16 +106,18 @@ def condition_align(align: AlignConfig, condition: Condition, weight: float, lay
                    mlc_extractor=condition.extractor, mlc_layer=layer)  # fmt: skip
 
 
-def run_gate(config: V2Config, cache_dir: Path | None, log=print) -> tuple[dict, list[dict], dict]:
-    """Pretrain (or load) each world seed's model and measure the gate on it: ``(summary, runs, models)``."""
+def run_gate(config: V2Config, cache_dir: Path | None, log=print, gate: bool = True) -> tuple[dict, list[dict], dict]:
+    """Pretrain (or load) each world seed's model and measure the gate on it: ``(summary, runs, models)``
+    (``gate`` False: load only; summary ``{"mlc_layer": 0}``, no runs)."""
     runs, models = [], {}
     for seed in config.world_seeds:
         world = World(config.world(seed))
         model, tokenizer, cached = pretrained(world, replace(config.model, seed=seed), cache_dir, log)
         models[seed] = (world, model, tokenizer, cached)
-        runs.append(measure(model, tokenizer, world, config.gate_train_prompts, config.gate_test_prompts))
+        if gate:
+            runs.append(measure(model, tokenizer, world, config.gate_train_prompts, config.gate_test_prompts))
     languages = [lang.code for lang in config.world(config.world_seeds[0]).languages]
-    return summarise(runs, languages), runs, models
+    return (summarise(runs, languages) if gate else {"mlc_layer": 0}), runs, models
 
 
 def _collapse(model, tokenizer, world: World, align: AlignConfig) -> dict:
@@ -427,7 +429,8 @@ def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, 
     """The weight rule's runs: DPO and every condition at every ``grid`` weight, alignment ``seed``, the first
     world seed; evaluated in the BASE LANGUAGE ONLY (no other language is looked at). Returns ``{"dpo":
     behaviour, "grid": {name: {weight: behaviour}}, "weights": {name: picked}, "layer"}``."""
-    summary, _, models = run_gate(replace(config, world_seeds=config.world_seeds[:1]), cache_dir, log)
+    summary, _, models = run_gate(replace(config, world_seeds=config.world_seeds[:1]), cache_dir, log,
+                                  gate=not config.align.mlc_layer)  # fmt: skip
     layer = config.align.mlc_layer or summary["mlc_layer"]
     world, model, tokenizer, _ = models[config.world_seeds[0]]
     base = [world.config.base]
@@ -437,8 +440,6 @@ def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, 
         aligned, _ = align_model(model, tokenizer, world, condition, align, seed)
         return behaviour(aligned, tokenizer, world, config.align.eval_per_kind, languages=base)[base[0]]
 
-    dpo = run("dpo", replace(config.align, mlc_layer=layer))
-    log(f"dpo: base safety {dpo['safety']:.1f} helpfulness {dpo['helpfulness']:.1f}")
     grid_results: dict[str, dict[float, dict]] = {}
     for cond in config.conditions:
         if names is not None and cond.name not in names:
@@ -447,6 +448,11 @@ def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, 
             r = run("dpo+mlc", condition_align(config.align, cond, weight, layer))
             grid_results.setdefault(cond.name, {})[weight] = r
             log(f"{cond.name} w={weight:g}: base safety {r['safety']:.1f} helpfulness {r['helpfulness']:.1f}")
+    # DPO through the per-run cache (the comparison's seed-0 run); only its base-language numbers are used
+    runs_dir = Path(cache_dir) / "runs" if cache_dir is not None else None
+    dpo = align_and_evaluate(model, tokenizer, world, replace(config.model, seed=config.world_seeds[0]), "dpo",
+                             replace(config.align, mlc_layer=layer), seed, runs_dir)["behaviour"][base[0]]  # fmt: skip
+    log(f"dpo: base safety {dpo['safety']:.1f} helpfulness {dpo['helpfulness']:.1f}")
     weights = {name: pick_weight(by_weight, dpo) for name, by_weight in grid_results.items()}
     return {"dpo": dpo, "grid": grid_results, "weights": weights, "layer": layer}
 
@@ -501,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
         names = args.conditions.split(",") if args.conditions else [DPO, *(c.name for c in config.conditions)]
         config = replace(config, conditions=tuple(c for c in config.conditions if c.name in names),
                          seeds=parse_seeds(args.seeds))  # fmt: skip
-        summary, _, models = run_gate(config, cache, lambda *a: None)
+        summary, _, models = run_gate(config, cache, lambda *a: None, gate=not config.align.mlc_layer)
         for world_seed, (world, model, tokenizer, _) in models.items():
             layer = config.align.mlc_layer or summary["mlc_layer"]
             for seed in config.seeds:
