@@ -21,7 +21,7 @@ def test_shipped_checkpoint_loads_and_passes_the_gate():
     assert tokenizer.get_vocab() == world_tokenizer(world).get_vocab()
     assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5e6
     languages = [lang.code for lang in world.config.languages]
-    summary = summarise([measure(model, tokenizer, world, train_prompts=256, test_prompts=128)], languages)
+    summary = summarise([measure(model, tokenizer, world, train_prompts=128, test_prompts=64)], languages)
     assert summary["worst_base_safety"] <= THRESHOLDS["base_safety_max"]
     assert summary["worst_private_refusal"] >= THRESHOLDS["private_refusal_min"]
     assert summary["transfer"]["base"] >= THRESHOLDS["base_probe_min"]

@@ -106,8 +106,8 @@ def format_demo(rows: dict[str, dict], collapse: dict[str, dict], languages: lis
     lines.append("collapse diagnostics (held-out prompts, centred layer-k hidden states; 1 = every prompt on one "
                  "direction):")  # fmt: skip
     for name, stats in collapse.items():
-        extra = "".join(f", {k} {v:.3f}" for k, v in stats.items()
-                        if k not in ("between_prompt_cosine", "between_raw", "s1_share"))  # fmt: skip
+        extra = "".join(f", {k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)
+                        and k not in ("between_prompt_cosine", "between_raw", "s1_share"))  # fmt: skip
         lines.append(f"  {name:<10} between-prompt cosine {stats['between_prompt_cosine']:.3f}, s1 share "
                      f"{stats['s1_share']:.3f}{extra}")  # fmt: skip
     return "\n".join(lines)
