@@ -332,7 +332,7 @@ def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
         QUICK,
         model=ModelConfig(hidden_size=16, intermediate_size=32, layers=2, heads=2, steps=4, batch_size=4),
         align=replace(QUICK.align, dpo_steps=2, batch_size=4, train_prompts=8, eval_per_kind=4,
-                      consistency_prompts=6, mlc_rep_size=8),  # fmt: skip
+                      consistency_prompts=6, mlc_rep_size=8, mlc_layer=0),  # fmt: skip  (0: the run's own gate rule)
         conditions=(Condition("sv_softmax"), Condition("frozen", extractor="centred")),
         seeds=(0,), gate_train_prompts=32, gate_test_prompts=16,
     )  # fmt: skip
