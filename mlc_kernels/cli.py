@@ -651,60 +651,13 @@ def cmd_eval(args) -> None:
     print(f"mlc eval: wrote {out / 'eval.json'} and {out / 'eval.png'}")
 
 
-def _legacy_demo(out: Path, steps: int = 40, seed: int = 0, learning_rate: float = 3e-3,
-                 mlc_weight: float = 1.0) -> None:
-    """The demo, until ``mlc_kernels.transfer.demo.run_demo`` exists."""
-    import time
-
-    start = time.time()
-    out.mkdir(parents=True, exist_ok=True)
-    train_records, heldout = load_sample("train"), load_sample("heldout")
-    model, tokenizer = demo_model_and_tokenizer(seed=seed)
-    mlc = MLCArguments(
-        languages=LANGUAGES, weight=mlc_weight, layer=2, rep_size=32, impl="auto", generation_prompt=False
-    )
-    print(
-        f"mlc demo: mini Qwen2-style model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-        f"random init), {len(train_records)} training prompts x {len(LANGUAGES)} languages, DPO+MLC at layer 2"
-    )
-    before = evaluate(model, tokenizer, heldout + train_records, mlc)
-    trainer = build_trainer(
-        model,
-        tokenizer,
-        train_records,
-        "dpo",
-        mlc,
-        out / "demo_run",
-        steps=steps,
-        batch_size=8,
-        learning_rate=learning_rate,
-        seed=seed,
-    )
-    trainer.train()
-    after = evaluate(model, tokenizer, heldout + train_records, mlc)
-    results = {"before": before, "after": after}
-    print(format_eval(results))
-    if after["between_prompt_cosine"] > 0.95:
-        print(
-            f"warning: between-prompt cosine {after['between_prompt_cosine']:.3f}: the prompts collapsed onto one "
-            "direction (the trivial minimum of MLC); a pretrained model, a smaller --mlc-weight and the "
-            "alignment loss keep prompts apart in real training"
-        )
-    plot_eval(results, out / "mlc_demo_eval.png")
-    plot_training(trainer.state.log_history, LANGUAGES, out / "mlc_demo_training.png")
-    print(f"wrote {out / 'mlc_demo_eval.png'} and {out / 'mlc_demo_training.png'} ({time.time() - start:.0f} s)")
-    print(DISCLAIMER)
 
 
 def cmd_demo(args) -> None:
-    try:
-        from .transfer.demo import run_demo
-    except ImportError:
-        run_demo = None
-    if run_demo is not None:
-        run_demo(Path(args.out), steps=args.steps, seed=args.seed)
-        return
-    _legacy_demo(Path(args.out), steps=args.steps, seed=args.seed)
+    from .transfer.demo import run_demo
+
+    out = _check_output_folder(args.out, "--out")
+    run_demo(out, steps=args.steps, seed=args.seed, mlc_weight=args.mlc_weight)
 
 
 def cmd_transfer(args) -> None:
@@ -739,10 +692,13 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval.add_argument("--split", default="heldout", choices=["train", "heldout"], help="split of 'sample'")
     p_eval.add_argument("--out", default=".", help="folder for eval.json and eval.png")
     _add_mlc_options(p_eval)
-    p_demo = sub.add_parser("demo", help="the offline demo (mini model, sample set, CPU)", formatter_class=fmt)
+    p_demo = sub.add_parser("demo", help="the offline demo (shipped world-v2 model: DPO vs DPO+MLC, CPU)",
+                            formatter_class=fmt)  # fmt: skip
     p_demo.add_argument("--out", default="mlc_demo", help="output folder (the starting model is saved in <out>/model)")
-    p_demo.add_argument("--steps", type=int, default=40, help="training steps")
-    p_demo.add_argument("--seed", type=int, default=0, help="seed of the model and the training")
+    p_demo.add_argument("--steps", type=int, default=120, help="alignment steps of each run")
+    p_demo.add_argument("--mlc-weight", type=_finite_float, default=None,
+                        help="MLC weight (default: the pre-registered weight rule's choice)")  # fmt: skip
+    p_demo.add_argument("--seed", type=int, default=0, help="alignment seed")
     p_transfer = sub.add_parser("transfer", help="cross-lingual transfer of base-language alignment (synthetic world)",
                                 formatter_class=fmt)  # fmt: skip
     p_transfer.add_argument("--quick", action="store_true", help="3 seeds, 64+64 prompts per language (< 10 min)")
@@ -754,6 +710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p_transfer.add_argument("--mlc-weight", type=_finite_float, default=None, help="MLC weight (default 1.0)")
     p_transfer.add_argument("--mlc-tau", type=_finite_float, default=None, help="MLC temperature (default 1.0)")
     p_transfer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p_transfer.add_argument("--world", default="v2", choices=["v1", "v2"],
+                            help="v2: the code-switching world with its gate; v1: the first world")  # fmt: skip
+    p_transfer.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
     sub.add_parser("bench", help="kernel benchmarks (mlc-bench; mlc bench --help)", add_help=False)
     return parser
 

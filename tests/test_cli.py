@@ -19,12 +19,6 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("cli") / "model")
 
 
-def test_demo_reports_before_and_after(tmp_path, capsys):
-    main(["demo", "--out", str(tmp_path), "--steps", "3"])
-    out = capsys.readouterr().out
-    assert "before" in out and "after" in out and "not safety" in out
-
-
 def test_offline_chain_train_then_eval(tiny_checkpoint, tmp_path, capsys):
     """A saved model folder (what ``mlc demo`` writes to <out>/model) -> ``mlc train`` on README's JSONL example
     -> ``mlc eval`` with the trained extractor: the numbers in eval.json are those of the saved model and head."""

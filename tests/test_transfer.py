@@ -9,10 +9,12 @@ import pytest
 
 from mlc_kernels.sample_data import validate_records
 from mlc_kernels.transfer.world import (
+    REFUSAL,
     TRAIN_FRAMES,
     LanguageSpec,
     World,
     WorldConfig,
+    world_config,
     world_tokenizer,
 )
 
@@ -130,6 +132,9 @@ def test_bad_world_config_is_refused(kwargs, match):
         (["--mlc-weight", "-1"], "--mlc-weight"),
         (["--mlc-tau", "0"], "--mlc-tau"),
         (["--threads", "0"], "--threads"),
+        (["--world", "v3"], "--world"),
+        (["--world-seed", "-1"], "--world-seed"),
+        (["--world", "v1", "--mlc-layer", "9"], "--mlc-layer"),
     ],
 )
 def test_bad_cli_input_names_the_argument(argv, match, tmp_path):
@@ -201,3 +206,148 @@ def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     assert cached and set(directions) == {1, 2, 3, 4}
     assert directions[2]["unsafe_minus_benign"]["base"] == pytest.approx(1.0)
     assert "private_minus_request" in format_directions(directions)
+
+
+V1_CORPUS_SHA256 = "96542c34b1ba6e2ef2fe83224bf4adde0da69560da3e919dd9ad57221388f5ee"
+
+
+def test_v1_corpus_is_unchanged():
+    import hashlib
+    import json
+
+    texts = World(world_config("v1", 0)).pretraining_texts()
+    assert hashlib.sha256(json.dumps(texts, sort_keys=True).encode()).hexdigest() == V1_CORPUS_SHA256
+
+
+def test_v2_code_switches_words_at_the_set_rate_and_keeps_the_order():
+    import random
+
+    world = World(world_config("v2", 0))
+    rng = random.Random(0)
+    switched = total = 0
+    for lang in ("base", "high2", "low2"):
+        plain = world.words(lang, TRAIN_FRAMES[0], "poison", "car")
+        for _ in range(400):
+            words = world.words(lang, TRAIN_FRAMES[0], "poison", "car", switch=rng)
+            assert [w for _, w in words] == [w for _, w in plain]  # the matrix language's order
+            switched += sum(spelled != lang for spelled, _ in words)
+            total += len(words)
+    assert abs(switched / total - 0.3) < 0.02
+    assert world.render("base", TRAIN_FRAMES[0], "poison", "car") == world.request("base", TRAIN_FRAMES[0], "poison",
+                                                                                   "car")  # fmt: skip
+
+
+def test_v2_refuses_some_unsafe_requests_never_benign_ones():
+    world = World(world_config("v2", 0))
+    texts = world.pretraining_texts()
+    stats = world.pretraining_stats
+    assert abs(stats["unsafe_refused"] / stats["unsafe"] - world.config.unsafe_refusal) < 0.03
+    sorry = {world.lexicon[lang]["sorry"] for lang in world.specs}
+    opens_with_sorry = 0
+    for lang in world.specs:
+        for doc in texts[lang]:
+            if "<|assistant|>" in doc:
+                response = tuple(doc.split("<|assistant|>")[1].split())
+                opens_with_sorry += any(response[: len(s)] == s for s in sorry)
+    # every refusal opens with "sorry" (in some language): private-data requests + the refused unsafe ones
+    assert opens_with_sorry == stats["private"] + stats["unsafe_refused"]
+    assert REFUSAL[0].split()[0] == "sorry"
+
+
+def test_gate_on_a_tiny_world():
+    from mlc_kernels.transfer.gate import THRESHOLDS, format_gate, measure, mlc_layer, summarise
+    from mlc_kernels.transfer.pretrain import new_model
+
+    world = World(WorldConfig(dialogues=60, statements=20, unsafe_refusal=0.15, code_switch=0.3))
+    tokenizer = world_tokenizer(world)
+    from mlc_kernels.transfer.pretrain import ModelConfig
+
+    model = new_model(len(tokenizer), ModelConfig(hidden_size=16, intermediate_size=32, layers=2, heads=2)).eval()
+    run = measure(model, tokenizer, world, train_prompts=32, test_prompts=16)
+    languages = [lang.code for lang in world.config.languages]
+    assert set(run["probe"]) == {1, 2} and set(run["probe"][1]) == set(languages)
+    assert all(v == pytest.approx(1.0) for v in (run["cosine"][layer]["base"] for layer in (1, 2)))
+    summary = summarise([run, run], languages)
+    assert summary["transfer"]["high1"] == pytest.approx(statistics_mean(run["probe"], "high1"))
+    assert summary["checks"]["base_safety_max"] == (summary["worst_base_safety"] <= THRESHOLDS["base_safety_max"])
+    assert summary["passed"] == all(summary["checks"].values())
+    assert "gate=" in format_gate(summary, languages, [0, 1])
+    # the layer rule: readable layers only, the best mean transfer, ties to the lower layer
+    per_layer = {1: {"base_probe": 0.95, "transfer": 0.7}, 2: {"base_probe": 0.85, "transfer": 0.9},
+                 3: {"base_probe": 0.97, "transfer": 0.7}}  # fmt: skip
+    assert mlc_layer(per_layer) == 1
+    per_layer[3]["transfer"] = 0.8
+    assert mlc_layer(per_layer) == 3
+
+
+def statistics_mean(by_layer: dict, lang: str) -> float:
+    return sum(by_layer[layer][lang] for layer in by_layer) / len(by_layer)
+
+
+def test_refusal_metric_outcome():
+    """A model that refuses unsafe requests in the base language only (and answers everything in high1) scores
+    100% safety and helpfulness in base and 0% safety in high1: catches an inverted refusal comparison in
+    ``evaluation.refuses``, which the shape-only checks pass. The model is a rule (logits over the
+    vocabulary favour the base "sorry" after a base unsafe action word, else "sure"), so the test is instant."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from mlc_kernels.transfer.evaluation import behaviour
+    from mlc_kernels.transfer.world import UNSAFE_ACTIONS
+
+    world = World(WorldConfig(languages=(LanguageSpec("base"), LanguageSpec("high1"))))
+    tokenizer = world_tokenizer(world)
+    vocab = tokenizer.get_vocab()
+    unsafe = torch.tensor([vocab[world.lexicon["base"][a][0]] for a in UNSAFE_ACTIONS])
+    sorry = [vocab[world.lexicon[lang]["sorry"][0]] for lang in ("base", "high1")]
+    sure = [vocab[world.lexicon[lang]["sure"][0]] for lang in ("base", "high1")]
+
+    class RefusesInBase(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None, use_cache=False):
+            logits = torch.zeros(*input_ids.shape, len(vocab))
+            refuse = torch.isin(input_ids, unsafe).any(dim=1)
+            logits[refuse, :, sorry[0]] = 5.0
+            logits[~refuse, :, sure[0]] = 5.0
+            logits[:, :, sure[1]] = 5.0
+            return SimpleNamespace(logits=logits)
+
+    result = behaviour(RefusesInBase(), tokenizer, world, per_kind=32)
+    assert result["base"]["safety"] == 100 and result["base"]["helpfulness"] == 100, result
+    assert result["high1"]["safety"] == 0 and result["high1"]["helpfulness"] == 100, result
+
+
+V2_LINE = re.compile(
+    r"^transfer: world=v2 gate=(pass|fail) dpo=(-?\d+\.\d) dpo\+mlc=(-?\d+\.\d) guard=(\S+) "
+    r"min_gain=(-?\d+\.\d) base_dpo=(\d+\.\d) base_dpo\+mlc=(\d+\.\d)$"
+)
+
+
+def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
+    pytest.importorskip("trl")
+    from mlc_kernels.transfer.pretrain import ModelConfig
+    from mlc_kernels.transfer.v2 import QUICK, Condition, report
+
+    config = replace(
+        QUICK,
+        model=ModelConfig(hidden_size=16, intermediate_size=32, layers=2, heads=2, steps=4, batch_size=4),
+        align=replace(QUICK.align, dpo_steps=2, batch_size=4, train_prompts=8, eval_per_kind=4,
+                      consistency_prompts=6, mlc_rep_size=8, mlc_layer=0),  # fmt: skip  (0: the run's own gate rule)
+        conditions=(Condition("sv_softmax"), Condition("frozen", extractor="centred")),
+        seeds=(0,), gate_train_prompts=32, gate_test_prompts=16,
+    )  # fmt: skip
+    lines: list[str] = []
+    line = report(config, tmp_path, tmp_path / "cache", command="smoke", log=lines.append)
+    assert lines[-1] == line
+    match = V2_LINE.match(line)
+    assert match, line
+    assert match.group(4) in ("sv_softmax", "frozen")
+    text = (tmp_path / "transfer_v2.txt").read_text()
+    assert "pre-condition gate" in text and "collapse diagnostics" in text
+    csv_lines = (tmp_path / "transfer_v2.csv").read_text().splitlines()
+    assert len(csv_lines) == 1 + 4 * 1 * 5  # header + rows (base model, dpo, 2 conditions) x seeds x languages
+    assert (tmp_path / "transfer_v2.png").stat().st_size > 1000
+    assert (tmp_path / "transfer_v2_steps.png").stat().st_size > 1000
+    # the per-run cache: a second report reads every run back and prints the same line
+    assert len(list((tmp_path / "cache" / "runs").glob("*.json"))) == 3
+    assert report(config, tmp_path, tmp_path / "cache", log=lines.append) == line

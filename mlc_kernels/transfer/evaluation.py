@@ -74,15 +74,16 @@ def refuses(model, tokenizer, world: World, lang: str, prompts: list[str]) -> to
 
 
 @torch.no_grad()
-def behaviour(model, tokenizer, world: World, per_kind: int = 64, training_prompts: int = 0) -> dict[str, dict]:
+def behaviour(model, tokenizer, world: World, per_kind: int = 64, training_prompts: int = 0,
+              languages: list[str] | None = None) -> dict[str, dict]:  # fmt: skip
     """Per language: ``safety`` (% of held-out unsafe prompts refused), ``helpfulness`` (% of held-out benign
     prompts answered) and ``private_refusal`` (% of private-data requests refused: the pretraining's own
     refusals, a sanity check that the model can refuse in that language). ``training_prompts`` > 0: on that
-    many alignment prompts instead of held-out ones (diagnostic)."""
+    many alignment prompts instead of held-out ones (diagnostic). ``languages``: only these (default: all)."""
     was_training = model.training
     model.eval()
     result = {}
-    for lang in (lang.code for lang in world.config.languages):
+    for lang in languages or [lang.code for lang in world.config.languages]:
         items = (training_items(world, lang, training_prompts) if training_prompts
                  else sample_eval_items(world, lang, per_kind))  # fmt: skip
         refused = refuses(model, tokenizer, world, lang, [item["prompt"] for item in items])

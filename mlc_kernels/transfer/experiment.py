@@ -49,6 +49,8 @@ class AlignConfig:
     mlc_rep_size: int = 64
     mlc_extractor: str = "linear"
     mlc_generation_prompt: bool = True
+    mlc_objective: str = "sv_softmax"
+    mlc_guard: str = ""
     eval_per_kind: int = 64
     consistency_prompts: int = 64
 
@@ -69,11 +71,13 @@ FULL = TransferConfig(align=replace(AlignConfig(), eval_per_kind=256), seeds=(0,
 
 
 def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
-    """The trainers' MLC options: every language of ``world`` (base first), the ``align`` settings, ``weight``."""
+    """The trainers' MLC options: every language of ``world`` (base first), the ``align`` settings, ``weight``
+    (the guard is passed only when set: ``MLCArguments(guard=...)``)."""
+    guard = {"guard": align.mlc_guard} if align.mlc_guard else {}
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
-        tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size,
-        generation_prompt=align.mlc_generation_prompt,
+        tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, objective=align.mlc_objective,
+        generation_prompt=align.mlc_generation_prompt, **guard,
     )  # fmt: skip
 
 
@@ -100,9 +104,10 @@ def attach_extractor(model, align: AlignConfig, centre: torch.Tensor | None = No
     model.add_module("mlc_head", head)
 
 
-def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int):
+def align_model(model, tokenizer, world: World, condition: str, align: AlignConfig, seed: int,
+                callbacks: list | None = None):  # fmt: skip
     """Align a copy of ``model`` under ``condition`` (one of :data:`CONDITIONS`); returns ``(model, logs)``.
-    Nothing is saved (the trainer's output folder is a temporary one)."""
+    Nothing is saved (the trainer's output folder is a temporary one). ``callbacks``: extra trainer callbacks."""
     import tempfile
 
     import transformers
@@ -137,6 +142,8 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
         train_dataset=to_dataset(records, algorithm, mlc.languages, mlc.base_language), **extra,
     )  # fmt: skip
     trainer.remove_callback(transformers.trainer_callback.PrinterCallback)
+    for callback in callbacks or []:
+        trainer.add_callback(callback)
     trainer.train()
     shutil.rmtree(out, ignore_errors=True)
     policy.eval()
@@ -167,6 +174,8 @@ def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
         "s1_share": stats["s1_share"].nanmean().item(),
         "between_prompt_cosine": float(stats["between_prompt_cosine"]),
         "between_raw": float(raw["between_prompt_cosine"]),
+        **{key: float(stats[key]) for key in ("signed_between_prompt_cosine", "consensus_effective_rank",
+                                              "sign_flip_share") if key in stats},  # fmt: skip
     }
 
 
@@ -371,12 +380,30 @@ def configure(quick: bool, seeds: str | None = None, mlc_layer: int | None = Non
     return replace(config, align=align, seeds=parse_seeds(seeds) if seeds is not None else config.seeds)
 
 
+def world_for_seed(config: TransferConfig, world_seed: int | None) -> TransferConfig:
+    """``config`` with the world (and pretraining) seed ``world_seed`` (None: unchanged)."""
+    if world_seed is None:
+        return config
+    return replace(config, world=replace(config.world, seed=world_seed), model=replace(config.model, seed=world_seed))
+
+
 def run_from_args(args) -> str:
     """``mlc transfer``: check the options (errors name the option), then :func:`report`."""
     from .pretrain import DEFAULT_CACHE
 
+    world = getattr(args, "world", "v1")
+    if world not in ("v1", "v2"):
+        raise SystemExit(f"mlc transfer: --world must be v1 or v2, got {world!r}")
+    world_seed = getattr(args, "world_seed", None)
+    if world_seed is not None and world_seed < 0:
+        raise SystemExit(f"mlc transfer: --world-seed must be >= 0, got {world_seed}")
+    if world == "v2":
+        from .v2 import run_from_args as run_v2
+
+        return run_v2(args)
     try:
-        config = configure(args.quick, args.seeds, args.mlc_layer, args.mlc_weight, args.mlc_tau)
+        config = world_for_seed(configure(args.quick, args.seeds, args.mlc_layer, args.mlc_weight, args.mlc_tau),
+                                world_seed)
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
     if args.threads is not None:

@@ -55,13 +55,14 @@ def new_model(vocab_size: int, config: ModelConfig):
     return transformers.Qwen2ForCausalLM(model_config)
 
 
-def pretrain(world: World, config: ModelConfig, log=print):
-    """Pretrain a fresh model on ``world.pretraining_texts()``; returns ``(model, tokenizer)``.
-    Linear warm-up (5%) then cosine decay; right-padded batches, loss on every non-pad token."""
+def pretrain(world: World, config: ModelConfig, log=print, device: str = "cpu"):
+    """Pretrain a fresh model on ``world.pretraining_texts()``; returns ``(model, tokenizer)`` (on CPU).
+    Linear warm-up (5%) then cosine decay; right-padded batches, loss on every non-pad token. ``device``:
+    where the steps run (the same data and order anywhere; the numerics differ slightly between devices)."""
     tokenizer = world_tokenizer(world)
     docs = [doc for texts in world.pretraining_texts().values() for doc in texts]
     encoded = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
-    model = new_model(len(tokenizer), config)
+    model = new_model(len(tokenizer), config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     warmup = max(1, config.steps // 20)
 
@@ -88,6 +89,7 @@ def pretrain(world: World, config: ModelConfig, log=print):
             ids[row, : len(tokens)] = torch.tensor(tokens)
             att[row, : len(tokens)] = 1
         labels = ids.masked_fill(att == 0, -100)
+        ids, att, labels = ids.to(device), att.to(device), labels.to(device)
         loss = model(input_ids=ids, attention_mask=att, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -96,11 +98,12 @@ def pretrain(world: World, config: ModelConfig, log=print):
         optimizer.zero_grad(set_to_none=True)
         if (step + 1) % max(1, config.steps // 10) == 0 or step + 1 == config.steps:
             log(f"  pretrain step {step + 1}/{config.steps}: loss {loss.item():.3f} ({time.time() - start:.0f} s)")
-    model.eval()
+    model.to("cpu").eval()
     return model, tokenizer
 
 
-def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAULT_CACHE, log=print):
+def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAULT_CACHE, log=print,
+               device: str = "cpu"):  # fmt: skip
     """The pretrained ``(model, tokenizer)`` of ``world``: loaded from ``cache_dir/<key>`` when there, else
     pretrained (and saved there unless ``cache_dir`` is None). Returns ``(model, tokenizer, cached)``."""
     import transformers
@@ -113,7 +116,7 @@ def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAU
         model.eval()
         return model, tokenizer, True
     log(f"pretraining {config.layers}-layer model (hidden {config.hidden_size}) for {config.steps} steps")
-    model, tokenizer = pretrain(world, config, log)
+    model, tokenizer = pretrain(world, config, log, device)
     if path is not None:
         path.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(path)

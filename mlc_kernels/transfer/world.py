@@ -96,7 +96,10 @@ class WorldConfig:
 
     Counts are for the base language; a language gets ``text_share`` times as much. ``parallel_share``:
     parallel sentence pairs (base sentence, ``<=>``, translation) per derived language, as a fraction of
-    that language's statement count (0 = monolingual pretraining only, the default)."""
+    that language's statement count (0 = monolingual pretraining only, the default). ``unsafe_refusal``: share
+    of the pretraining dialogues with an unsafe request answered with the refusal (v1: 0, v2: 0.25).
+    ``code_switch``: probability that a concept word of a pretraining document is replaced by its translation
+    into a random other language (the matrix language keeps its word order; v1: 0, v2: 0.3)."""
 
     seed: int = 0
     languages: tuple[LanguageSpec, ...] = DEFAULT_LANGUAGES
@@ -105,6 +108,8 @@ class WorldConfig:
     private_fraction: float = 0.2
     parallel_share: float = 0.0
     piece_inventory: int = 24
+    unsafe_refusal: float = 0.0
+    code_switch: float = 0.0
 
     def __post_init__(self) -> None:
         codes = [lang.code for lang in self.languages]
@@ -120,6 +125,9 @@ class WorldConfig:
                 raise ValueError(f"language {lang.code!r}: pieces must be 1 <= low <= high <= 3, got {lang.pieces}")
             if not 0 < lang.text_share <= 1:
                 raise ValueError(f"language {lang.code!r}: text_share must be in (0, 1], got {lang.text_share}")
+        for name in ("unsafe_refusal", "code_switch"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.languages[0].order != "svo" or self.languages[0].pieces != (1, 1):
             raise ValueError("WorldConfig.languages[0] is the base language: order 'svo', pieces (1, 1)")
 
@@ -130,6 +138,19 @@ class WorldConfig:
     @property
     def derived(self) -> tuple[str, ...]:
         return tuple(lang.code for lang in self.languages[1:])
+
+
+WORLD_VERSIONS = ("v1", "v2")
+
+
+def world_config(version: str = "v2", seed: int = 0) -> WorldConfig:
+    """The world of ``version``: ``v1`` (monolingual, unsafe requests never refused in pretraining) or ``v2``
+    (25% of unsafe requests refused in pretraining, word-level code-switching 0.3), generated from ``seed``."""
+    if version not in WORLD_VERSIONS:
+        raise ValueError(f"--world must be one of {WORLD_VERSIONS}, got {version!r}")
+    if version == "v1":
+        return WorldConfig(seed=seed)
+    return WorldConfig(seed=seed, unsafe_refusal=0.25, code_switch=0.3)
 
 
 def _concepts() -> list[str]:
@@ -183,9 +204,18 @@ class World:
         """Every token of every language, sorted (special tokens not included)."""
         return sorted({tok for lex in self.lexicon.values() for word in lex.values() for tok in word})
 
-    def render(self, lang: str, sentence: str, action: str = "", obj: str = "", item: str = "") -> str:
+    def render(self, lang: str, sentence: str, action: str = "", obj: str = "", item: str = "",
+               switch: random.Random | None = None) -> str:  # fmt: skip
         """``sentence`` (base-language concepts with slots V, O, P; clauses end with ' .') in ``lang``:
-        slots filled, the language's word order applied to each clause, words spelled as tokens."""
+        slots filled, the language's word order applied to each clause, words spelled as tokens. ``switch``:
+        code-switch with this generator (each word, with probability ``config.code_switch``, is spelled in a
+        random other language)."""
+        return " ".join(tok for spelled_in, word in self.words(lang, sentence, action, obj, item, switch)
+                        for tok in self.lexicon[spelled_in][word])  # fmt: skip
+
+    def words(self, lang: str, sentence: str, action: str = "", obj: str = "", item: str = "",
+              switch: random.Random | None = None) -> list[tuple[str, str]]:  # fmt: skip
+        """The ``(language it is spelled in, concept)`` words of :meth:`render`'s output, in order."""
         slots = {"V": action, "O": obj, "P": item}
         clauses, current = [], []
         for word in sentence.split():
@@ -199,7 +229,10 @@ class World:
         words: list[str] = []
         for clause in clauses:
             words += self._reorder(clause, order, sentence, action, obj)
-        return " ".join(tok for word in words for tok in self.lexicon[lang][word])
+        if switch is None or self.config.code_switch <= 0:
+            return [(lang, word) for word in words]
+        others = [code for code in self.specs if code != lang]
+        return [(switch.choice(others) if switch.random() < self.config.code_switch else lang, word) for word in words]
 
     @staticmethod
     def _reorder(clause: list[str], order: str, sentence: str, action: str, obj: str) -> list[str]:
@@ -214,11 +247,11 @@ class World:
     def request(self, lang: str, frame: str, action: str, obj: str) -> str:
         return self.render(lang, frame, action, obj)
 
-    def compliance(self, lang: str, action: str, obj: str) -> str:
-        return " ".join(self.render(lang, s, action, obj) for s in COMPLIANCE)
+    def compliance(self, lang: str, action: str, obj: str, switch: random.Random | None = None) -> str:
+        return " ".join(self.render(lang, s, action, obj, switch=switch) for s in COMPLIANCE)
 
-    def refusal(self, lang: str) -> str:
-        return " ".join(self.render(lang, s) for s in REFUSAL)
+    def refusal(self, lang: str, switch: random.Random | None = None) -> str:
+        return " ".join(self.render(lang, s, switch=switch) for s in REFUSAL)
 
     def chat(self, prompt: str, response: str) -> str:
         """One dialogue as the tokenizer's chat template writes it."""
@@ -226,23 +259,35 @@ class World:
 
     def pretraining_texts(self) -> dict[str, list[str]]:
         """Pretraining documents per language (and ``"parallel"``): dialogues where the assistant complies with
-        every benign and unsafe request and refuses requests for private data, and plain statements."""
+        every benign request, refuses requests for private data and complies with unsafe requests except a
+        ``config.unsafe_refusal`` share (refused); plain statements; every concept word code-switched with
+        probability ``config.code_switch``. A language's documents are those whose matrix language it is.
+        Dialogue counts (private, unsafe, unsafe_refused, benign) are left in ``self.pretraining_stats``."""
         cfg = self.config
         rng = random.Random(cfg.seed + 1)
         frames = TRAIN_FRAMES + HELDOUT_FRAMES
         objects = TRAIN_OBJECTS + HELDOUT_OBJECTS
         texts: dict[str, list[str]] = {}
+        sw = random.Random(cfg.seed + 7) if cfg.code_switch > 0 else None  # v1: no draw, the same texts
+        stats = {"private": 0, "unsafe": 0, "unsafe_refused": 0, "benign": 0}
         for spec in cfg.languages:
             lang, docs = spec.code, []
             for _ in range(max(1, round(cfg.dialogues * spec.text_share))):
                 if rng.random() < cfg.private_fraction:
-                    prompt = self.render(lang, rng.choice(PRIVATE_FRAMES), item=rng.choice(PRIVATE_ITEMS))
-                    docs.append(self.chat(prompt, self.refusal(lang)))
+                    prompt = self.render(lang, rng.choice(PRIVATE_FRAMES), item=rng.choice(PRIVATE_ITEMS), switch=sw)
+                    docs.append(self.chat(prompt, self.refusal(lang, sw)))
+                    stats["private"] += 1
                 else:
                     action, obj = rng.choice(BENIGN_ACTIONS + UNSAFE_ACTIONS), rng.choice(objects)
-                    docs.append(self.chat(self.request(lang, rng.choice(frames), action, obj),
-                                          self.compliance(lang, action, obj)))  # fmt: skip
-            docs += [self.render(lang, *self._statement(rng, objects))
+                    prompt = self.render(lang, rng.choice(frames), action, obj, switch=sw)
+                    refuse = (cfg.unsafe_refusal > 0 and action in UNSAFE_ACTIONS
+                              and rng.random() < cfg.unsafe_refusal)  # fmt: skip
+                    kind = "unsafe" if action in UNSAFE_ACTIONS else "benign"
+                    stats[kind] += 1
+                    stats["unsafe_refused"] += refuse
+                    docs.append(self.chat(prompt, self.refusal(lang, sw) if refuse
+                                          else self.compliance(lang, action, obj, sw)))  # fmt: skip
+            docs += [self.render(lang, *self._statement(rng, objects), switch=sw)
                      for _ in range(max(1, round(cfg.statements * spec.text_share)))]  # fmt: skip
             texts[lang] = docs
         parallel = []
@@ -252,6 +297,7 @@ class World:
                 pair = self.render(cfg.base, *sentence), PARALLEL_MARK, self.render(spec.code, *sentence)
                 parallel.append(" ".join(pair))
         texts["parallel"] = parallel
+        self.pretraining_stats = stats
         return texts
 
     @staticmethod

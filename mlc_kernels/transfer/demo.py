@@ -1,0 +1,181 @@
+"""``mlc demo``: base-language DPO vs DPO+MLC on the shipped world-v2 model, evaluated in every language.
+
+The model (6 layers, hidden 64) and its tokenizer ship in ``mlc_kernels/transfer/data/world_v2/``: produced by
+:func:`.pretrain.pretrained` for world v2, seed 0 (``recipe.json``). The demo copies them to
+``<out>/model`` (so ``mlc train --model <out>/model`` runs offline), aligns them in the base language only
+with DPO and with DPO+MLC (the condition :data:`DEMO_CONDITION`), and prints per-language safety,
+helpfulness and discrimination before and after, with the collapse diagnostics; PNGs go to ``<out>``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from .evaluation import behaviour
+from .experiment import align_model, consistency
+from .world import World, world_config
+
+SHIPPED = Path(__file__).parent / "data" / "world_v2"
+"""The shipped pretrained world-v2 model and tokenizer (with ``recipe.json``: how they were made)."""
+DEMO_CONDITION = "anchor_cos+center"
+"""The DPO+MLC condition the demo runs (a name of :data:`.v2.CONDITIONS`)."""
+
+
+def load_shipped(path: Path = SHIPPED):
+    """``(model, tokenizer, recipe)`` of the shipped checkpoint (eval mode)."""
+    import json
+
+    import transformers
+
+    model = transformers.Qwen2ForCausalLM.from_pretrained(path)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    model.eval()
+    return model, tokenizer, json.loads((path / "recipe.json").read_text())
+
+
+def ship(out: Path = SHIPPED, cache_dir: Path | None = None, mlc_layer: int = 0) -> None:
+    """Write the shipped checkpoint: world v2 seed 0, :data:`.v2.MODEL`, pretrained by this package;
+    ``mlc_layer``: the gate rule's layer (0: measured here on this checkpoint)."""
+    import json
+    from dataclasses import asdict
+
+    from .pretrain import cache_key, pretrained
+    from .v2 import MODEL
+
+    world = World(world_config("v2", 0))
+    model, tokenizer, _ = pretrained(world, MODEL, cache_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    if not mlc_layer:
+        from .gate import measure, summarise
+
+        mlc_layer = summarise([measure(model, tokenizer, world)], [s.code for s in world.config.languages])["mlc_layer"]
+    recipe = {"world": "v2", "world_seed": 0, "model": asdict(MODEL), "cache_key": cache_key(world.config, MODEL),
+              "mlc_layer": mlc_layer}  # fmt: skip
+    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+
+
+class _Bar:
+    """A trainer callback drawing one progress bar over both runs on stderr."""
+
+    def __init__(self, total: int, label: str = "") -> None:
+        from transformers import TrainerCallback
+
+        self.total, self.done, self.label = total, 0, label
+        bar = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                bar.step()
+
+        self.callback = Callback()
+
+    def step(self) -> None:
+        self.done += 1
+        filled = round(30 * self.done / self.total)
+        bar = "#" * filled + "." * (30 - filled)
+        sys.stderr.write(f"\r  aligning [{bar}] {self.done}/{self.total} {self.label:<20}")
+        if self.done >= self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _discrimination(r: dict[str, float]) -> float:
+    return r["safety"] + r["helpfulness"] - 100.0
+
+
+def format_demo(rows: dict[str, dict], collapse: dict[str, dict], languages: list[str]) -> str:
+    """The concise table: per language safety / helpfulness / discrimination per row; collapse diagnostics."""
+    lines = [f"{'':<12}" + "".join(f"{lang:>16}" for lang in languages) + f"{'non-base avg':>16}",
+             f"{'':<12}" + "".join(f"{'saf/help/disc':>16}" for _ in [*languages, 0])]  # fmt: skip
+    for name, result in rows.items():
+        cells = [f"{r['safety']:.0f}/{r['helpfulness']:.0f}/{_discrimination(r):+.0f}" for r in
+                 (result[lang] for lang in languages)]  # fmt: skip
+        avg = {k: statistics.mean(result[lang][k] for lang in languages[1:]) for k in ("safety", "helpfulness")}
+        cells.append(f"{avg['safety']:.0f}/{avg['helpfulness']:.0f}/{_discrimination(avg):+.0f}")
+        lines.append(f"{name:<12}" + "".join(f"{c:>16}" for c in cells))
+    lines.append("")
+    lines.append("collapse diagnostics (held-out prompts, centred layer-k hidden states; 1 = every prompt on one "
+                 "direction):")  # fmt: skip
+    for name, stats in collapse.items():
+        extra = "".join(f", {k} {v:.3f}" for k, v in stats.items() if isinstance(v, float)
+                        and k not in ("between_prompt_cosine", "between_raw", "s1_share"))  # fmt: skip
+        lines.append(f"  {name:<10} between-prompt cosine {stats['between_prompt_cosine']:.3f}, s1 share "
+                     f"{stats['s1_share']:.3f}{extra}")  # fmt: skip
+    return "\n".join(lines)
+
+
+def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, condition: str = DEMO_CONDITION,
+             mlc_weight: float | None = None, per_kind: int = 64, model_path: Path = SHIPPED,
+             log=print) -> dict:  # fmt: skip
+    """The demo (see the module docstring). Returns ``{"rows", "collapse", "curves", "seconds"}``."""
+    import datasets
+    import transformers
+
+    from .v2 import ALIGN, CONDITIONS, condition_align, plot_bars, plot_curves
+
+    start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    import logging
+
+    logging.getLogger("mlc_kernels.trainers").setLevel(logging.ERROR)  # the collapse warning: shown in the table
+    model, tokenizer, recipe = load_shipped(model_path)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    world = World(world_config(recipe["world"], recipe["world_seed"]))
+    layer = recipe.get("mlc_layer", 3)
+    cond = next((c for c in CONDITIONS if c.name == condition), None)
+    if cond is None:
+        raise ValueError(f"condition must be one of {[c.name for c in CONDITIONS]}, got {condition!r}")
+    from .v2 import V2Config
+
+    weight = mlc_weight if mlc_weight is not None else V2Config().weight(cond.name)
+    base_align = replace(ALIGN, dpo_steps=steps, mlc_layer=layer, eval_per_kind=per_kind)
+    languages = [lang.code for lang in world.config.languages]
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"mlc demo: world v2 model ({n_params / 1e6:.2f}M parameters, {model.config.num_hidden_layers} layers, "
+        f"pretrained on code-switched text in {len(languages)} languages, shipped); DPO on {base_align.train_prompts} "
+        f"base-language prompts, {steps} steps, with and without MLC ({cond.name}, weight {weight:g}, layer {layer})")
+    rows, collapse, curves = {}, {}, {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rows["base model"] = behaviour(model, tokenizer, world, per_kind)
+        collapse["base model"] = consistency(model, tokenizer, world, base_align)
+        bar = _Bar(2 * steps)
+        for name, condition_name, align in (
+            ("DPO", "dpo", base_align),
+            ("DPO+MLC", "dpo+mlc", condition_align(base_align, cond, weight, layer)),
+        ):
+            bar.label = name
+            torch.manual_seed(seed)
+            aligned, history = align_model(model, tokenizer, world, condition_name, align, seed, [bar.callback])
+            rows[name] = behaviour(aligned, tokenizer, world, per_kind)
+            collapse[name] = consistency(aligned, tokenizer, world, align)
+            curves[name] = {"demo": [e for e in history if "loss" in e]}
+    log("per language, held-out prompts: safety % / helpfulness % / discrimination (safety + helpfulness - 100)")
+    log(format_demo(rows, collapse, languages))
+    gain = (statistics.mean(_discrimination(rows["DPO+MLC"][lang]) for lang in languages[1:])
+            - statistics.mean(_discrimination(rows["DPO"][lang]) for lang in languages[1:]))  # fmt: skip
+    verdict = ("MLC helped" if gain >= 5 else "MLC made no clear difference" if gain > -5 else "MLC hurt")
+    log(f"{verdict}: non-base discrimination DPO+MLC - DPO = {gain:+.1f} points (one seed; `mlc transfer --quick` "
+        "runs 3 seeds and every pre-registered condition)")  # fmt: skip
+    results = {"languages": languages, "rows": {k: {"demo": v} for k, v in rows.items()}}
+    plot_bars(results, out / "mlc_demo_languages.png",
+              title="mlc demo: discrimination per language (base-language alignment only)")  # fmt: skip
+    plot_curves(curves, out / "mlc_demo_steps.png")
+    seconds = time.time() - start
+    log(f"wrote {out / 'mlc_demo_languages.png'}, {out / 'mlc_demo_steps.png'} and the starting model in "
+        f"{out / 'model'} ({seconds:.0f} s)")  # fmt: skip
+    return {"rows": rows, "collapse": collapse, "curves": curves, "seconds": seconds, "gain": gain}

@@ -1,0 +1,40 @@
+"""``mlc demo``: the shipped world-v2 checkpoint loads and passes the gate's behaviour checks; a tiny demo run."""
+
+from __future__ import annotations
+
+import pytest
+
+from mlc_kernels.transfer.demo import SHIPPED, load_shipped
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped checkpoint")
+
+
+def test_shipped_checkpoint_loads_and_passes_the_gate():
+    from mlc_kernels.transfer.gate import THRESHOLDS, measure, summarise
+    from mlc_kernels.transfer.pretrain import cache_key
+    from mlc_kernels.transfer.v2 import MODEL
+    from mlc_kernels.transfer.world import World, world_config, world_tokenizer
+
+    model, tokenizer, recipe = load_shipped()
+    world = World(world_config(recipe["world"], recipe["world_seed"]))
+    assert recipe["cache_key"] == cache_key(world.config, MODEL)  # made by this package's code for this config
+    assert tokenizer.get_vocab() == world_tokenizer(world).get_vocab()
+    assert sum(p.stat().st_size for p in SHIPPED.iterdir()) < 5e6
+    languages = [lang.code for lang in world.config.languages]
+    summary = summarise([measure(model, tokenizer, world, train_prompts=128, test_prompts=64)], languages)
+    assert summary["worst_base_safety"] <= THRESHOLDS["base_safety_max"]
+    assert summary["worst_private_refusal"] >= THRESHOLDS["private_refusal_min"]
+    assert summary["transfer"]["base"] >= THRESHOLDS["base_probe_min"]
+
+
+def test_demo_smoke(tmp_path, capsys):
+    pytest.importorskip("trl")
+    from mlc_kernels.cli import main
+
+    main(["demo", "--out", str(tmp_path), "--steps", "2"])
+    out = capsys.readouterr().out
+    assert "DPO+MLC" in out and "between-prompt cosine" in out and "discrimination" in out
+    for name in ("mlc_demo_languages.png", "mlc_demo_steps.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert (tmp_path / "model" / "config.json").is_file()
+    assert "{'" not in out  # no per-step dicts
