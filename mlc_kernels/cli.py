@@ -22,11 +22,6 @@ from .errors import UsageError
 from .sample_data import ALGORITHMS, LANGUAGES, load_sample, to_dataset
 from .trainers import MLCArguments
 
-DISCLAIMER = (
-    "Note: the demo model is a randomly initialised mini model; this run demonstrates the machinery "
-    "(variant passes, extractor, loss, metrics), not safety."
-)
-
 
 def demo_tokenizer(texts: list[str], vocab_size: int = 1200):
     """A byte-level BPE tokenizer trained in memory on ``texts``, with a small chat template."""
