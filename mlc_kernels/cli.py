@@ -705,8 +705,7 @@ def build_parser() -> argparse.ArgumentParser:
     p_transfer.add_argument("--mlc-weight", type=_finite_float, default=None, help="MLC weight (default 1.0)")
     p_transfer.add_argument("--mlc-tau", type=_finite_float, default=None, help="MLC temperature (default 1.0)")
     p_transfer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p_transfer.add_argument("--world", default="v2", choices=["v1", "v2"],
-                            help="v2: the code-switching world with its gate; v1: the first world")  # fmt: skip
+    p_transfer.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate) or v1")
     p_transfer.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
     sub.add_parser("bench", help="kernel benchmarks (mlc-bench; mlc bench --help)", add_help=False)
     return parser

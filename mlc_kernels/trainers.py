@@ -396,11 +396,13 @@ class MLCTrainerMixin:
         valid = stats["valid"]
         if bool(valid.any()):
             values["mlc/s1_share"] = stats["s1_share"][valid].mean().item()
-            values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
-            for key in ("signed_between_prompt_cosine", "consensus_effective_rank", "sign_flip_share"):
-                values[f"mlc/{key}"] = float(stats[key])
-            if model.training:
-                self._watch_collapse(values["mlc/between_prompt_cosine"])
+            values["mlc/sign_flip_share"] = float(stats["sign_flip_share"])
+            if int(valid.sum()) >= 2:  # the between-prompt diagnostics need two prompts (else undefined: NaN)
+                values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
+                for key in ("signed_between_prompt_cosine", "consensus_effective_rank"):
+                    values[f"mlc/{key}"] = float(stats[key])
+                if model.training:
+                    self._watch_collapse(values["mlc/between_prompt_cosine"])
             for j, lang in enumerate(self.mlc_args.languages):
                 cos = stats["cosine_to_consensus"][:, j]
                 cos = cos[~torch.isnan(cos)]
