@@ -57,7 +57,15 @@ CONDITIONS = (
 """Round 1, pre-registered (``WORLD_CARD.md``), in the order they are run when CPU time is short."""
 
 WEIGHT_GRID = (0.03, 0.3)
-WEIGHTS: dict[str, float] = {"sv_softmax": 0.3, "anchor_cos+center": 0.3}
+WEIGHTS: dict[str, float] = {
+    "sv_softmax": 0.3,
+    "anchor_cos+center": 0.3,
+    "center": 0.03,
+    "anchor": 0.3,
+    "signed_sv_softmax+center": 0.3,
+    "whiten": 0.03,
+    "center+uniform": 0.03,
+}
 """The MLC weight of each condition, picked on base-language results only by :func:`pick_weight` (filled in by
 the weight selection run recorded in the card; a condition missing here uses ``DEFAULT_WEIGHT``)."""
 DEFAULT_WEIGHT = 0.1
