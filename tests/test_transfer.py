@@ -183,15 +183,26 @@ def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     assert lines[-1] == line
     match = FINAL_LINE.match(line)
     assert match, line
-    assert all(0.0 <= float(v) <= 100.0 for v in match.groups())
+    # the last line is the CSV's means over the non-base languages (dpo / dpo+mlc safety, helpfulness)
+    import csv
+
+    with open(tmp_path / "transfer.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r["language"] != "base"]
+
+    def mean(row: str, metric: str) -> float:
+        values = [float(r[metric]) for r in rows if r["row"] == row]
+        return sum(values) / len(values)
+
+    expected = (mean("dpo", "safety"), mean("dpo+mlc", "safety"), mean("dpo", "helpfulness"),
+                mean("dpo+mlc", "helpfulness"))  # fmt: skip
+    assert [float(v) for v in match.groups()] == [pytest.approx(v, abs=0.051) for v in expected]
     table = (tmp_path / "transfer_table.txt").read_text()
     for row in ("base model", "dpo", "dpo+mlc", "sft", "sft+mlc", "between"):
         assert row in table
     assert (tmp_path / "transfer.png").stat().st_size > 1000
     csv_lines = (tmp_path / "transfer.csv").read_text().splitlines()
     assert len(csv_lines) == 1 + 5 * 1 * 5  # header + rows x seeds x languages
-    for row in csv_lines[1:]:
-        assert all(0.0 <= float(v) <= 100.0 for v in row.split(",")[3:])
+    assert {row.split(",")[0] for row in csv_lines[1:]} == {"base model", "dpo", "dpo+mlc", "sft", "sft+mlc"}
     # the second run loads the cached checkpoint
     lines.clear()
     report(config, tmp_path, tmp_path / "cache", log=lines.append)
@@ -266,7 +277,6 @@ def test_gate_on_a_tiny_world():
     run = measure(model, tokenizer, world, train_prompts=32, test_prompts=16)
     languages = [lang.code for lang in world.config.languages]
     assert set(run["probe"]) == {1, 2} and set(run["probe"][1]) == set(languages)
-    assert all(v == pytest.approx(1.0) for v in (run["cosine"][layer]["base"] for layer in (1, 2)))
     summary = summarise([run, run], languages)
     assert summary["transfer"]["high1"] == pytest.approx(statistics_mean(run["probe"], "high1"))
     assert summary["checks"]["base_safety_max"] == (summary["worst_base_safety"] <= THRESHOLDS["base_safety_max"])
