@@ -68,6 +68,13 @@ class MLCArguments:
         default=0, metadata=_help("prompts per recomputed chunk with grad_cache (0: auto, a quarter of the batch)")
     )
     log_metrics: bool = field(default=True, metadata=_help("log mlc/* consistency metrics"))
+    packed: bool = field(
+        default=False,
+        metadata=_help(
+            "run the variant passes packed without padding (pays where attention runs varlen: flash-attn; with "
+            "sdpa on a GPU the block-diagonal mask costs the fused attention kernel); not with grad_cache"
+        ),
+    )
     guard: str | None = field(
         default=None,
         metadata=_help(
@@ -133,6 +140,8 @@ class MLCArguments:
                 f"MLCArguments.languages must be distinct and include base_language {self.base_language!r}, "
                 f"got {list(self.languages)}"
             )
+        if self.packed and self.grad_cache:
+            raise ValueError("MLCArguments.packed runs the plain variant passes; it cannot be combined with grad_cache")
         if self.languages[0] != self.base_language:  # the fields may have been changed since construction
             raise ValueError(
                 f"MLCArguments.languages must start with base_language {self.base_language!r} (variant 0 is the base "
@@ -377,7 +386,7 @@ class MLCTrainerMixin:
                     reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
                 self._log_consistency(model, head, reps, mask, loss.detach() / scale)
             return loss
-        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
+        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, packed=a.packed)
         loss = loss_of(reps, mask)
         self._log_consistency(model, head, reps, mask, loss.detach() / scale)
         return loss

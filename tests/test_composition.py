@@ -103,3 +103,27 @@ def test_trainer_loss_and_gradients_are_align_plus_weight_times_mlc(kind, tmp_pa
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
         checked += id(p) in head_ids
     assert checked == 2  # extractor weight and bias
+
+
+def test_packed_variant_passes_in_the_trainer_give_the_padded_loss(tmp_path):
+    """MLCArguments.packed: the trainer's loss and extractor gradient equal the padded passes' (and the option is
+    refused with grad_cache, which it does not reach)."""
+    tk = tiny_tokenizer()
+    trainer_cls, config_cls = trl_classes("sft")
+    losses, grads = [], []
+    for packed in (False, True):
+        model = tiny_model(len(tk))
+        args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                          use_cpu=True, save_strategy="no")  # fmt: skip
+        mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl="torch", packed=packed)
+        trainer = trainer_cls(model=model, args=args, train_dataset=records("sft"), processing_class=tk, mlc_args=mlc)
+        model.train()
+        batch = _batch(trainer)
+        loss = trainer.compute_loss(model, dict(batch))
+        (grad,) = torch.autograd.grad(loss, [model.mlc_head.weight])
+        losses.append(loss.detach())
+        grads.append(grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
+    with pytest.raises(ValueError, match="packed"):
+        MLCArguments(languages=LANGS, packed=True, grad_cache=True)
