@@ -60,6 +60,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # more of the same kinds
     Mutation("torch-proj-dropped", "mlc_kernels/ops/gram_torch.py", "core = mmat - torch.diag_embed(proj)",
              "core = mmat", ("tests/test_numerics.py",)),
+    # equivalent mutant, kept as a record: masked rows have eigenvalue -1 and G is PSD on the present rows, so
+    # they always sort after the min(c, d) kept slots; the threshold is a second guard, never the deciding one
     Mutation("torch-masked-eigenvalue-kept", "mlc_kernels/ops/gram_torch.py",
              "(lam > MASKED_EIGENVALUE_THRESHOLD)", "(lam > -2.0)", ("tests/test_numerics.py", "tests/test_api.py")),
     Mutation("torch-nan-hidden", "mlc_kernels/ops/gram_torch.py", "loss = torch.where(finite, loss, float(\"nan\"))",

@@ -192,3 +192,13 @@ def test_consistency_metrics_masks_and_no_grad():
 def test_public_names():
     for name in ("mlc_loss", "MLCLoss", "consistency_metrics", "__version__"):
         assert hasattr(mlc_kernels, name)
+
+
+def test_mean_leaves_prompts_with_fewer_than_two_variants_out_of_the_denominator():
+    reps = torch.randn(4, 3, 8, generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[True, True, True], [True, False, False], [False, False, False], [True, False, True]])
+    per_prompt = mlc_loss(reps, mask, reduction="none", impl="torch")
+    assert per_prompt[1] == 0 and per_prompt[2] == 0
+    mean = mlc_loss(reps, mask, impl="torch")
+    torch.testing.assert_close(mean, (per_prompt[0] + per_prompt[3]) / 2)
+    assert float(mlc_loss(reps, torch.zeros_like(mask), impl="torch")) == 0.0  # no eligible prompt: 0
