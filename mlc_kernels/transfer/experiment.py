@@ -364,20 +364,31 @@ def configure(quick: bool, seeds: str | None = None, mlc_layer: int | None = Non
               mlc_tau: float | None = None) -> TransferConfig:
     """The quick or full preset with the command line's overrides; raises ``ValueError`` naming the option."""
     config = QUICK if quick else FULL
-    align = config.align
-    if mlc_layer is not None:
-        if not 1 <= mlc_layer <= config.model.layers:
-            raise ValueError(f"--mlc-layer must be in 1..{config.model.layers}, got {mlc_layer}")
-        align = replace(align, mlc_layer=mlc_layer)
-    if mlc_weight is not None:
-        if mlc_weight <= 0:
-            raise ValueError(f"--mlc-weight must be > 0, got {mlc_weight}")
+    align = align_overrides(config.align, config.model.layers, mlc_layer, mlc_tau)
+    if check_weight(mlc_weight) is not None:
         align = replace(align, mlc_weight=mlc_weight)
+    return replace(config, align=align, seeds=parse_seeds(seeds) if seeds is not None else config.seeds)
+
+
+def check_weight(mlc_weight: float | None) -> float | None:
+    """``--mlc-weight`` as given (None: not given); raises ``ValueError`` naming the option unless it is > 0."""
+    if mlc_weight is not None and mlc_weight <= 0:
+        raise ValueError(f"--mlc-weight must be > 0, got {mlc_weight}")
+    return mlc_weight
+
+
+def align_overrides(align: AlignConfig, layers: int, mlc_layer: int | None, mlc_tau: float | None) -> AlignConfig:
+    """``align`` with the command line's ``--mlc-layer`` (1..layers) and ``--mlc-tau`` (> 0) applied; raises
+    ``ValueError`` naming the option."""
+    if mlc_layer is not None:
+        if not 1 <= mlc_layer <= layers:
+            raise ValueError(f"--mlc-layer must be in 1..{layers}, got {mlc_layer}")
+        align = replace(align, mlc_layer=mlc_layer)
     if mlc_tau is not None:
         if mlc_tau <= 0:
             raise ValueError(f"--mlc-tau must be > 0, got {mlc_tau}")
         align = replace(align, mlc_tau=mlc_tau)
-    return replace(config, align=align, seeds=parse_seeds(seeds) if seeds is not None else config.seeds)
+    return align
 
 
 def world_for_seed(config: TransferConfig, world_seed: int | None) -> TransferConfig:

@@ -387,22 +387,12 @@ def report(config: V2Config, out: Path, cache_dir: Path | None, command: str = "
 def configure(quick: bool, seeds: str | None = None, world_seed: int | None = None, mlc_layer: int | None = None,
               mlc_weight: float | None = None, mlc_tau: float | None = None) -> V2Config:
     """The quick or full v2 preset with the command line's overrides; raises ``ValueError`` naming the option."""
-    from .experiment import parse_seeds
+    from .experiment import align_overrides, check_weight, parse_seeds
 
     config = QUICK if quick else FULL
-    align = config.align
-    if mlc_layer is not None:
-        if not 1 <= mlc_layer <= config.model.layers:
-            raise ValueError(f"--mlc-layer must be in 1..{config.model.layers}, got {mlc_layer}")
-        align = replace(align, mlc_layer=mlc_layer)
-    if mlc_tau is not None:
-        if mlc_tau <= 0:
-            raise ValueError(f"--mlc-tau must be > 0, got {mlc_tau}")
-        align = replace(align, mlc_tau=mlc_tau)
+    align = align_overrides(config.align, config.model.layers, mlc_layer, mlc_tau)
     weights = config.weights
-    if mlc_weight is not None:
-        if mlc_weight <= 0:
-            raise ValueError(f"--mlc-weight must be > 0, got {mlc_weight}")
+    if check_weight(mlc_weight) is not None:
         weights = tuple((c.name, mlc_weight) for c in config.conditions)
     if world_seed is not None:
         if world_seed < 0:
