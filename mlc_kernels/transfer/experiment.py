@@ -400,8 +400,6 @@ def world_for_seed(config: TransferConfig, world_seed: int | None) -> TransferCo
 
 def run_from_args(args) -> str:
     """``mlc transfer``: check the options (errors name the option), then :func:`report`."""
-    from .pretrain import DEFAULT_CACHE
-
     world = getattr(args, "world", "v1")
     if world not in ("v1", "v2"):
         raise SystemExit(f"mlc transfer: --world must be v1 or v2, got {world!r}")
@@ -417,13 +415,22 @@ def run_from_args(args) -> str:
                                 world_seed)
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
+    names = ("out", "cache_dir", "seeds", "mlc_layer", "mlc_weight", "mlc_tau", "threads")
+    cache, command = run_settings(args, "mlc transfer", names)
+    return report(config, Path(args.out), cache, command=command)
+
+
+def run_settings(args, prefix: str, names: tuple[str, ...]) -> tuple[Path | None, str]:
+    """The settings every ``mlc transfer`` run shares: ``--threads`` (checked, applied), the checkpoint cache
+    folder (None with ``--no-cache``) and the command line as the report records it (``prefix``, the flags,
+    then the options ``names`` that were given)."""
+    from .pretrain import DEFAULT_CACHE
+
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit(f"mlc transfer: --threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
-    options = [f"--{name.replace('_', '-')} {getattr(args, name)}"
-               for name in ("out", "cache_dir", "seeds", "mlc_layer", "mlc_weight", "mlc_tau", "threads")
-               if getattr(args, name) is not None]  # fmt: skip
+    options = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names if getattr(args, name) is not None]
     flags = [flag for flag, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
-    return report(config, Path(args.out), cache, command=" ".join(["mlc transfer", *flags, *options]))
+    return cache, " ".join([prefix, *flags, *options])

@@ -404,21 +404,14 @@ def configure(quick: bool, seeds: str | None = None, world_seed: int | None = No
 
 def run_from_args(args) -> str:
     """``mlc transfer`` with world v2: check the options (errors name the option), then :func:`report`."""
-    from .pretrain import DEFAULT_CACHE
+    from .experiment import run_settings
 
     try:
         config = configure(args.quick, args.seeds, args.world_seed, args.mlc_layer, args.mlc_weight, args.mlc_tau)
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"mlc transfer: --threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
-    cache = None if args.no_cache else Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE
-    names = ("out", "cache_dir", "seeds", "world_seed", "mlc_layer", "mlc_weight", "mlc_tau", "threads")
-    options = [f"--{name.replace('_', '-')} {getattr(args, name)}" for name in names if getattr(args, name) is not None]
-    flags = [flag for flag, on in (("--quick", args.quick), ("--no-cache", args.no_cache)) if on]
-    command = " ".join(["mlc transfer --world v2", *flags, *options])
+    cache, command = run_settings(args, "mlc transfer --world v2", ("out", "cache_dir", "seeds", "world_seed",
+                                                                   "mlc_layer", "mlc_weight", "mlc_tau", "threads"))
     return report(config, Path(args.out), cache, command=command, progress=Progress())
 
 
