@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from .runner import time_call
+from .runner import time_call, write_csv
 
 QWEN2_05B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -109,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for variant in VARIANTS:
         run = lambda _, v=variant: step(v, model, ref, head, optimizer, batch, layer)  # noqa: E731
-        ms = time_call(run, lambda: None, device, 2.0, min_reps=3, max_reps=5)  # warm-up included
+        ms = time_call(run, lambda: None, device, 2.0, min_reps=3, max_reps=5).median_ms  # warm-up included
         peak = None
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -128,11 +127,7 @@ def main(argv: list[str] | None = None) -> None:
         r["memory_vs_dpo"] = round(r["peak_extra_bytes"] / base["peak_extra_bytes"], 3) if peak else None
         lines.append(f"train step {r['variant']}: {r['step_ms']} ms, time x{r['time_vs_dpo']} of DPO, "
                      f"peak extra memory x{r['memory_vs_dpo']} of DPO")  # fmt: skip
-    args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "dpo_step.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "dpo_step.csv")
     (args.out / "dpo_step.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -11,13 +11,12 @@ CPU (Triton interpreter) to check the script itself.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 from pathlib import Path
 
 import torch
 
-from .runner import make_inputs, nominal_bandwidth, time_call
+from .runner import make_inputs, nominal_bandwidth, time_call, write_csv
 
 SHAPES = [(4096, 10, 4096), (4096, 32, 1024), (256, 10, 4096)]
 SMOKE_SHAPES = [(4, 10, 32), (2, 20, 16)]
@@ -29,7 +28,7 @@ def bench_ms(fn, device: torch.device, grad_to_none=None) -> float:
         import triton
 
         return float(triton.testing.do_bench(fn, warmup=25, rep=200, grad_to_none=grad_to_none, return_mode="median"))
-    return time_call(lambda _: fn(), lambda: None, device, 0.05, min_reps=2, max_reps=3)
+    return time_call(lambda _: fn(), lambda: None, device, 0.05, min_reps=2, max_reps=3).median_ms
 
 
 def measure(n: int, m: int, d: int, dtype: torch.dtype, device: torch.device, objective: str = "sv_softmax") -> dict:
@@ -92,10 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{row['fwd_bwd_pct_nominal']}% of nominal bandwidth (3 passes); loss-only "
                 f"{row['loss_only_pct_nominal']}% (1 pass); {row['speedup_vs_torch']}x the torch composite"
             )
-    with (args.out / "kernel_targets.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out / "kernel_targets.csv")
     (args.out / "kernel_targets.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

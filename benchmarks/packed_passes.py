@@ -10,13 +10,13 @@ path, their ratio, and the time of a forward+backward of the truncated variant p
 from __future__ import annotations
 
 import argparse
-import csv
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from benchmarks.hf_capture import config_for
+from benchmarks.runner import write_csv
 
 PROMPTS = 8  # prompts per micro-batch, all ten languages each
 
@@ -102,14 +102,6 @@ def measure(
     return rows
 
 
-def write(rows: list[PackedRow], out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "packed_passes.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -122,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         extra = f"  tokens x{r.tokens_vs_padded:.2f}  time x{r.time_vs_padded:.2f}" if r.time_vs_padded else ""
         print(f"{r.device} {r.path:7s} tokens {r.tokens:6d}  {r.time_ms:9.2f} ms (IQR {r.iqr_ms:.2f}){extra}")
     if args.out:
-        write(rows, args.out)
+        write_csv(rows, args.out / "packed_passes.csv")
 
 
 if __name__ == "__main__":
