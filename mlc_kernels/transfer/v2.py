@@ -108,6 +108,15 @@ def pick_weight(base_results: dict[float, dict], dpo_base: dict) -> float:
     return max(ok) if ok else min(base_results)
 
 
+def arm(config: V2Config, name: str, layer: int) -> tuple[AlignConfig, str]:
+    """The alignment settings and trainer condition of the arm ``name``: DPO alone, or DPO+MLC under the
+    pre-registered condition of that name at its weight, at MLC ``layer``."""
+    if name == DPO:
+        return replace(config.align, mlc_layer=layer), "dpo"
+    cond = next(c for c in config.conditions if c.name == name)
+    return condition_align(config.align, cond, config.weight(name), layer), "dpo+mlc"
+
+
 def condition_align(align: AlignConfig, condition: Condition, weight: float, layer: int) -> AlignConfig:
     """``align`` with the condition's MLC settings at ``weight`` and ``layer``."""
     return replace(align, mlc_weight=weight, mlc_objective=condition.objective, mlc_guard=condition.guard,
@@ -193,11 +202,7 @@ def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress
             rows["base model"][key], collapse["base model"][key] = base, base_collapse
             for name in names:
                 run_start = time.time()
-                if name == DPO:
-                    align, condition = replace(config.align, mlc_layer=layer), "dpo"
-                else:
-                    cond = next(c for c in config.conditions if c.name == name)
-                    align, condition = condition_align(config.align, cond, config.weight(name), layer), "dpo+mlc"
+                align, condition = arm(config, name, layer)
                 runs_dir = Path(cache_dir) / "runs" if cache_dir is not None else None
                 run = align_and_evaluate(model, tokenizer, world, replace(config.model, seed=world_seed), condition,
                                          align, seed, runs_dir)  # fmt: skip
@@ -504,12 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             for seed in config.seeds:
                 for name in names:
                     t = time.time()
-                    if name == DPO:
-                        align, condition = replace(config.align, mlc_layer=layer), "dpo"
-                    else:
-                        cond = next(c for c in config.conditions if c.name == name)
-                        align = condition_align(config.align, cond, config.weight(name), layer)
-                        condition = "dpo+mlc"
+                    align, condition = arm(config, name, layer)
                     align_and_evaluate(model, tokenizer, world, replace(config.model, seed=world_seed), condition,
                                        align, seed, cache / "runs")  # fmt: skip
                     print(f"world {world_seed} seed {seed} {name}: done ({time.time() - t:.0f} s)", flush=True)
