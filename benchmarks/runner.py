@@ -75,6 +75,7 @@ class Options:
     threads: int
     mmap_threshold: int | None = None  # MALLOC_MMAP_THRESHOLD_ of the CPU memory child (None: glibc default)
     progress: bool = False
+    rounds: int = 1  # loss suite: passes over the grid; each cell's samples are pooled over the passes
 
 
 def device_name(device: torch.device) -> str:
@@ -148,13 +149,19 @@ class Timing:
         return cls(statistics.median(times_ms), q[2] - q[0], min(times_ms), max(times_ms), len(times_ms))
 
 
-def time_stmt(
-    fn: Callable[[], object], device: torch.device, min_run_time: float, threads: int, min_blocks: int = MIN_BLOCKS
-) -> Timing:
-    """``fn()`` timed by ``torch.utils.benchmark.Timer.blocked_autorange`` after two warm-up calls."""
+def stmt_times(
+    fn: Callable[[], object],
+    device: torch.device,
+    min_run_time: float,
+    threads: int,
+    min_blocks: int = MIN_BLOCKS,
+    warmup: int = 2,
+) -> list[float]:
+    """Milliseconds per call of ``fn()``, one value per block of ``torch.utils.benchmark.Timer.blocked_autorange``
+    (after ``warmup`` calls); at least ``min_blocks`` blocks."""
     from torch.utils.benchmark import Timer
 
-    for _ in range(2):  # warm-up (compilation, allocator, lazy imports)
+    for _ in range(warmup):  # compilation, allocator, lazy imports
         fn()
     _sync(device)
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
@@ -162,19 +169,28 @@ def time_stmt(
     times = [t * 1e3 for t in m.times]
     while len(times) < min_blocks:  # a short budget or a long call: more blocks of the same size for a spread
         times.append(timer.timeit(m.number_per_run).mean * 1e3)
-    return Timing.of(times)
+    return times
 
 
-def time_call(
+def time_stmt(
+    fn: Callable[[], object], device: torch.device, min_run_time: float, threads: int, min_blocks: int = MIN_BLOCKS
+) -> Timing:
+    """:func:`stmt_times` summarised."""
+    return Timing.of(stmt_times(fn, device, min_run_time, threads, min_blocks))
+
+
+def call_times(
     fn: Callable[[Any], object],
     setup: Callable[[], Any],
     device: torch.device,
     budget_s: float,
     min_reps: int = 5,
     max_reps: int = 200,
-) -> Timing:
-    """``fn(setup())`` call by call, timing only ``fn`` (for calls that need fresh state, e.g. a backward)."""
-    for _ in range(2):
+    warmup: int = 2,
+) -> list[float]:
+    """Milliseconds of ``fn(setup())`` call by call, timing only ``fn`` (for calls that need fresh state, e.g. a
+    backward)."""
+    for _ in range(warmup):
         fn(setup())
     _sync(device)
     times: list[float] = []
@@ -193,11 +209,26 @@ def time_call(
             t0 = time.perf_counter()
             fn(state)
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing.of(times)
+    return times
 
 
-def time_modes(reps: torch.Tensor, impl: str, budget_s: float, threads: int) -> dict[str, Timing]:
-    """Milliseconds of forward (with grad enabled), backward, and forward+backward."""
+def time_call(
+    fn: Callable[[Any], object],
+    setup: Callable[[], Any],
+    device: torch.device,
+    budget_s: float,
+    min_reps: int = 5,
+    max_reps: int = 200,
+) -> Timing:
+    """:func:`call_times` summarised."""
+    return Timing.of(call_times(fn, setup, device, budget_s, min_reps, max_reps))
+
+
+def mode_times(
+    reps: torch.Tensor, impl: str, budget_s: float, threads: int, min_blocks: int = MIN_BLOCKS, warmup: int = 2
+) -> dict[str, list[float]]:
+    """Milliseconds per call of forward (with grad enabled), backward, and forward+backward (one list each, at
+    least ``min_blocks`` values)."""
     device = reps.device
     leaf = reps.detach().requires_grad_()
 
@@ -213,10 +244,27 @@ def time_modes(reps: torch.Tensor, impl: str, budget_s: float, threads: int) -> 
         mlc_loss(leaf, impl=impl).backward()
 
     return {
-        "forward": time_stmt(forward, device, budget_s, threads),
-        "backward": time_call(lambda loss: loss.backward(), setup_backward, device, budget_s),
-        "full": time_stmt(full, device, budget_s, threads),
+        "forward": stmt_times(forward, device, budget_s, threads, min_blocks, warmup),
+        "backward": call_times(lambda loss: loss.backward(), setup_backward, device, budget_s, min_blocks, 200, warmup),
+        "full": stmt_times(full, device, budget_s, threads, min_blocks, warmup),
     }
+
+
+def time_modes(reps: torch.Tensor, impl: str, budget_s: float, threads: int) -> dict[str, Timing]:
+    """:func:`mode_times` summarised per mode."""
+    return {mode: Timing.of(times) for mode, times in mode_times(reps, impl, budget_s, threads).items()}
+
+
+CALIBRATION = "calibration"
+CALIBRATION_SHAPE = (512, 512)
+
+
+def calibration_times(device: torch.device, threads: int) -> list[float]:
+    """Milliseconds of a fixed fp32 matmul (``CALIBRATION_SHAPE``): the machine's speed at this moment. Two runs
+    whose calibration rows differ ran on a machine whose speed differed (frequency, neighbours on a shared host),
+    and every cell moves with it; ``compare_runs --normalise`` divides it out."""
+    a = torch.randn(CALIBRATION_SHAPE, device=device)
+    return stmt_times(lambda: a @ a, device, 0.05, threads, min_blocks=3, warmup=2)
 
 
 def cuda_peak_extra(reps: torch.Tensor, impl: str) -> int:
@@ -305,24 +353,46 @@ def run_grid(
     device = opts.device
     name = device_name(device)
     peak_bw = nominal_bandwidth(device)
-    rows: list[Row] = []
-    jobs = [(cfg, dt, impl) for cfg in grid for dt in dtypes for impl in impls]
-    for (n, m, d), dt, impl in tqdm(jobs, desc="mlc-bench", disable=not opts.progress, file=sys.stderr):
-        if impl == "reference" and reference_max_n is not None and n > reference_max_n:
-            continue
+    cells = []
+    for n, m, d in grid:
+        for dt in dtypes:
+            for impl in impls:
+                if impl == "reference" and reference_max_n is not None and n > reference_max_n:
+                    continue
+                try:
+                    resolve_impl(impl, torch.empty(n, m, d, dtype=DTYPES[dt], device=device))
+                except (ImplementationUnavailableError, TypeError, ValueError) as err:
+                    print(f"skip {impl} {dt} N={n} m={m} d={d}: {err}", file=sys.stderr)
+                    continue
+                cells.append((n, m, d, dt, impl))
+    # Every pass visits every cell with freshly allocated inputs and a share of the budget, and a cell's
+    # statistics pool its samples from all passes: a slow phase of the machine or an unlucky memory placement
+    # then moves a few samples of many cells instead of every sample of one cell.
+    samples: dict[tuple, dict[str, list[float]]] = {cell: {mode: [] for mode in MODES} for cell in cells}
+    per_round_blocks = max(1, -(-MIN_BLOCKS // opts.rounds))
+    jobs = [(r, cell) for r in range(opts.rounds) for cell in cells]
+    calibration: list[float] = []
+    for r, (n, m, d, dt, impl) in tqdm(jobs, desc="mlc-bench", disable=not opts.progress, file=sys.stderr):
+        if (n, m, d, dt, impl) == cells[0]:  # once per pass: the machine's speed now
+            calibration += calibration_times(device, opts.threads)
         reps = make_inputs(n, m, d, DTYPES[dt], device)
-        try:
-            resolve_impl(impl, reps)
-        except (ImplementationUnavailableError, TypeError, ValueError) as err:
-            print(f"skip {impl} {dt} N={n} m={m} d={d}: {err}", file=sys.stderr)
-            continue
-        times = time_modes(reps, impl, opts.budget_s, opts.threads)
+        times = mode_times(reps, impl, opts.budget_s / opts.rounds, opts.threads, per_round_blocks, 2 if r == 0 else 1)
+        for mode in MODES:
+            samples[(n, m, d, dt, impl)][mode] += times[mode]
+        del reps
+    rows: list[Row] = []
+    if calibration:
+        n, d = CALIBRATION_SHAPE
+        rows.append(Row(name, CALIBRATION, "fp32", n, 0, d, "matmul", **asdict(Timing.of(calibration)),
+                        threads=opts.threads))  # fmt: skip
+    for n, m, d, dt, impl in cells:
         peak = None
         if opts.memory:
+            reps = make_inputs(n, m, d, DTYPES[dt], device)
             peak = cuda_peak_extra(reps, impl) if device.type == "cuda" else cpu_peak_extra(n, m, d, dt, impl, opts)
-        reps_bytes = reps.numel() * reps.element_size()
+        reps_bytes = n * m * d * DTYPES[dt].itemsize
         for mode in MODES:
-            t = times[mode]
+            t = Timing.of(samples[(n, m, d, dt, impl)][mode])
             row = Row(name, impl, dt, n, m, d, mode, **asdict(t), threads=opts.threads)
             if mode == "full" and peak is not None:
                 row.peak_extra_bytes = peak
@@ -333,7 +403,6 @@ def run_grid(
                 if peak_bw:
                     row.bandwidth_pct_nominal = 100 * row.bandwidth_gbs * 1e9 / peak_bw
             rows.append(row)
-        del reps
     baseline = {(r.dtype, r.N, r.m, r.d, r.mode): r.median_ms for r in rows if r.impl == "reference"}
     for r in rows:
         ref = baseline.get((r.dtype, r.N, r.m, r.d, r.mode))
@@ -682,7 +751,13 @@ def main(argv: list[str] | None = None) -> None:
         "--impls", default=None, help="comma list (default: reference,torch and triton on CUDA, native on CPU)"
     )
     parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")
-    parser.add_argument("--budget", type=float, default=0.3, help="min_run_time (s) of each timed cell")
+    parser.add_argument("--budget", type=float, default=0.3, help="timing budget (s) of each cell and mode, in all")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="loss suite: passes over the grid, each with fresh inputs and budget/rounds; samples are pooled",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -728,7 +803,11 @@ def main(argv: list[str] | None = None) -> None:
     gpu = device.type == "cuda"
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    opts = Options(device, args.budget, not args.no_memory, threads, args.malloc_mmap_threshold, not args.quiet)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    opts = Options(
+        device, args.budget, not args.no_memory, threads, args.malloc_mmap_threshold, not args.quiet, args.rounds
+    )
     print(
         f"mlc-bench: suites {', '.join(suites)}; {device_name(device)}; {threads} intra-op threads; "
         f"torch {torch.__version__}; memory: {allocator_name(opts) if opts.memory else 'off'}"

@@ -92,6 +92,13 @@ class MLCArguments:
     head_orthogonal: bool = field(
         default=False, metadata=_help("keep the extractor's weight (semi-)orthogonal (goes with 'anchor')")
     )
+    lead_steps: int = field(
+        default=0,
+        metadata=_help(
+            "consistency before alignment: for the first N optimizer steps only the MLC term trains (the alignment "
+            "loss is computed and logged, with weight 0); the alignment loss joins after them"
+        ),
+    )
     collapse_warn_threshold: float = field(
         default=0.9,
         metadata=_help("warn (once) when the mean |cosine| between prompts' consensus directions stays above this"),
@@ -126,7 +133,7 @@ class MLCArguments:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MLCArguments.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        for name, low in (("rep_size", 1), ("chunk_prompts", 0)):
+        for name, low in (("rep_size", 1), ("chunk_prompts", 0), ("lead_steps", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"MLCArguments.{name} must be an int >= {low}, got {value!r}")
@@ -343,6 +350,8 @@ class MLCTrainerMixin:
             return out
         align = out[0] if return_outputs else out
         self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
+        if model.training and self.state.global_step < self.mlc_args.lead_steps:
+            align = align * 0.0  # keeps the graph (every parameter gets a zero gradient, as DDP expects)
         if early is not None:
             # an empty slice of each extractor parameter puts it in this backward's graph (zero gradient), so DDP
             # reduces the gradient it already holds

@@ -23,6 +23,9 @@ def test_grid_alone_runs_only_the_loss_suite(tmp_path, capsys):
     assert "MLC loss benchmark on" in out and "1 intra-op threads" in out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mlc_bench.csv", "mlc_bench.png"]
     rows = _csv(tmp_path / "mlc_bench.csv")
+    (calibration,) = [r for r in rows if r["impl"] == "calibration"]  # the machine's speed, one row per run
+    assert calibration["mode"] == "matmul" and float(calibration["median_ms"]) > 0
+    rows = [r for r in rows if r is not calibration]
     assert {r["impl"] for r in rows} == {"reference", "torch", "native"}
     assert {r["mode"] for r in rows} == {"forward", "backward", "full"}
     for r in rows:
@@ -120,3 +123,40 @@ def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
         "fused_linear.csv",
         "fused_linear.png",
     }
+
+
+def test_rounds_pool_each_cells_samples_over_passes_with_fresh_inputs(monkeypatch):
+    import torch
+
+    import benchmarks.runner as runner
+
+    calls: list[tuple[int, int, float]] = []
+
+    def fake_mode_times(reps, impl, budget_s, threads, min_blocks, warmup):
+        calls.append((reps.data_ptr(), warmup, budget_s))
+        value = float(len(calls))  # pass r of the single cell gives r + 1 ms
+        return {mode: [value] * min_blocks for mode in runner.MODES}
+
+    monkeypatch.setattr(runner, "mode_times", fake_mode_times)
+    opts = runner.Options(torch.device("cpu"), budget_s=0.3, memory=False, threads=1, rounds=3)
+    rows = runner.run_grid([(2, 3, 4)], ["torch"], ["fp32"], opts)
+    assert len(calls) == 3  # one visit per pass
+    assert [w for _, w, _ in calls] == [2, 1, 1]  # full warm-up on the first pass only
+    assert all(b == pytest.approx(0.1) for _, _, b in calls)  # the budget is shared by the passes
+    full = next(r for r in rows if r.mode == "full")
+    assert (full.min_ms, full.median_ms, full.max_ms, full.runs) == (1.0, 2.0, 3.0, 6)  # 2 blocks per pass
+
+
+def test_compare_runs_divides_out_the_machine_speed(tmp_path, capsys):
+    from benchmarks.compare_runs import compare
+
+    header = "device,impl,dtype,N,m,d,d_h,mode,variant,threads,median_ms,min_ms,iqr_ms\n"
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    # run B on a machine 1.5x slower: calibration and cell both 1.5x
+    cal, cell = "cpu,calibration,fp32,512,0,512,,matmul,,1,{0},{0},0.1\n", "cpu,torch,fp32,4,2,8,,full,,1,{0},{0},1\n"
+    a.write_text(header + cal.format(2.0) + cell.format(10.0))
+    b.write_text(header + cal.format(3.0) + cell.format(15.0))
+    lines, worst = compare(a, b, 0.2)
+    assert lines[0].startswith("machine speed: calibration B/A 1.50") and worst == pytest.approx(0.5)
+    lines, worst = compare(a, b, 0.2, normalise=True)
+    assert worst == pytest.approx(0.0) and "x cal" in lines[1]

@@ -127,3 +127,34 @@ def test_packed_variant_passes_in_the_trainer_give_the_padded_loss(tmp_path):
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-6)
     with pytest.raises(ValueError, match="packed"):
         MLCArguments(languages=LANGS, packed=True, grad_cache=True)
+
+
+def test_lead_steps_train_the_mlc_term_alone_then_both(tmp_path):
+    """MLCArguments.lead_steps = 2: steps 0 and 1 give weight * mlc (the alignment loss weighted 0, its parameters
+    still in the graph with zero gradient); from step 2 on, align + weight * mlc."""
+    weight = 0.3
+    tk = tiny_tokenizer()
+    model = tiny_model(len(tk))
+    trainer_cls, config_cls = trl_classes("sft")
+    args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
+                      use_cpu=True, save_strategy="no")  # fmt: skip
+    mlc = MLCArguments(languages=LANGS, weight=weight, layer=2, rep_size=8, impl="torch", log_metrics=False,
+                       lead_steps=2)  # fmt: skip
+    trainer = trainer_cls(model=model, args=args, train_dataset=records("sft"), processing_class=tk, mlc_args=mlc)
+    model.train()
+    batch = _batch(trainer)
+    plain = {k: v for k, v in batch.items() if k not in MLC_KEYS}
+    align = super(MLCTrainerMixin, trainer).compute_loss(model, plain).detach()
+    reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], 2,
+                                         batch["mlc_mask"])  # fmt: skip
+    mlc_term = mlc_loss(model.mlc_head(reps), mask, impl="reference").detach()
+    assert float(align) > 1e-3
+    last_layer = next(decoder_layers(model)[0][-1].parameters())  # after layer 2: only the alignment loss reaches it
+    for step, expected in ((0, weight * mlc_term), (1, weight * mlc_term), (2, align + weight * mlc_term)):
+        trainer.state.global_step = step
+        loss = trainer.compute_loss(model, dict(batch))
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+        (grad,) = torch.autograd.grad(loss, [last_layer])
+        assert (grad.abs().sum() > 0) == (step >= 2)
+    with pytest.raises(ValueError, match="lead_steps"):
+        MLCArguments(languages=LANGS, lead_steps=-1)

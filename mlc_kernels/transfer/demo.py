@@ -1,6 +1,6 @@
 """``mlc demo``: base-language DPO vs DPO+MLC on the shipped world-v2 model, evaluated in every language.
 
-The model (6 layers, hidden 64) and its tokenizer ship in ``mlc_kernels/transfer/data/world_v2/``: produced by
+The model (4 layers, hidden 64) and its tokenizer ship in ``mlc_kernels/transfer/data/world_v2/``: produced by
 :func:`.pretrain.pretrained` for world v2, seed 0 (``recipe.json``). The demo copies them to
 ``<out>/model`` (so ``mlc train --model <out>/model`` runs offline), aligns them in the base language only
 with DPO and with DPO+MLC (the condition :data:`DEMO_CONDITION`), and prints per-language safety,
@@ -20,10 +20,9 @@ import torch
 
 from .evaluation import behaviour
 from .experiment import align_model, consistency
+from .pretrain import SHIPPED
 from .world import World, world_config
 
-SHIPPED = Path(__file__).parent / "data" / "world_v2"
-"""The shipped pretrained world-v2 model and tokenizer (with ``recipe.json``: how they were made)."""
 DEMO_CONDITION = "anchor_cos+center"
 """The DPO+MLC condition the demo runs (a name of :data:`.v2.CONDITIONS`)."""
 
@@ -50,7 +49,7 @@ def ship(out: Path = SHIPPED, cache_dir: Path | None = None, mlc_layer: int = 0)
     from .v2 import MODEL
 
     world = World(world_config("v2", 0))
-    model, tokenizer, _ = pretrained(world, MODEL, cache_dir)
+    model, tokenizer, _ = pretrained(world, MODEL, cache_dir, shipped=False)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -145,9 +144,11 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     base_align = replace(ALIGN, dpo_steps=steps, mlc_layer=layer, eval_per_kind=per_kind)
     languages = [lang.code for lang in world.config.languages]
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"mlc demo: world v2 model ({n_params / 1e6:.2f}M parameters, {model.config.num_hidden_layers} layers, "
+    log(
+        f"mlc demo: world v2 model ({n_params / 1e6:.2f}M parameters, {model.config.num_hidden_layers} layers, "
         f"pretrained on code-switched text in {len(languages)} languages, shipped); DPO on {base_align.train_prompts} "
-        f"base-language prompts, {steps} steps, with and without MLC ({cond.name}, weight {weight:g}, layer {layer})")
+        f"base-language prompts, {steps} steps, with and without MLC ({cond.name}, weight {weight:g}, layer {layer})"
+    )
     rows, collapse, curves = {}, {}, {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -168,7 +169,7 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     log(format_demo(rows, collapse, languages))
     gain = (statistics.mean(_discrimination(rows["DPO+MLC"][lang]) for lang in languages[1:])
             - statistics.mean(_discrimination(rows["DPO"][lang]) for lang in languages[1:]))  # fmt: skip
-    verdict = ("MLC helped" if gain >= 5 else "MLC made no clear difference" if gain > -5 else "MLC hurt")
+    verdict = "MLC helped" if gain >= 5 else "MLC made no clear difference" if gain > -5 else "MLC hurt"
     log(f"{verdict}: non-base discrimination DPO+MLC - DPO = {gain:+.1f} points (one seed; `mlc transfer --quick` "
         "runs 3 seeds and every pre-registered condition)")  # fmt: skip
     results = {"languages": languages, "rows": {k: {"demo": v} for k, v in rows.items()}}

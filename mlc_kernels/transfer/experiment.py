@@ -51,6 +51,7 @@ class AlignConfig:
     mlc_generation_prompt: bool = True
     mlc_objective: str = "sv_softmax"
     mlc_guard: str = ""
+    mlc_lead_steps: int = 0
     eval_per_kind: int = 64
     consistency_prompts: int = 64
 
@@ -77,7 +78,7 @@ def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArgumen
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
         tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, objective=align.mlc_objective,
-        generation_prompt=align.mlc_generation_prompt, **guard,
+        generation_prompt=align.mlc_generation_prompt, lead_steps=align.mlc_lead_steps, **guard,
     )  # fmt: skip
 
 
@@ -119,6 +120,7 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     trainer_cls, config_cls = trl_classes(algorithm)
     mlc = mlc_arguments(world, align, align.mlc_weight if with_mlc else 0.0)
     steps = align.dpo_steps if algorithm == "dpo" else align.sft_steps
+    steps += align.mlc_lead_steps if with_mlc else 0  # MLC alone first, then the usual alignment steps
     records = world.alignment_records()[: align.train_prompts]
     out = tempfile.mkdtemp(prefix="mlc_transfer_")
     options = dict(
@@ -174,8 +176,11 @@ def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
         "s1_share": stats["s1_share"].nanmean().item(),
         "between_prompt_cosine": float(stats["between_prompt_cosine"]),
         "between_raw": float(raw["between_prompt_cosine"]),
-        **{key: float(stats[key]) for key in ("signed_between_prompt_cosine", "consensus_effective_rank",
-                                              "sign_flip_share") if key in stats},  # fmt: skip
+        **{
+            key: float(stats[key])
+            for key in ("signed_between_prompt_cosine", "consensus_effective_rank", "sign_flip_share")
+            if key in stats
+        },  # fmt: skip
     }
 
 
@@ -360,8 +365,13 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def configure(quick: bool, seeds: str | None = None, mlc_layer: int | None = None, mlc_weight: float | None = None,
-              mlc_tau: float | None = None) -> TransferConfig:
+def configure(
+    quick: bool,
+    seeds: str | None = None,
+    mlc_layer: int | None = None,
+    mlc_weight: float | None = None,
+    mlc_tau: float | None = None,
+) -> TransferConfig:
     """The quick or full preset with the command line's overrides; raises ``ValueError`` naming the option."""
     config = QUICK if quick else FULL
     align = align_overrides(config.align, config.model.layers, mlc_layer, mlc_tau)
@@ -411,8 +421,9 @@ def run_from_args(args) -> str:
 
         return run_v2(args)
     try:
-        config = world_for_seed(configure(args.quick, args.seeds, args.mlc_layer, args.mlc_weight, args.mlc_tau),
-                                world_seed)
+        config = world_for_seed(
+            configure(args.quick, args.seeds, args.mlc_layer, args.mlc_weight, args.mlc_tau), world_seed
+        )
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
     names = ("out", "cache_dir", "seeds", "mlc_layer", "mlc_weight", "mlc_tau", "threads")

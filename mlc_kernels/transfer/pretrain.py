@@ -20,6 +20,9 @@ import torch
 from .world import World, WorldConfig, world_tokenizer
 
 DEFAULT_CACHE = Path("~/.cache/mlc_kernels/transfer").expanduser()
+SHIPPED = Path(__file__).parent / "data" / "world_v2"
+"""The pretrained world-v2 model and tokenizer that ship with the package (``recipe.json``: how they were made,
+with the cache key of the world and model config they were pretrained from)."""
 
 
 @dataclass(frozen=True)
@@ -102,17 +105,32 @@ def pretrain(world: World, config: ModelConfig, log=print, device: str = "cpu"):
     return model, tokenizer
 
 
+def shipped_key() -> str | None:
+    """The cache key recorded with the shipped checkpoint (None if it is absent)."""
+    recipe = SHIPPED / "recipe.json"
+    return json.loads(recipe.read_text())["cache_key"] if recipe.is_file() else None
+
+
 def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAULT_CACHE, log=print,
-               device: str = "cpu"):  # fmt: skip
-    """The pretrained ``(model, tokenizer)`` of ``world``: loaded from ``cache_dir/<key>`` when there, else
-    pretrained (and saved there unless ``cache_dir`` is None). Returns ``(model, tokenizer, cached)``."""
+               device: str = "cpu", shipped: bool = True):  # fmt: skip
+    """The pretrained ``(model, tokenizer)`` of ``world``: loaded from ``cache_dir/<key>`` when there, else from
+    the shipped checkpoint when it was made from the same world and model config (unless ``shipped`` is False),
+    else pretrained (and saved in
+    ``cache_dir`` unless it is None). Returns ``(model, tokenizer, loaded)``."""
     import transformers
 
-    path = Path(cache_dir) / cache_key(world.config, config) if cache_dir is not None else None
+    key = cache_key(world.config, config)
+    path = Path(cache_dir) / key if cache_dir is not None else None
+    found = None
     if path is not None and (path / "config.json").is_file():
+        found = path
         log(f"pretrained checkpoint: cached in {path}")
-        model = transformers.Qwen2ForCausalLM.from_pretrained(path)
-        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    elif shipped and shipped_key() == key:
+        found = SHIPPED
+        log(f"pretrained checkpoint: shipped with the package ({SHIPPED}), the output of this pretraining")
+    if found is not None:
+        model = transformers.Qwen2ForCausalLM.from_pretrained(found)
+        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(found)
         model.eval()
         return model, tokenizer, True
     log(f"pretraining {config.layers}-layer model (hidden {config.hidden_size}) for {config.steps} steps")

@@ -33,19 +33,27 @@ ALIGN = replace(AlignConfig(), mlc_layer=3)
 0 would let the run's own gate decide)."""
 
 
+WEIGHT_GRID = (0.03, 0.3)
+
+
 @dataclass(frozen=True)
 class Condition:
     """One pre-registered arm: the MLC ``objective``, ``guard`` (``"+"``-joined, ``""`` = none) and
-    ``extractor`` (:data:`.experiment.EXTRACTORS`); ``name`` is what the table and the last line call it."""
+    ``extractor`` (:data:`.experiment.EXTRACTORS`); ``lead_steps`` MLC-only steps before the alignment steps;
+    ``grid``: the weights its weight rule tries; ``round``: the pre-registration it belongs to; ``name`` is what
+    the table and the last line call it."""
 
     name: str
     objective: str = "sv_softmax"
     guard: str = ""
     extractor: str = "linear"
+    lead_steps: int = 0
+    grid: tuple[float, ...] = WEIGHT_GRID
+    round: int = 1
 
 
 DPO = "dpo"
-CONDITIONS = (
+ROUND1 = (
     Condition("sv_softmax"),  # the paper's loss, no guard
     Condition("anchor_cos+center", objective="anchor_cos", guard="center", extractor="centred"),
     Condition("center", guard="center"),
@@ -55,8 +63,19 @@ CONDITIONS = (
     Condition("center+uniform", guard="center+uniform"),
 )
 """Round 1, pre-registered (``WORLD_CARD.md``), in the order they are run when CPU time is short."""
+ROUND2 = (
+    Condition("anchor_cos+center@r2", objective="anchor_cos", guard="center", extractor="centred",
+              grid=(0.3, 1.0, 3.0), round=2),
+    Condition("lead60+anchor_cos+center@r2", objective="anchor_cos", guard="center", extractor="centred",
+              lead_steps=60, grid=(0.3, 1.0, 3.0), round=2),
+)  # fmt: skip
+"""Round 2, pre-registered after round 1's study (``WORLD_CARD.md``): round 1's best arm with a weight grid that
+reaches past 0.3, and the same arm with 60 MLC-only steps before DPO (consistency first)."""
+CONDITIONS = ROUND1 + ROUND2
+QUICK_CONDITIONS = ("sv_softmax", "anchor_cos+center", *(c.name for c in ROUND2))
+"""What ``--quick`` runs (round 2's pre-registration): the paper's loss, round 1's best arm and round 2; the
+other round-1 arms run in the full mode."""
 
-WEIGHT_GRID = (0.03, 0.3)
 WEIGHTS: dict[str, float] = {
     "sv_softmax": 0.3,
     "anchor_cos+center": 0.3,
@@ -91,7 +110,7 @@ class V2Config:
         return world_config("v2", seed)
 
 
-QUICK = V2Config()
+QUICK = V2Config(conditions=tuple(c for c in CONDITIONS if c.name in QUICK_CONDITIONS))
 FULL = V2Config(world_seeds=(0, 1), align=replace(ALIGN, eval_per_kind=256))
 
 
@@ -120,7 +139,7 @@ def arm(config: V2Config, name: str, layer: int) -> tuple[AlignConfig, str]:
 def condition_align(align: AlignConfig, condition: Condition, weight: float, layer: int) -> AlignConfig:
     """``align`` with the condition's MLC settings at ``weight`` and ``layer``."""
     return replace(align, mlc_weight=weight, mlc_objective=condition.objective, mlc_guard=condition.guard,
-                   mlc_extractor=condition.extractor, mlc_layer=layer)  # fmt: skip
+                   mlc_extractor=condition.extractor, mlc_layer=layer, mlc_lead_steps=condition.lead_steps)  # fmt: skip
 
 
 def run_gate(config: V2Config, cache_dir: Path | None, log=print, gate: bool = True) -> tuple[dict, list[dict], dict]:
@@ -155,8 +174,11 @@ def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: Align
 
     from .pretrain import cache_key
 
-    blob = json.dumps({"ckpt": cache_key(world, model), "condition": condition, "align": asdict(align),
-                       "seed": seed}, sort_keys=True)  # fmt: skip
+    settings = asdict(align)
+    if not settings["mlc_lead_steps"]:  # added in round 2: round 1's keys stay as they were
+        del settings["mlc_lead_steps"]
+    blob = json.dumps({"ckpt": cache_key(world, model), "condition": condition, "align": settings, "seed": seed},
+                      sort_keys=True)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -240,8 +262,10 @@ def headline(results: dict) -> dict:
 def final_line(results: dict) -> str:
     """``transfer: world=v2 gate=G dpo=D0 dpo+mlc=D1 guard=NAME min_gain=M base_dpo=B0 base_dpo+mlc=B1``."""
     h = headline(results)
-    return (f"transfer: world=v2 gate={h['gate']} dpo={h['dpo']:.1f} dpo+mlc={h['dpo+mlc']:.1f} guard={h['guard']} "
-            f"min_gain={h['min_gain']:.1f} base_dpo={h['base_dpo']:.1f} base_dpo+mlc={h['base_dpo+mlc']:.1f}")
+    return (
+        f"transfer: world=v2 gate={h['gate']} dpo={h['dpo']:.1f} dpo+mlc={h['dpo+mlc']:.1f} guard={h['guard']} "
+        f"min_gain={h['min_gain']:.1f} base_dpo={h['base_dpo']:.1f} base_dpo+mlc={h['base_dpo+mlc']:.1f}"
+    )
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -289,8 +313,18 @@ def write_outputs(results: dict, out: Path, header: str) -> str:
             for key, result in by_seed.items():
                 for lang in languages:
                     r = result[lang]
-                    writer.writerow([name, results["weights"].get(name, 0.0), key, lang, f"{discrimination(r):.2f}",
-                                     f"{r['safety']:.2f}", f"{r['helpfulness']:.2f}", f"{r['private_refusal']:.2f}"])
+                    writer.writerow(
+                        [
+                            name,
+                            results["weights"].get(name, 0.0),
+                            key,
+                            lang,
+                            f"{discrimination(r):.2f}",
+                            f"{r['safety']:.2f}",
+                            f"{r['helpfulness']:.2f}",
+                            f"{r['private_refusal']:.2f}",
+                        ]
+                    )
     (out / "transfer_v2.json").write_text(json.dumps(results, indent=1, default=str))
     plot_bars(results, out / "transfer_v2.png")
     plot_curves(results["curves"], out / "transfer_v2_steps.png")
@@ -330,8 +364,11 @@ def plot_curves(curves: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = (("loss", "training loss (DPO + weight x MLC)"), ("mlc/loss", "MLC loss (training batch)"),
-              ("mlc/between_prompt_cosine", "between-prompt cosine of extractor outputs\n(training batch, MLC layer)"))
+    panels = (
+        ("loss", "training loss (DPO + weight x MLC)"),
+        ("mlc/loss", "MLC loss (training batch)"),
+        ("mlc/between_prompt_cosine", "between-prompt cosine of extractor outputs\n(training batch, MLC layer)"),
+    )
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for name, by_run in curves.items():
@@ -381,7 +418,7 @@ def report(config: V2Config, out: Path, cache_dir: Path | None, command: str = "
     t = results["timings"]
     header = (f"{command}\nworld v2, world seeds {list(config.world_seeds)}, alignment seeds {list(config.seeds)}; "
               f"MLC layer {results['layer']} (gate rule), tau {config.align.mlc_tau}; pretraining "
-              f"{'cached' if t['pretrain_cached'] else 'cold'} + gate {t['pretrain_and_gate_s']:.0f} s; total "
+              f"{'loaded' if t['pretrain_cached'] else 'cold'} + gate {t['pretrain_and_gate_s']:.0f} s; total "
               f"{t['total_s']:.0f} s")  # fmt: skip
     line = write_outputs(results, out, header)
     log(f"\n{format_tables(results)}\n\nwrote {out}/transfer_v2.txt, .csv, .json, .png, transfer_v2_steps.png")
@@ -389,8 +426,14 @@ def report(config: V2Config, out: Path, cache_dir: Path | None, command: str = "
     return line
 
 
-def configure(quick: bool, seeds: str | None = None, world_seed: int | None = None, mlc_layer: int | None = None,
-              mlc_weight: float | None = None, mlc_tau: float | None = None) -> V2Config:
+def configure(
+    quick: bool,
+    seeds: str | None = None,
+    world_seed: int | None = None,
+    mlc_layer: int | None = None,
+    mlc_weight: float | None = None,
+    mlc_tau: float | None = None,
+) -> V2Config:
     """The quick or full v2 preset with the command line's overrides; raises ``ValueError`` naming the option."""
     from .experiment import align_overrides, check_weight, parse_seeds
 
@@ -415,14 +458,17 @@ def run_from_args(args) -> str:
         config = configure(args.quick, args.seeds, args.world_seed, args.mlc_layer, args.mlc_weight, args.mlc_tau)
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
-    cache, command = run_settings(args, "mlc transfer --world v2", ("out", "cache_dir", "seeds", "world_seed",
-                                                                   "mlc_layer", "mlc_weight", "mlc_tau", "threads"))
+    cache, command = run_settings(
+        args,
+        "mlc transfer --world v2",
+        ("out", "cache_dir", "seeds", "world_seed", "mlc_layer", "mlc_weight", "mlc_tau", "threads"),
+    )
     return report(config, Path(args.out), cache, command=command, progress=Progress())
 
 
-def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, ...] = WEIGHT_GRID, seed: int = 0,
-                   log=print, names: tuple[str, ...] | None = None) -> dict:  # fmt: skip
-    """The weight rule's runs: DPO and every condition at every ``grid`` weight, alignment ``seed``, the first
+def select_weights(config: V2Config, cache_dir: Path | None, seed: int = 0, log=print,
+                   names: tuple[str, ...] | None = None) -> dict:  # fmt: skip
+    """The weight rule's runs: DPO and every condition at every weight of its grid, alignment ``seed``, the first
     world seed; evaluated in the BASE LANGUAGE ONLY (no other language is looked at). Returns ``{"dpo":
     behaviour, "grid": {name: {weight: behaviour}}, "weights": {name: picked}, "layer"}``."""
     summary, _, models = run_gate(replace(config, world_seeds=config.world_seeds[:1]), cache_dir, log,
@@ -440,7 +486,7 @@ def select_weights(config: V2Config, cache_dir: Path | None, grid: tuple[float, 
     for cond in config.conditions:
         if names is not None and cond.name not in names:
             continue
-        for weight in grid:
+        for weight in cond.grid:
             r = run("dpo+mlc", condition_align(config.align, cond, weight, layer))
             grid_results.setdefault(cond.name, {})[weight] = r
             log(f"{cond.name} w={weight:g}: base safety {r['safety']:.1f} helpfulness {r['helpfulness']:.1f}")
@@ -477,7 +523,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = Path(args.cache_dir) if args.cache_dir else DEFAULT_CACHE
-    config = replace(QUICK, world_seeds=parse_seeds(args.world_seeds))
+    config = V2Config(world_seeds=parse_seeds(args.world_seeds))  # every condition of both rounds
     start = time.time()
     if args.step == "gate":
         summary, runs, models = run_gate(config, cache, print)
@@ -489,7 +535,8 @@ def main(argv: list[str] | None = None) -> None:
                 for lang, b in run["behaviour"].items()
             )
             text += "\n  probe transfer per layer: " + "; ".join(
-                f"L{layer} " + " ".join(f"{v:.2f}" for v in accs.values()) for layer, accs in run["probe"].items())
+                f"L{layer} " + " ".join(f"{v:.2f}" for v in accs.values()) for layer, accs in run["probe"].items()
+            )
         (out / "gate.txt").write_text(text + f"\n({time.time() - start:.0f} s)\n")
         (out / "gate.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1, default=str))
         print(text)
