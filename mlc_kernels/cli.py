@@ -700,11 +700,19 @@ def build_parser() -> argparse.ArgumentParser:
     p_transfer.add_argument("--out", default="transfer_out", help="folder for the table, CSV, JSON and PNG")
     p_transfer.add_argument("--cache-dir", default=None, help="checkpoint cache (~/.cache/mlc_kernels/transfer)")
     p_transfer.add_argument("--no-cache", action="store_true", help="pretrain afresh and keep nothing")
-    p_transfer.add_argument("--seeds", default=None, help="comma list of alignment seeds (quick: 0,1,2; full: 0..4)")
-    p_transfer.add_argument("--mlc-layer", type=int, default=None, help="decoder layer k (default 2 of 4)")
-    p_transfer.add_argument("--mlc-weight", type=_finite_float, default=None, help="MLC weight (default 1.0)")
+    p_transfer.add_argument("--seeds", default=None,
+                            help="comma list of alignment seeds (v2: 0,1,2; v1 quick: 0,1,2, full: 0..4)")  # fmt: skip
+    p_transfer.add_argument("--mlc-layer", type=int, default=None,
+                            help="decoder layer k (default: v2 3 of 4, the gate rule's; v1 2 of 4)")  # fmt: skip
+    p_transfer.add_argument("--mlc-weight", type=_finite_float, default=None,
+                            help="MLC weight of every arm (default: v2 the pre-registered ones; v1 1.0)")  # fmt: skip
     p_transfer.add_argument("--mlc-tau", type=_finite_float, default=None, help="MLC temperature (default 1.0)")
-    p_transfer.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p_transfer.add_argument(
+        "--threads", type=int, default=None, help="torch CPU threads per alignment run (default: 1 with several "
+        "workers, else torch's)"
+    )  # fmt: skip
+    p_transfer.add_argument("--workers", type=int, default=None, help="v2: alignment runs at a time, each in its own "
+                            "process (default: one per CPU core)")  # fmt: skip
     p_transfer.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate) or v1")
     p_transfer.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
     sub.add_parser("bench", help="kernel benchmarks (mlc-bench; mlc bench --help)", add_help=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import replace
 
@@ -343,11 +344,14 @@ def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
         model=ModelConfig(hidden_size=16, intermediate_size=32, layers=2, heads=2, steps=4, batch_size=4),
         align=replace(QUICK.align, dpo_steps=2, batch_size=4, train_prompts=8, eval_per_kind=4,
                       consistency_prompts=6, mlc_rep_size=8, mlc_layer=0),  # fmt: skip  (0: the run's own gate rule)
-        conditions=(Condition("sv_softmax"), Condition("frozen", extractor="centred")),
+        conditions=(Condition("sv_softmax"), Condition("frozen", extractor="centred", lead_steps=1)),
         seeds=(0,), gate_train_prompts=32, gate_test_prompts=16,
     )  # fmt: skip
     lines: list[str] = []
     line = report(config, tmp_path, tmp_path / "cache", command="smoke", log=lines.append)
+    curves = json.loads((tmp_path / "transfer_v2.json").read_text())["curves"]
+    last_step = {name: max(e["step"] for e in runs["w0s0"]) for name, runs in curves.items()}
+    assert last_step == {"dpo": 2, "sv_softmax": 2, "frozen": 3}  # lead_steps: one MLC-only step before the two
     assert lines[-1] == line
     match = V2_LINE.match(line)
     assert match, line
@@ -361,3 +365,29 @@ def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
     # the per-run cache: a second report reads every run back and prints the same line
     assert len(list((tmp_path / "cache" / "runs").glob("*.json"))) == 3
     assert report(config, tmp_path, tmp_path / "cache", log=lines.append) == line
+    # two worker processes (one thread each, as the serial runs here) give the same runs
+    import shutil
+
+    shutil.copytree(tmp_path / "cache", tmp_path / "cache2", ignore=shutil.ignore_patterns("runs"))
+    out2 = tmp_path / "parallel"
+    assert report(config, out2, tmp_path / "cache2", log=lines.append, workers=2, threads=1) == line
+    assert (out2 / "transfer_v2.csv").read_text() == (tmp_path / "transfer_v2.csv").read_text()
+    assert len(list((tmp_path / "cache2" / "runs").glob("*.json"))) == 3
+
+
+def test_the_shipped_checkpoint_stands_in_for_its_own_pretraining(tmp_path, monkeypatch):
+    from mlc_kernels.transfer import pretrain
+    from mlc_kernels.transfer.v2 import MODEL
+
+    def no_pretraining(*args, **kwargs):
+        raise AssertionError("pretrained from scratch")
+
+    monkeypatch.setattr(pretrain, "pretrain", no_pretraining)
+    world = World(world_config("v2", 0))
+    lines: list[str] = []
+    model, _, loaded = pretrain.pretrained(world, MODEL, tmp_path, log=lines.append)
+    assert loaded and "shipped" in lines[0] and model.config.num_hidden_layers == MODEL.layers
+    with pytest.raises(AssertionError, match="from scratch"):  # another config, or shipped=False: pretraining
+        pretrain.pretrained(world, MODEL, tmp_path, log=lines.append, shipped=False)
+    with pytest.raises(AssertionError, match="from scratch"):
+        pretrain.pretrained(World(world_config("v2", 1)), replace(MODEL, seed=1), tmp_path, log=lines.append)

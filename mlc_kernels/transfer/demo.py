@@ -16,10 +16,8 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from .evaluation import behaviour
-from .experiment import align_model, consistency
+from .experiment import consistency
 from .pretrain import SHIPPED
 from .world import World, world_config
 
@@ -114,12 +112,24 @@ def format_demo(rows: dict[str, dict], collapse: dict[str, dict], languages: lis
 
 def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, condition: str = DEMO_CONDITION,
              mlc_weight: float | None = None, per_kind: int = 64, model_path: Path = SHIPPED,
-             log=print) -> dict:  # fmt: skip
-    """The demo (see the module docstring). Returns ``{"rows", "collapse", "curves", "seconds"}``."""
+             log=print, workers: int | None = None) -> dict:  # fmt: skip
+    """The demo (see the module docstring); the two alignment runs go side by side in ``workers`` processes
+    (default: one per CPU core; 1: one after the other in this process). Returns ``{"rows", "collapse", "curves",
+    "seconds", "gain"}``."""
     import datasets
     import transformers
 
-    from .v2 import ALIGN, CONDITIONS, condition_align, plot_bars, plot_curves
+    from .v2 import (
+        ALIGN,
+        CONDITIONS,
+        MODEL,
+        RunTask,
+        condition_align,
+        default_workers,
+        plot_bars,
+        plot_curves,
+        run_tasks,
+    )
 
     start = time.time()
     out = Path(out_dir)
@@ -154,17 +164,15 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
         warnings.simplefilter("ignore")
         rows["base model"] = behaviour(model, tokenizer, world, per_kind)
         collapse["base model"] = consistency(model, tokenizer, world, base_align)
-        bar = _Bar(2 * steps)
-        for name, condition_name, align in (
-            ("DPO", "dpo", base_align),
-            ("DPO+MLC", "dpo+mlc", condition_align(base_align, cond, weight, layer)),
-        ):
-            bar.label = name
-            torch.manual_seed(seed)
-            aligned, history = align_model(model, tokenizer, world, condition_name, align, seed, [bar.callback])
-            rows[name] = behaviour(aligned, tokenizer, world, per_kind)
-            collapse[name] = consistency(aligned, tokenizer, world, align)
-            curves[name] = {"demo": [e for e in history if "loss" in e]}
+        mlc_align = condition_align(base_align, cond, weight, layer)
+        bar = _Bar(2 * steps + cond.lead_steps)
+        arms = (("DPO", "dpo", base_align), ("DPO+MLC", "dpo+mlc", mlc_align))
+        tasks = [RunTask(world.config, MODEL, condition_name, align, seed, None, model, tokenizer, name)
+                 for name, condition_name, align in arms]  # fmt: skip
+        workers = workers if workers is not None else default_workers()
+        for (name, _, _), run in zip(arms, run_tasks(tasks, workers, threads=1, on_step=bar.step), strict=True):
+            rows[name], collapse[name] = run["behaviour"], run["collapse"]
+            curves[name] = {"demo": run["curve"]}
     log("per language, held-out prompts: safety % / helpfulness % / discrimination (safety + helpfulness - 100)")
     log(format_demo(rows, collapse, languages))
     gain = (statistics.mean(_discrimination(rows["DPO+MLC"][lang]) for lang in languages[1:])

@@ -84,6 +84,8 @@ WEIGHTS: dict[str, float] = {
     "signed_sv_softmax+center": 0.3,
     "whiten": 0.03,
     "center+uniform": 0.03,
+    "anchor_cos+center@r2": 3.0,
+    "lead60+anchor_cos+center@r2": 3.0,
 }
 """The MLC weight of each condition, picked on base-language results only by :func:`pick_weight` (filled in by
 the weight selection run recorded in the card; a condition missing here uses ``DEFAULT_WEIGHT``)."""
@@ -148,7 +150,9 @@ def run_gate(config: V2Config, cache_dir: Path | None, log=print, gate: bool = T
     runs, models = [], {}
     for seed in config.world_seeds:
         world = World(config.world(seed))
-        model, tokenizer, cached = pretrained(world, replace(config.model, seed=seed), cache_dir, log)
+        # no cache (--no-cache): pretrain afresh, the shipped checkpoint included
+        model, tokenizer, cached = pretrained(world, replace(config.model, seed=seed), cache_dir, log,
+                                              shipped=cache_dir is not None)  # fmt: skip
         models[seed] = (world, model, tokenizer, cached)
         if gate:
             runs.append(measure(model, tokenizer, world, config.gate_train_prompts, config.gate_test_prompts))
@@ -182,15 +186,16 @@ def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: Align
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def align_and_evaluate(model, tokenizer, world: World, model_config: ModelConfig, condition: str,
-                       align: AlignConfig, seed: int, runs_dir: Path | None) -> dict:  # fmt: skip
+def align_and_evaluate(model, tokenizer, world: World, model_config: ModelConfig, condition: str, align: AlignConfig,
+                       seed: int, runs_dir: Path | None, callbacks: list | None = None) -> dict:  # fmt: skip
     """One alignment run (``condition`` "dpo" or "dpo+mlc") and its evaluation: ``{"behaviour", "collapse",
-    "curve"}``; read from / written to ``runs_dir/<run_key>.json`` when ``runs_dir`` is set."""
+    "curve"}``; read from / written to ``runs_dir/<run_key>.json`` when ``runs_dir`` is set. ``callbacks``: extra
+    trainer callbacks."""
     path = runs_dir / f"{run_key(world.config, model_config, condition, align, seed)}.json" if runs_dir else None
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     torch.manual_seed(seed)
-    aligned, history = align_model(model, tokenizer, world, condition, align, seed)
+    aligned, history = align_model(model, tokenizer, world, condition, align, seed, callbacks)
     result = {"behaviour": behaviour(aligned, tokenizer, world, align.eval_per_kind),
               "collapse": _collapse(aligned, tokenizer, world, align), "curve": _steps(history)}  # fmt: skip
     if path is not None:
@@ -199,10 +204,115 @@ def align_and_evaluate(model, tokenizer, world: World, model_config: ModelConfig
     return result
 
 
-def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress=None) -> dict:
-    """The gate, then DPO and every condition for each world seed x alignment seed. Returns ``{"languages",
-    "gate", "gate_runs", "layer", "rows": {row: {"w<world>s<seed>": behaviour}}, "collapse", "curves",
-    "weights", "timings"}``."""
+@dataclass(frozen=True)
+class RunTask:
+    """One alignment run for a worker process: the pretrained ``model`` and ``tokenizer`` travel with it (a few
+    MB), the world is rebuilt from its config."""
+
+    world: WorldConfig
+    model_config: ModelConfig
+    condition: str
+    align: AlignConfig
+    seed: int
+    runs_dir: Path | None
+    model: object = None
+    tokenizer: object = None
+    label: str = ""
+    ticks: object = None  # a queue that gets one item per optimizer step (for a step progress bar)
+
+
+def step_callback(tick):
+    """A trainer callback calling ``tick()`` after every optimizer step."""
+    from transformers import TrainerCallback
+
+    class StepTick(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            tick()
+
+    return StepTick()
+
+
+def _run_task(task: RunTask, threads: int) -> dict:
+    """A worker's job (module level, so that it pickles): :func:`align_and_evaluate` on ``threads`` threads."""
+    import datasets
+    import transformers
+
+    torch.set_num_threads(threads)
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.logging.set_verbosity_error()
+    warnings.simplefilter("ignore")
+    callbacks = [step_callback(lambda: task.ticks.put(1))] if task.ticks is not None else None
+    return align_and_evaluate(task.model, task.tokenizer, World(task.world), task.model_config, task.condition,
+                              task.align, task.seed, task.runs_dir, callbacks)  # fmt: skip
+
+
+def default_workers() -> int:
+    """Alignment runs at a time: one per CPU core available to this process."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def run_tasks(tasks: list[RunTask], workers: int = 1, threads: int = 1, progress=None, on_step=None) -> list[dict]:
+    """Every task's result, in order. Cached runs are read here; the others run in ``workers`` spawned processes
+    of ``threads`` torch threads each (``workers`` 1: in this process, on torch's current threads). The result of a
+    run does not depend on where it ran (each run seeds its own generators; one thread per run as in the card).
+    ``progress(done, total, note)`` after each run; ``on_step()`` after each optimizer step of any run."""
+    results: list[dict | None] = [None] * len(tasks)
+    todo = []
+    for i, task in enumerate(tasks):
+        path = task.runs_dir / f"{run_key(task.world, task.model_config, task.condition, task.align, task.seed)}.json" \
+            if task.runs_dir is not None else None  # fmt: skip
+        if path is not None and path.is_file():
+            results[i] = json.loads(path.read_text())
+        else:
+            todo.append(i)
+    done = len(tasks) - len(todo)
+    if progress is not None and done:
+        progress(done, len(tasks), "from the run cache")
+    start = time.time()
+    if workers <= 1 or len(todo) <= 1:
+        callbacks = [step_callback(on_step)] if on_step is not None else None
+        for i in todo:
+            t = tasks[i]
+            results[i] = align_and_evaluate(t.model, t.tokenizer, World(t.world), t.model_config, t.condition, t.align,
+                                            t.seed, t.runs_dir, callbacks)  # fmt: skip
+            done += 1
+            if progress is not None:
+                progress(done, len(tasks), f"{t.label} ({time.time() - start:.0f} s)")
+        return results  # type: ignore[return-value]
+    import multiprocessing
+    import queue
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
+        ticks = manager.Queue() if on_step is not None else None
+        futures = {pool.submit(_run_task, replace(tasks[i], ticks=ticks), threads): i for i in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, timeout=0.2, return_when=FIRST_COMPLETED)
+            while ticks is not None:
+                try:
+                    ticks.get_nowait()
+                except queue.Empty:
+                    break
+                on_step()
+            for future in finished:
+                i = futures[future]
+                results[i] = future.result()
+                done += 1
+                if progress is not None:
+                    progress(done, len(tasks), f"{tasks[i].label} ({time.time() - start:.0f} s)")
+    return results  # type: ignore[return-value]
+
+
+def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress=None, workers: int = 1,
+                   threads: int = 1) -> dict:  # fmt: skip
+    """The gate, then DPO and every condition for each world seed x alignment seed (``workers`` runs at a time,
+    see :func:`run_tasks`). Returns ``{"languages", "gate", "gate_runs", "layer", "rows": {row:
+    {"w<world>s<seed>": behaviour}}, "collapse", "curves", "weights", "timings"}``."""
     start = time.time()
     summary, runs, models = run_gate(config, cache_dir, log)
     languages = [lang.code for lang in config.world(config.world_seeds[0]).languages]
@@ -214,8 +324,8 @@ def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress
     collapse: dict[str, dict[str, dict]] = {"base model": {}, DPO: {}}
     curves: dict[str, dict[str, list]] = {}
     names = [DPO, *(c.name for c in config.conditions)]
-    total = len(config.world_seeds) * len(config.seeds) * len(names)
-    done = 0
+    runs_dir = Path(cache_dir) / "runs" if cache_dir is not None else None
+    keys, tasks = [], []
     for world_seed, (world, model, tokenizer, _) in models.items():
         base = behaviour(model, tokenizer, world, config.align.eval_per_kind)
         base_collapse = _collapse(model, tokenizer, world, replace(config.align, mlc_layer=layer))
@@ -223,17 +333,14 @@ def run_comparison(config: V2Config, cache_dir: Path | None, log=print, progress
             key = f"w{world_seed}s{seed}"
             rows["base model"][key], collapse["base model"][key] = base, base_collapse
             for name in names:
-                run_start = time.time()
                 align, condition = arm(config, name, layer)
-                runs_dir = Path(cache_dir) / "runs" if cache_dir is not None else None
-                run = align_and_evaluate(model, tokenizer, world, replace(config.model, seed=world_seed), condition,
-                                         align, seed, runs_dir)  # fmt: skip
-                rows.setdefault(name, {})[key] = run["behaviour"]
-                collapse.setdefault(name, {})[key] = run["collapse"]
-                curves.setdefault(name, {})[key] = run["curve"]
-                done += 1
-                if progress is not None:
-                    progress(done, total, f"{key} {name} ({time.time() - run_start:.0f} s)")
+                keys.append((name, key))
+                tasks.append(RunTask(world.config, replace(config.model, seed=world_seed), condition, align, seed,
+                                     runs_dir, model, tokenizer, f"{key} {name}"))  # fmt: skip
+    for (name, key), run in zip(keys, run_tasks(tasks, workers, threads, progress), strict=True):
+        rows.setdefault(name, {})[key] = run["behaviour"]
+        collapse.setdefault(name, {})[key] = run["collapse"]
+        curves.setdefault(name, {})[key] = run["curve"]
     timings["total_s"] = time.time() - start
     return {"languages": languages, "gate": summary, "gate_runs": runs, "layer": layer, "rows": rows,
             "collapse": collapse, "curves": curves, "timings": timings,
@@ -405,7 +512,7 @@ class Progress:
 
 
 def report(config: V2Config, out: Path, cache_dir: Path | None, command: str = "", log=print,
-           progress=None) -> str:  # fmt: skip
+           progress=None, workers: int = 1, threads: int = 1) -> str:  # fmt: skip
     """Run :func:`run_comparison`, write the outputs, print the tables and (last) the summary line."""
     import datasets
     import transformers
@@ -414,7 +521,7 @@ def report(config: V2Config, out: Path, cache_dir: Path | None, command: str = "
     transformers.utils.logging.disable_progress_bar()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = run_comparison(config, cache_dir, log, progress)
+        results = run_comparison(config, cache_dir, log, progress, workers, threads)
     t = results["timings"]
     header = (f"{command}\nworld v2, world seeds {list(config.world_seeds)}, alignment seeds {list(config.seeds)}; "
               f"MLC layer {results['layer']} (gate rule), tau {config.align.mlc_tau}; pretraining "
@@ -458,12 +565,16 @@ def run_from_args(args) -> str:
         config = configure(args.quick, args.seeds, args.world_seed, args.mlc_layer, args.mlc_weight, args.mlc_tau)
     except ValueError as err:
         raise SystemExit(f"mlc transfer: {err}") from err
+    workers = args.workers if args.workers is not None else default_workers()
+    if workers < 1:
+        raise SystemExit(f"mlc transfer: --workers must be >= 1, got {workers}")
     cache, command = run_settings(
         args,
         "mlc transfer --world v2",
-        ("out", "cache_dir", "seeds", "world_seed", "mlc_layer", "mlc_weight", "mlc_tau", "threads"),
+        ("out", "cache_dir", "seeds", "world_seed", "mlc_layer", "mlc_weight", "mlc_tau", "threads", "workers"),
     )
-    return report(config, Path(args.out), cache, command=command, progress=Progress())
+    return report(config, Path(args.out), cache, command=command, progress=Progress(), workers=workers,
+                  threads=args.threads or 1)  # fmt: skip
 
 
 def select_weights(config: V2Config, cache_dir: Path | None, seed: int = 0, log=print,
