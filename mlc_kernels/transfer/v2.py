@@ -233,10 +233,14 @@ def step_callback(tick):
 
 
 def _run_task(task: RunTask, threads: int) -> dict:
-    """A worker's job (module level, so that it pickles): :func:`align_and_evaluate` on ``threads`` threads."""
+    """A worker's job (module level, so that it pickles): :func:`align_and_evaluate` on ``threads`` threads (the
+    trainers' collapse warning is silenced: the tables report the diagnostics)."""
+    import logging
+
     import datasets
     import transformers
 
+    logging.getLogger("mlc_kernels.trainers").setLevel(logging.ERROR)
     torch.set_num_threads(threads)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
