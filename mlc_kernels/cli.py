@@ -651,8 +651,12 @@ def cmd_eval(args) -> None:
 def cmd_demo(args) -> None:
     from .transfer.demo import run_demo
 
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
     out = _check_output_folder(args.out, "--out")
-    run_demo(out, steps=args.steps, seed=args.seed, mlc_weight=args.mlc_weight)
+    run_demo(out, steps=args.steps, seed=args.seed, mlc_weight=args.mlc_weight, workers=args.workers)
 
 
 def cmd_transfer(args) -> None:
@@ -694,6 +698,8 @@ def build_parser() -> argparse.ArgumentParser:
     p_demo.add_argument("--mlc-weight", type=_finite_float, default=None,
                         help="MLC weight (default: the pre-registered weight rule's choice)")  # fmt: skip
     p_demo.add_argument("--seed", type=int, default=0, help="alignment seed")
+    p_demo.add_argument("--workers", type=int, default=None,
+                        help="processes for the two alignment runs (default: one per CPU core, at most 2)")  # fmt: skip
     p_transfer = sub.add_parser("transfer", help="cross-lingual transfer of base-language alignment (synthetic world)",
                                 formatter_class=fmt)  # fmt: skip
     p_transfer.add_argument("--quick", action="store_true", help="3 seeds, 64+64 prompts per language (< 10 min)")

@@ -171,6 +171,13 @@ def test_non_finite_training_stops_without_a_checkpoint(model_dir, tmp_path, cap
     assert "step 1" in line or "step 2" in line
 
 
+@pytest.mark.parametrize("extra,match", [(["--steps", "0"], r"--steps must be >= 1, got 0"),
+                                         (["--workers", "0"], r"--workers must be >= 1, got 0")])  # fmt: skip
+def test_bad_demo_options(extra, match, tmp_path, capsys):
+    out = tmp_path / "demo"
+    user_error(main, ["demo", "--out", str(out), *extra], capsys, match, untouched=out)
+
+
 def test_bench_help_and_debug_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["bench", "--help"])

@@ -136,6 +136,7 @@ def test_bad_world_config_is_refused(kwargs, match):
         (["--world", "v3"], "--world"),
         (["--world-seed", "-1"], "--world-seed"),
         (["--world", "v1", "--mlc-layer", "9"], "--mlc-layer"),
+        (["--workers", "0"], "--workers"),
     ],
 )
 def test_bad_cli_input_names_the_argument(argv, match, tmp_path):

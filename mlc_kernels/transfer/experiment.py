@@ -126,7 +126,7 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     options = dict(
         output_dir=out, per_device_train_batch_size=align.batch_size, max_steps=steps,
         learning_rate=align.learning_rate, logging_steps=max(1, steps // 6), report_to=[], save_strategy="no",
-        seed=seed, use_cpu=True, disable_tqdm=True, max_length=256,
+        seed=seed, use_cpu=True, disable_tqdm=True, max_length=256, gradient_checkpointing=False,
     )  # fmt: skip
     if algorithm == "dpo":
         options["beta"] = align.beta

@@ -290,6 +290,7 @@ def run_tasks(tasks: list[RunTask], workers: int = 1, threads: int = 1, progress
     import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
+    todo.sort(key=lambda i: -(tasks[i].align.mlc_lead_steps + tasks[i].align.dpo_steps))  # longest first
     context = multiprocessing.get_context("spawn")
     with context.Manager() as manager, ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
         ticks = manager.Queue() if on_step is not None else None
