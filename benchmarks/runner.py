@@ -369,7 +369,7 @@ def run_grid(
     # statistics pool its samples from all passes: a slow phase of the machine or an unlucky memory placement
     # then moves a few samples of many cells instead of every sample of one cell.
     samples: dict[tuple, dict[str, list[float]]] = {cell: {mode: [] for mode in MODES} for cell in cells}
-    per_round_blocks = max(1, -(-MIN_BLOCKS // opts.rounds))
+    per_round_blocks = max(2, -(-MIN_BLOCKS // opts.rounds))  # >= 2 per pass: 10 samples a cell at 5 passes
     jobs = [(r, cell) for r in range(opts.rounds) for cell in cells]
     calibration: list[float] = []
     for r, (n, m, d, dt, impl) in tqdm(jobs, desc="mlc-bench", disable=not opts.progress, file=sys.stderr):
