@@ -186,12 +186,18 @@ def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: Align
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def run_path(runs_dir: Path | None, world: WorldConfig, model: ModelConfig, condition: str, align: AlignConfig,
+             seed: int) -> Path | None:  # fmt: skip
+    """Where the run cache keeps one run's result (None without a cache)."""
+    return runs_dir / f"{run_key(world, model, condition, align, seed)}.json" if runs_dir is not None else None
+
+
 def align_and_evaluate(model, tokenizer, world: World, model_config: ModelConfig, condition: str, align: AlignConfig,
                        seed: int, runs_dir: Path | None, callbacks: list | None = None) -> dict:  # fmt: skip
     """One alignment run (``condition`` "dpo" or "dpo+mlc") and its evaluation: ``{"behaviour", "collapse",
     "curve"}``; read from / written to ``runs_dir/<run_key>.json`` when ``runs_dir`` is set. ``callbacks``: extra
     trainer callbacks."""
-    path = runs_dir / f"{run_key(world.config, model_config, condition, align, seed)}.json" if runs_dir else None
+    path = run_path(runs_dir, world.config, model_config, condition, align, seed)
     if path is not None and path.is_file():
         return json.loads(path.read_text())
     torch.manual_seed(seed)
@@ -266,8 +272,7 @@ def run_tasks(tasks: list[RunTask], workers: int = 1, threads: int = 1, progress
     results: list[dict | None] = [None] * len(tasks)
     todo = []
     for i, task in enumerate(tasks):
-        path = task.runs_dir / f"{run_key(task.world, task.model_config, task.condition, task.align, task.seed)}.json" \
-            if task.runs_dir is not None else None  # fmt: skip
+        path = run_path(task.runs_dir, task.world, task.model_config, task.condition, task.align, task.seed)
         if path is not None and path.is_file():
             results[i] = json.loads(path.read_text())
         else:
