@@ -213,15 +213,10 @@ def call_times(
 
 
 def time_call(
-    fn: Callable[[Any], object],
-    setup: Callable[[], Any],
-    device: torch.device,
-    budget_s: float,
-    min_reps: int = 5,
-    max_reps: int = 200,
+    fn: Callable[[Any], object], setup: Callable[[], Any], device: torch.device, budget_s: float, **options: int
 ) -> Timing:
-    """:func:`call_times` summarised."""
-    return Timing.of(call_times(fn, setup, device, budget_s, min_reps, max_reps))
+    """:func:`call_times` (``options``: its ``min_reps``, ``max_reps``, ``warmup``) summarised."""
+    return Timing.of(call_times(fn, setup, device, budget_s, **options))
 
 
 def mode_times(
