@@ -108,6 +108,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("dense-reference-keeps-padding", "mlc_kernels/ops/reference.py",
              "valid = torch.arange(s.shape[1], device=reps.device) < rank[:, None]",
              "valid = torch.arange(s.shape[1], device=reps.device) >= 0", ("tests/test_registry.py",)),
+    # round 2 of the transfer study (issue 11) and the benchmark runner (issue 12)
+    Mutation("trainer-lead-steps-ignored", "mlc_kernels/trainers.py", "align = align * 0.0", "align = align * 1.0",
+             ("tests/test_composition.py",)),
+    Mutation("transfer-lead-steps-not-added", "mlc_kernels/transfer/experiment.py",
+             "steps += align.mlc_lead_steps if with_mlc else 0", "steps += 0", ("tests/test_transfer.py",)),
+    Mutation("bench-rounds-not-pooled", "benchmarks/runner.py", "samples[(n, m, d, dt, impl)][mode] += times[mode]",
+             "samples[(n, m, d, dt, impl)][mode] = times[mode]", ("tests/test_bench_runner.py",)),
+    Mutation("compare-runs-normalise-ignored", "benchmarks/compare_runs.py",
+             "scale_a, scale_b = (ca, cb) if normalise else (1.0, 1.0)", "scale_a, scale_b = (1.0, 1.0)",
+             ("tests/test_bench_runner.py",)),
 )
 
 
