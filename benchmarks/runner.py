@@ -245,11 +245,6 @@ def mode_times(
     }
 
 
-def time_modes(reps: torch.Tensor, impl: str, budget_s: float, threads: int) -> dict[str, Timing]:
-    """:func:`mode_times` summarised per mode."""
-    return {mode: Timing.of(times) for mode, times in mode_times(reps, impl, budget_s, threads).items()}
-
-
 CALIBRATION = "calibration"
 CALIBRATION_SHAPE = (512, 512)
 
@@ -382,9 +377,10 @@ def run_grid(
                         threads=opts.threads))  # fmt: skip
     for n, m, d, dt, impl in cells:
         peak = None
-        if opts.memory:
-            reps = make_inputs(n, m, d, DTYPES[dt], device)
-            peak = cuda_peak_extra(reps, impl) if device.type == "cuda" else cpu_peak_extra(n, m, d, dt, impl, opts)
+        if opts.memory and device.type == "cuda":
+            peak = cuda_peak_extra(make_inputs(n, m, d, DTYPES[dt], device), impl)
+        elif opts.memory:  # a fresh child process makes its own inputs
+            peak = cpu_peak_extra(n, m, d, dt, impl, opts)
         reps_bytes = n * m * d * DTYPES[dt].itemsize
         for mode in MODES:
             t = Timing.of(samples[(n, m, d, dt, impl)][mode])

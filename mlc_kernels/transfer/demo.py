@@ -10,7 +10,6 @@ helpfulness and discrimination before and after, with the collapse diagnostics; 
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 import warnings
 from dataclasses import replace
@@ -60,29 +59,17 @@ def ship(out: Path = SHIPPED, cache_dir: Path | None = None, mlc_layer: int = 0)
     (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
 
 
-class _Bar:
-    """A trainer callback drawing one progress bar over both runs on stderr."""
+class _StepBar:
+    """One progress bar over the optimizer steps of both runs (drawn by :class:`.v2.Progress`)."""
 
-    def __init__(self, total: int, label: str = "") -> None:
-        from transformers import TrainerCallback
+    def __init__(self, total: int) -> None:
+        from .v2 import Progress
 
-        self.total, self.done, self.label = total, 0, label
-        bar = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                bar.step()
-
-        self.callback = Callback()
+        self.total, self.done, self.draw = total, 0, Progress()
 
     def step(self) -> None:
         self.done += 1
-        filled = round(30 * self.done / self.total)
-        bar = "#" * filled + "." * (30 - filled)
-        sys.stderr.write(f"\r  aligning [{bar}] {self.done}/{self.total} {self.label:<20}")
-        if self.done >= self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
+        self.draw(self.done, self.total, "alignment steps")
 
 
 def _discrimination(r: dict[str, float]) -> float:
@@ -165,7 +152,7 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
         rows["base model"] = behaviour(model, tokenizer, world, per_kind)
         collapse["base model"] = consistency(model, tokenizer, world, base_align)
         mlc_align = condition_align(base_align, cond, weight, layer)
-        bar = _Bar(2 * steps + cond.lead_steps)
+        bar = _StepBar(2 * steps + cond.lead_steps)
         arms = (("DPO", "dpo", base_align), ("DPO+MLC", "dpo+mlc", mlc_align))
         tasks = [RunTask(world.config, MODEL, condition_name, align, seed, None, model, tokenizer, name)
                  for name, condition_name, align in arms]  # fmt: skip
