@@ -40,8 +40,8 @@ WEIGHT_GRID = (0.03, 0.3)
 class Condition:
     """One pre-registered arm: the MLC ``objective``, ``guard`` (``"+"``-joined, ``""`` = none) and
     ``extractor`` (:data:`.experiment.EXTRACTORS`); ``lead_steps`` MLC-only steps before the alignment steps;
-    ``grid``: the weights its weight rule tries; ``round``: the pre-registration it belongs to; ``name`` is what
-    the table and the last line call it."""
+    ``grid``: the weights its weight rule tries; ``name`` is what the table and the last line call it (round 1:
+    :data:`ROUND1`, round 2: :data:`ROUND2`)."""
 
     name: str
     objective: str = "sv_softmax"
@@ -49,7 +49,6 @@ class Condition:
     extractor: str = "linear"
     lead_steps: int = 0
     grid: tuple[float, ...] = WEIGHT_GRID
-    round: int = 1
 
 
 DPO = "dpo"
@@ -65,9 +64,9 @@ ROUND1 = (
 """Round 1, pre-registered (``WORLD_CARD.md``), in the order they are run when CPU time is short."""
 ROUND2 = (
     Condition("anchor_cos+center@r2", objective="anchor_cos", guard="center", extractor="centred",
-              grid=(0.3, 1.0, 3.0), round=2),
+              grid=(0.3, 1.0, 3.0)),
     Condition("lead60+anchor_cos+center@r2", objective="anchor_cos", guard="center", extractor="centred",
-              lead_steps=60, grid=(0.3, 1.0, 3.0), round=2),
+              lead_steps=60, grid=(0.3, 1.0, 3.0)),
 )  # fmt: skip
 """Round 2, pre-registered after round 1's study (``WORLD_CARD.md``): round 1's best arm with a weight grid that
 reaches past 0.3, and the same arm with 60 MLC-only steps before DPO (consistency first)."""
