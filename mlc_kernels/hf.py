@@ -77,15 +77,32 @@ def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, nn.Module | None]:
     )
 
 
-def resolve_layer(model: nn.Module, layer: int) -> int:
-    """1-based index of decoder layer ``layer`` (negative counts from the end); raises naming the range."""
+FINAL_LAYER = "final"
+"""The ``layer`` value for transformers' ``hidden_states[L]``: the last decoder layer's output after the model's
+final norm (what ``output_hidden_states=True`` returns last; the state the MLC authors' code reads)."""
+
+Layer = int | str
+"""A decoder layer counted from 1 (negative: from the end), or :data:`FINAL_LAYER`."""
+
+
+def resolve_layer(model: nn.Module, layer: Layer) -> Layer:
+    """1-based index of decoder layer ``layer`` (negative counts from the end), or :data:`FINAL_LAYER` as is;
+    raises naming the range."""
     n_layers = len(decoder_layers(model)[0])
+    if layer == FINAL_LAYER:
+        return FINAL_LAYER
     if isinstance(layer, bool) or not isinstance(layer, int) or layer == 0 or not -n_layers <= layer <= n_layers:
         raise ValueError(
-            f"layer must be in 1..{n_layers} or -{n_layers}..-1 for {type(_unwrap(model)).__name__} "
+            f"layer must be in 1..{n_layers} or -{n_layers}..-1 or {FINAL_LAYER!r} for {type(_unwrap(model)).__name__} "
             f"({n_layers} decoder layers), got {layer!r}"
         )
     return layer if layer > 0 else n_layers + 1 + layer
+
+
+def layer_depth(model: nn.Module, layer: Layer) -> int:
+    """How many decoder layers a pass up to ``layer`` runs (all of them for :data:`FINAL_LAYER`)."""
+    k = resolve_layer(model, layer)
+    return len(decoder_layers(model)[0]) if k == FINAL_LAYER else k
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -109,12 +126,14 @@ def _owner(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
 
 
 @contextlib.contextmanager
-def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[dict]:
-    """Captures the hidden states after decoder layer ``layer``; with ``truncate``, while the context is open, the
-    model's layer list holds only the first ``layer`` layers and its LM head is an identity (its output is
-    discarded; with a 150k vocabulary even one position per sequence costs more than a small model's layers)."""
-    layers, _ = decoder_layers(model)
-    k = resolve_layer(model, layer)
+def _truncated_stack(model: nn.Module, layer: Layer, truncate: bool) -> Iterator[dict]:
+    """Captures the hidden states after decoder layer ``layer`` (after the final norm for :data:`FINAL_LAYER`);
+    with ``truncate``, while the context is open, the model's layer list holds only the first ``layer`` layers
+    and its LM head is an identity (its output is discarded; with a 150k vocabulary even one position per
+    sequence costs more than a small model's layers)."""
+    layers, norm = decoder_layers(model)
+    k = layer_depth(model, layer)
+    capture_at = norm if resolve_layer(model, layer) == FINAL_LAYER and norm is not None else layers[k - 1]
     captured: dict = {}
 
     def post_hook(module, args, output):
@@ -128,7 +147,7 @@ def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[d
         head = get_head() if callable(get_head) else None
         if isinstance(head, nn.Module):
             swaps.append((*_owner(model, head), nn.Identity()))
-    handle = layers[k - 1].register_forward_hook(post_hook)
+    handle = capture_at.register_forward_hook(post_hook)
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
     try:
         for owner, name, replacement in swaps:
@@ -140,7 +159,7 @@ def _truncated_stack(model: nn.Module, layer: int, truncate: bool) -> Iterator[d
         handle.remove()
 
 
-def _hidden_after_layer(model: nn.Module, layer: int, truncate: bool, **inputs) -> torch.Tensor:
+def _hidden_after_layer(model: nn.Module, layer: Layer, truncate: bool, **inputs) -> torch.Tensor:
     """All hidden states ``(B, T, hidden)`` after decoder layer ``layer``; with ``truncate`` no later layer runs."""
     if "logits_to_keep" in inspect.signature(_unwrap(model).forward).parameters:
         inputs["logits_to_keep"] = 1  # the (identity) LM head sees one position
@@ -153,7 +172,7 @@ def last_prompt_hidden(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer: int,
+    layer: Layer,
     *,
     truncate: bool = True,
     **model_kwargs,
@@ -162,8 +181,9 @@ def last_prompt_hidden(
 
     ``layer`` counts decoder layers from 1 (negative: from the end). For ``layer < L`` the result equals
     ``output_hidden_states[layer]`` at that token; for ``layer = L`` it is the last layer's output *before*
-    the final norm (transformers' ``hidden_states[L]`` has the norm applied). With ``truncate`` no layer after
-    ``layer`` runs (the final norm still runs, its output is discarded; the LM head is skipped).
+    the final norm; ``layer="final"`` (:data:`FINAL_LAYER`) is transformers' ``hidden_states[L]``, after the
+    final norm. With ``truncate`` no layer after ``layer`` runs (the final norm still runs; the LM head is
+    skipped).
     Extra keyword arguments go to the model (e.g. ``position_ids``).
     """
     index = last_token_index(attention_mask)
@@ -194,7 +214,7 @@ def last_prompt_hidden_packed(
     model: nn.Module,
     input_ids: torch.Tensor,
     position_ids: torch.Tensor,
-    layer: int,
+    layer: Layer,
     *,
     truncate: bool = True,
     last_index: torch.Tensor | None = None,
@@ -265,7 +285,7 @@ def variant_representations(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer: int,
+    layer: Layer,
     variant_mask: torch.Tensor | None = None,
     *,
     truncate: bool = True,
@@ -315,7 +335,7 @@ AUTO_CHUNK_SHARE = 0.25
 
 
 def activation_bytes_per_prompt(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: int
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, layer: Layer
 ) -> int:
     """Estimated activation memory (bytes) that autograd keeps for one prompt's truncated variant passes:
     per token and decoder layer about ``(34 h + 5 a t) / 2`` elements (the accounting of Korthikanti et al.
@@ -325,7 +345,7 @@ def activation_bytes_per_prompt(
     heads = int(getattr(config, "num_attention_heads", 1) or 1)
     element = next(model.parameters()).element_size()
     n, m, t = input_ids.shape
-    k = resolve_layer(model, layer)
+    k = layer_depth(model, layer)
     per_token_layer = (34 * hidden + 5 * heads * t) / 2 * element
     return int(m * t * k * per_token_layer)
 
@@ -334,7 +354,7 @@ def auto_chunk_prompts(
     model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer: int,
+    layer: Layer,
     memory_budget: int | None = None,
 ) -> int:
     """The largest chunk of prompts whose estimated activations (:func:`activation_bytes_per_prompt`) fit in
@@ -400,7 +420,7 @@ def grad_cached_mlc_backward(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer: int,
+    layer: Layer,
     variant_mask: torch.Tensor | None = None,
     *,
     chunk_prompts: int | str = "auto",
@@ -460,7 +480,7 @@ def grad_cached_mlc_loss(
     params: list[torch.Tensor],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    layer: int,
+    layer: Layer,
     variant_mask: torch.Tensor | None = None,
     *,
     chunk_prompts: int | str = "auto",

@@ -30,6 +30,9 @@ def consistency_metrics(reps: torch.Tensor, mask: torch.Tensor | None = None) ->
       ``|cos|``): about 1 when every prompt maps to the same direction, about 0 when they are spread.
     - ``consensus_effective_rank`` ``()``: RankMe, ``exp(-sum_k p_k log p_k)`` with ``p = sigma / sum(sigma)``
       the normalised singular values of the matrix of the c_i: 1 when they collapse, up to min(#prompts, d).
+    - ``between_prompt_spread`` ``()``: ``1 - |mean_i c_i|^2``, the mean squared distance of the c_i from their
+      mean: 0 when every prompt maps to one direction. A shared component (raw hidden states are anisotropic)
+      makes it small from the start, so it reads as a collapse only relative to its value before training.
     - ``sign_flip_share`` ``()``: share of the present non-base rows whose cosine to their base row is
       negative, ``z_ij . z_ib < 0`` (j != b): the rows an unsigned objective aligns with a flipped sign.
     """
@@ -101,6 +104,8 @@ def _signed_diagnostics(reps, present, valid, nan) -> dict[str, torch.Tensor]:
         sv = torch.linalg.svdvals(centers)
         p = sv / sv.sum().clamp_min(NORM_EPS)
         rank = torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+        spread = (1.0 - centers.mean(dim=0).square().sum()).clamp_min(0.0)
     else:
-        signed_cos, rank = nan, nan
-    return {"signed_between_prompt_cosine": signed_cos, "consensus_effective_rank": rank, "sign_flip_share": flip_share}
+        signed_cos, rank, spread = nan, nan, nan
+    return {"signed_between_prompt_cosine": signed_cos, "consensus_effective_rank": rank,
+            "between_prompt_spread": spread, "sign_flip_share": flip_share}  # fmt: skip

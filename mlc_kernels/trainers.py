@@ -22,7 +22,7 @@ import torch
 
 from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, GUARDS, check_guard_options, parse_guard
 from .head import MLCHead
-from .hf import resolve_layer, variant_representations
+from .hf import FINAL_LAYER, resolve_layer, variant_representations
 from .loss import IMPLEMENTATIONS, eligible_count
 from .metrics import consistency_metrics
 from .ops.common import OBJECTIVES
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
 VARIANT_COLUMN = "mlc_variant_ids"
+MIDDLE_LAYER = "middle"
 
 
 def _help(text: str, **extra) -> dict:
@@ -40,23 +41,41 @@ def _help(text: str, **extra) -> dict:
 
 @dataclass
 class MLCArguments:
-    """Options of the MLC term. ``layer`` counts decoder layers from 1 (negative: from the end; None: the
-    middle layer). Every field is validated on construction (finite numbers, ranges, known choices); the
-    layer is checked against the model by :meth:`check`. ``base_language`` is variant 0 of every prompt (the
-    base row of the signed objectives and of the ``anchor`` guard): ``languages`` is reordered to put it first,
-    the others keeping their order."""
+    """Options of the MLC term. The defaults are the MLC authors' (their released LLaMA-Factory code and recipes):
+    the relative singular-value softmax at tau 0.2, weight 0.8, the term on every 2nd optimizer step, a 512-wide
+    extractor with bias, the state ``hidden_states[L]`` after the final norm (README, "Reproducing the paper").
+
+    ``layer``: ``"final"`` (transformers' ``hidden_states[L]``, after the final norm), a decoder layer counted
+    from 1 (negative: from the end; the layer's own output, before any norm), or ``"middle"``/None (the middle
+    layer). Every field is validated on construction (finite numbers, ranges, known choices); the layer is
+    checked against the model by :meth:`check`. ``base_language`` is variant 0 of every prompt (the base row of
+    the signed objectives and of the ``anchor`` guard): ``languages`` is reordered to put it first, the others
+    keeping their order."""
 
     languages: tuple[str, ...] = field(
         default=("en",), metadata=_help("language codes of the variants; the base language must be one of them")
     )
     base_language: str = field(default="en", metadata=_help("the language of the records' own prompt field"))
-    weight: float = field(default=0.1, metadata=_help("weight of the MLC term in L = L_align + weight * L_MLC (>= 0)"))
-    tau: float = field(default=1.0, metadata=_help("temperature of the softmax over singular values (> 0)"))
-    layer: int | None = field(
-        default=None, metadata=_help("decoder layer k, counted from 1 (negative: from the end; None: the middle)")
+    weight: float = field(default=0.8, metadata=_help("weight of the MLC term in L = L_align + weight * L_MLC (>= 0)"))
+    tau: float = field(default=0.2, metadata=_help("temperature of the softmax over singular values (> 0)"))
+    layer: int | str | None = field(
+        default=FINAL_LAYER,
+        metadata=_help(
+            "where the state is read: 'final' (hidden_states[L], after the final norm), a decoder layer k counted "
+            "from 1 (negative: from the end), or 'middle'"
+        ),
     )
-    objective: str = field(default="sv_softmax", metadata=_help("consistency objective", choices=list(OBJECTIVES)))
-    rep_size: int = field(default=256, metadata=_help("output size of the trainable extractor r = W h + b"))
+    objective: str = field(
+        default="relative_sv_softmax", metadata=_help("consistency objective", choices=list(OBJECTIVES))
+    )
+    aux_every: int = field(
+        default=2,
+        metadata=_help(
+            "add the MLC term on the optimizer steps whose global_step is a multiple of aux_every (1: every step); the "
+            "variant passes are skipped on the others"
+        ),
+    )
+    rep_size: int = field(default=512, metadata=_help("output size of the trainable extractor r = W h + b"))
     impl: str = field(default="auto", metadata=_help("MLC loss implementation", choices=list(IMPLEMENTATIONS)))
     generation_prompt: bool = field(
         default=True, metadata=_help("end each variant with the chat template's assistant header (its last token)")
@@ -99,12 +118,15 @@ class MLCArguments:
             "loss is computed and logged, with weight 0); the alignment loss joins after them"
         ),
     )
-    collapse_warn_threshold: float = field(
-        default=0.9,
-        metadata=_help("warn (once) when the mean |cosine| between prompts' consensus directions stays above this"),
+    collapse_warn_ratio: float = field(
+        default=0.1,
+        metadata=_help(
+            "warn (once) when the between-prompt spread of the consensus directions (mlc/between_prompt_spread) "
+            "stays below this share of its value at the first logged training step"
+        ),
     )
     collapse_warn_patience: int = field(
-        default=3, metadata=_help("consecutive logged training steps above collapse_warn_threshold before warning")
+        default=3, metadata=_help("consecutive logged training steps below collapse_warn_ratio before warning")
     )
 
     def __post_init__(self) -> None:
@@ -112,6 +134,10 @@ class MLCArguments:
             self.languages = tuple(lang.strip() for lang in self.languages.split(","))
         elif isinstance(self.languages, list):
             self.languages = tuple(self.languages)
+        if isinstance(self.layer, str) and self.layer.strip().lstrip("-").isdigit():
+            self.layer = int(self.layer)  # from the command line
+        elif self.layer == MIDDLE_LAYER:
+            self.layer = None
         languages = tuple(self.languages)
         if self.base_language in languages and languages[0] != self.base_language:
             languages = (self.base_language, *(lang for lang in languages if lang != self.base_language))
@@ -133,13 +159,15 @@ class MLCArguments:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:
             raise ValueError(f"MLCArguments.impl must be one of {IMPLEMENTATIONS}, got {self.impl!r}")
-        for name, low in (("rep_size", 1), ("chunk_prompts", 0), ("lead_steps", 0)):
+        for name, low in (("rep_size", 1), ("chunk_prompts", 0), ("lead_steps", 0), ("aux_every", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"MLCArguments.{name} must be an int >= {low}, got {value!r}")
         layer = self.layer
-        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
-            raise ValueError(f"MLCArguments.layer must be a non-zero int or None, got {self.layer!r}")
+        if layer not in (None, FINAL_LAYER) and (isinstance(layer, bool) or not isinstance(layer, int) or layer == 0):
+            raise ValueError(
+                f"MLCArguments.layer must be {FINAL_LAYER!r}, {MIDDLE_LAYER!r} or a non-zero int, got {self.layer!r}"
+            )
         if any(not isinstance(lang, str) or not lang.strip() for lang in self.languages):
             raise ValueError(f"MLCArguments.languages must be non-empty codes, got {list(self.languages)}")
         if self.base_language not in self.languages or len(set(self.languages)) != len(self.languages):
@@ -158,16 +186,15 @@ class MLCArguments:
             check_guard_options(parse_guard(self.guard), "sum", self.uniform_weight, self.uniform_t, None)
         except ValueError as err:
             raise ValueError(f"MLCArguments.guard / uniform options: {err}") from None
-        if not isinstance(self.collapse_warn_threshold, (int, float)) or isinstance(self.collapse_warn_threshold, bool):
-            raise ValueError(
-                f"MLCArguments.collapse_warn_threshold must be a number, got {self.collapse_warn_threshold!r}"
-            )
+        ratio = self.collapse_warn_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"MLCArguments.collapse_warn_ratio must be a number in [0, 1], got {ratio!r}")
         value = self.collapse_warn_patience
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"MLCArguments.collapse_warn_patience must be a positive int, got {value!r}")
 
-    def check(self, model: torch.nn.Module) -> int:
-        """Raise a clear error for a bad option; returns the resolved 1-based layer."""
+    def check(self, model: torch.nn.Module) -> int | str:
+        """Raise a clear error for a bad option; returns the resolved layer (1-based, or ``"final"``)."""
         self.validate()  # the fields may have been changed since construction
         from .hf import decoder_layers
 
@@ -283,7 +310,7 @@ class MLCTrainerMixin:
         if no_split is not None and "MLCHead" not in no_split:
             base._no_split_modules = {*no_split, "MLCHead"} if isinstance(no_split, set) else [*no_split, "MLCHead"]
         self._mlc_step_count: int | None = None
-        self._collapse_streak, self._collapse_warned = 0, False
+        self._collapse_streak, self._collapse_warned, self._spread_start = 0, False, None
         pad = getattr(self.processing_class, "pad_token_id", None)
         self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0)
 
@@ -337,8 +364,9 @@ class MLCTrainerMixin:
                 "along the first dimension preserves"
             )
         weight = self.mlc_args.weight
+        active = self._mlc_term_active(model)
         early = None
-        if mlc_inputs and self.mlc_args.grad_cache and model.training and self.accelerator.num_processes > 1:
+        if mlc_inputs and active and self.mlc_args.grad_cache and model.training and self.accelerator.num_processes > 1:
             # Gradient cache under DDP: its nested backward passes would fire the reducer's hooks twice, so the
             # MLC backward runs now, before this step's DDP forward, while the hooks are idle; the gradients stay
             # in .grad and join the all-reduce of the alignment loss's backward.
@@ -352,15 +380,27 @@ class MLCTrainerMixin:
         self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
         if model.training and self.state.global_step < self.mlc_args.lead_steps:
             align = align * 0.0  # keeps the graph (every parameter gets a zero gradient, as DDP expects)
-        if early is not None:
-            # an empty slice of each extractor parameter puts it in this backward's graph (zero gradient), so DDP
-            # reduces the gradient it already holds
-            touch = sum(p.view(-1)[:0].sum() for p in self.accelerator.unwrap_model(model).mlc_head.parameters())
-            loss = align + weight * early.detach() + touch
+        if not active:
+            # no MLC term on this step; under DDP the extractor still joins the graph (zero gradient): its reducer
+            # expects a gradient for every parameter
+            loss = align + (self._extractor_touch(model) if self.accelerator.num_processes > 1 else 0.0)
+        elif early is not None:
+            # DDP then reduces the gradient the extractor already holds
+            loss = align + weight * early.detach() + self._extractor_touch(model)
         else:
             scale = self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch)
             loss = align + weight * self._mlc_loss(model, mlc_inputs, scale)
         return (loss, out[1]) if return_outputs else loss
+
+    def _mlc_term_active(self, model) -> bool:
+        """Whether this micro-batch gets the MLC term: in training on the optimizer steps whose ``global_step`` (the
+        steps completed so far, shared by the micro-batches of one accumulated step, restored on resume) is a
+        multiple of ``aux_every`` (the authors' ``global_step % aux_every == 0``); always in evaluation."""
+        return not model.training or self.state.global_step % self.mlc_args.aux_every == 0
+
+    def _extractor_touch(self, model) -> torch.Tensor:
+        """Zero that puts every extractor parameter in the graph: an empty slice of each, summed."""
+        return sum(p.view(-1)[:0].sum() for p in self.accelerator.unwrap_model(model).mlc_head.parameters())
 
     def _variant_runner(self, model):
         """The module the variant passes go through: the model under DDP/DeepSpeed wrappers (their
@@ -417,10 +457,10 @@ class MLCTrainerMixin:
             values["mlc/sign_flip_share"] = float(stats["sign_flip_share"])
             if int(valid.sum()) >= 2:  # the between-prompt diagnostics need two prompts (else undefined: NaN)
                 values["mlc/between_prompt_cosine"] = float(stats["between_prompt_cosine"])
-                for key in ("signed_between_prompt_cosine", "consensus_effective_rank"):
+                for key in ("signed_between_prompt_cosine", "consensus_effective_rank", "between_prompt_spread"):
                     values[f"mlc/{key}"] = float(stats[key])
                 if model.training:
-                    self._watch_collapse(values["mlc/between_prompt_cosine"])
+                    self._watch_collapse(values["mlc/between_prompt_spread"])
             for j, lang in enumerate(self.mlc_args.languages):
                 cos = stats["cosine_to_consensus"][:, j]
                 cos = cos[~torch.isnan(cos)]
@@ -428,21 +468,28 @@ class MLCTrainerMixin:
                     values[f"mlc/cos_{lang}"] = cos.mean().item()
         self._mlc_log(model, values)
 
-    def _watch_collapse(self, between: float) -> None:
-        """Warn once through ``logging`` when the between-prompt |cosine| stays above the threshold for
-        ``collapse_warn_patience`` consecutive logged training steps (NaN, a single prompt, resets the count)."""
+    def _watch_collapse(self, spread: float) -> None:
+        """Warn once through ``logging`` when the between-prompt spread stays below ``collapse_warn_ratio`` times
+        its value at the first logged training step for ``collapse_warn_patience`` consecutive logged steps (NaN, a
+        single prompt, resets the count). Relative, so raw anisotropic states (a small spread from the start, with a
+        mean |cosine| between prompts near 1 under plain alignment) do not trigger it."""
         a = self.mlc_args
-        above = between > a.collapse_warn_threshold  # False for NaN
-        self._collapse_streak = self._collapse_streak + 1 if above else 0
+        start = getattr(self, "_spread_start", None)
+        if start is None:
+            if spread == spread:  # not NaN
+                self._spread_start = spread
+            return
+        below = spread < a.collapse_warn_ratio * start  # False for NaN
+        self._collapse_streak = self._collapse_streak + 1 if below else 0
         if self._collapse_streak >= a.collapse_warn_patience and not self._collapse_warned:
             self._collapse_warned = True
             logger.warning(
-                "mlc: possible collapse: mlc/between_prompt_cosine = %.3f > %.2f for %d consecutive logged steps "
-                "(every prompt's representation is moving to one direction, a trivial minimum of the MLC loss). "
-                "Consider MLCArguments.guard (e.g. 'center', 'center+uniform', 'center+anchor' with head_bias=False "
-                "and head_orthogonal=True, 'whiten') or a signed objective ('signed_sv_softmax', 'anchor_cos', "
-                "'signed_pairwise').",
-                between, a.collapse_warn_threshold, self._collapse_streak,
+                "mlc: possible collapse: mlc/between_prompt_spread = %.3g, below %.2g x its first value %.3g for %d "
+                "consecutive logged steps (every prompt's representation is moving to one direction, a trivial "
+                "minimum of the MLC loss). Consider MLCArguments.guard (e.g. 'center', 'center+uniform', "
+                "'center+anchor' with head_bias=False and head_orthogonal=True, 'whiten') or a signed objective "
+                "('signed_sv_softmax', 'anchor_cos', 'signed_pairwise').",
+                spread, a.collapse_warn_ratio, start, self._collapse_streak,
             )  # fmt: skip
 
     def _mlc_log(self, model, values: dict[str, float]) -> None:

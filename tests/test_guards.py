@@ -345,27 +345,55 @@ def test_collapse_diagnostics_and_sign_flips():
 # ---------------------------------------------------------------- trainers
 
 
-def test_trainer_warns_once_when_the_prompts_collapse(caplog):
-    pytest.importorskip("transformers")
+def _fake_trainer(**options):
     from mlc_kernels.trainers import MLCArguments, MLCTrainerMixin
 
     class Fake(MLCTrainerMixin):
         def __init__(self, args):
             self.mlc_args = args
-            self._collapse_streak, self._collapse_warned = 0, False
+            self._collapse_streak, self._collapse_warned, self._spread_start = 0, False, None
             self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-    model = torch.nn.Linear(1, 1)
-    model.train()
-    args = MLCArguments(languages=("en", "zh"), collapse_warn_patience=3)
-    trainer = Fake(args)
-    head = MLCHead(8, 4)
-    with torch.no_grad():  # rank-1 extractor: every representation on one line
-        head.weight.copy_(torch.outer(torch.randn(4), torch.randn(8)).abs())
+    return Fake(MLCArguments(languages=("en", "zh"), **options))
+
+
+def _anisotropic(n: int = 12, seed: int = 0) -> torch.Tensor:
+    """Raw hidden states as they come: a large component shared by every prompt plus a prompt-specific part."""
+    gen = torch.Generator().manual_seed(seed)
+    shared = 6.0 * torch.randn(1, 1, 8, generator=gen)
+    return shared + torch.randn(n, 1, 8, generator=gen) + 0.3 * torch.randn(n, 2, 8, generator=gen)
+
+
+def test_collapse_warning_stays_silent_on_a_shared_mean(caplog):
+    # plain alignment on raw anisotropic states: the mean |cosine| between prompts is above 0.9 from the start
+    # (the old criterion fired here); the spread does not fall relative to its start, so no warning
+    pytest.importorskip("transformers")
+    trainer = _fake_trainer(collapse_warn_patience=2)
+    model = torch.nn.Linear(1, 1).train()
+    head = MLCHead(8, 8)
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(8))
         head.bias.zero_()
-    reps = torch.randn(5, 2, 8).abs()
+    mask = torch.ones(12, 2, dtype=torch.bool)
+    with caplog.at_level(logging.WARNING, logger="mlc_kernels.trainers"):
+        for step in range(6):
+            trainer._log_consistency(model, head, _anisotropic(seed=step), mask, torch.tensor(1.0))
+    assert min(trainer._metrics["train"]["mlc/between_prompt_cosine"]) > 0.9
+    assert not [r for r in caplog.records if "collapse" in r.getMessage()]
+
+
+def test_trainer_warns_once_when_the_prompts_collapse(caplog):
+    pytest.importorskip("transformers")
+    trainer = _fake_trainer(collapse_warn_patience=3)
+    model = torch.nn.Linear(1, 1).train()
+    head = MLCHead(8, 4)
+    reps = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(0)).abs()
     mask = torch.ones(5, 2, dtype=torch.bool)
     with caplog.at_level(logging.WARNING, logger="mlc_kernels.trainers"):
+        trainer._log_consistency(model, head, reps, mask, torch.tensor(1.0))  # the reference spread
+        with torch.no_grad():  # rank-1 extractor: every representation on one line
+            head.weight.copy_(torch.outer(torch.randn(4), torch.randn(8)).abs())
+            head.bias.zero_()
         for _ in range(2):
             trainer._log_consistency(model, head, reps, mask, torch.tensor(1.0))
         assert not caplog.records
@@ -373,9 +401,28 @@ def test_trainer_warns_once_when_the_prompts_collapse(caplog):
             trainer._log_consistency(model, head, reps, mask, torch.tensor(1.0))
     warnings = [r for r in caplog.records if "collapse" in r.getMessage()]
     assert len(warnings) == 1
-    assert "between_prompt_cosine" in warnings[0].getMessage() and "guard" in warnings[0].getMessage()
+    assert "between_prompt_spread" in warnings[0].getMessage() and "guard" in warnings[0].getMessage()
     logged = trainer._metrics["train"]
-    assert {"mlc/signed_between_prompt_cosine", "mlc/consensus_effective_rank", "mlc/sign_flip_share"} <= set(logged)
+    assert {"mlc/signed_between_prompt_cosine", "mlc/consensus_effective_rank", "mlc/sign_flip_share",
+            "mlc/between_prompt_spread"} <= set(logged)  # fmt: skip
+    assert logged["mlc/between_prompt_spread"][-1] < 1e-6 < logged["mlc/between_prompt_spread"][0]
+
+
+def test_collapse_warn_ratio_is_read(caplog):
+    # ratio 0: nothing is below 0 x the start, so the same collapse stays silent
+    pytest.importorskip("transformers")
+    trainer = _fake_trainer(collapse_warn_patience=1, collapse_warn_ratio=0.0)
+    model = torch.nn.Linear(1, 1).train()
+    head = MLCHead(8, 4)
+    reps = torch.randn(5, 2, 8, generator=torch.Generator().manual_seed(0)).abs()
+    mask = torch.ones(5, 2, dtype=torch.bool)
+    with caplog.at_level(logging.WARNING, logger="mlc_kernels.trainers"):
+        trainer._log_consistency(model, head, reps, mask, torch.tensor(1.0))
+        with torch.no_grad():
+            head.weight.copy_(torch.outer(torch.randn(4), torch.randn(8)).abs())
+        for _ in range(3):
+            trainer._log_consistency(model, head, reps, mask, torch.tensor(1.0))
+    assert not [r for r in caplog.records if "collapse" in r.getMessage()]
 
 
 def test_mlc_arguments_put_the_base_language_first_and_check_the_guard():
