@@ -388,7 +388,14 @@ TRAIN_ALIASES = {"--model": "--model_name_or_path", "--batch-size": "--per_devic
 class TrainArguments:
     """``mlc train``'s own options (the model: ``--model``/``--model_name_or_path`` of TRL's ModelConfig)."""
 
-    dataset: str = field(default="sample", metadata={"help": "JSONL file of records (format in README), or 'sample'"})
+    dataset: str = field(
+        default="sample", metadata={"help": "JSONL file of records, LLaMA-Factory JSON (the MLC authors' "
+                                            "multilingual_dpo/multilingual_sft; format in README), or 'sample'"}
+    )  # fmt: skip
+    dataset_format: str = field(
+        default="auto", metadata={"help": "auto: a file starting with '[' is LLaMA-Factory JSON, else JSONL",
+                                  "choices": ["auto", "jsonl", "llamafactory"]}
+    )  # fmt: skip
     algorithm: str = field(
         default="dpo", metadata={"help": "alignment loss; choose it first: --help then lists its TRL options",
                                  "choices": list(ALGORITHMS)}
@@ -557,7 +564,8 @@ def cmd_train(argv: list[str]) -> None:
 
     script, mlc, training, model_config = parse_train_arguments(argv)
     _check_train_arguments(script, training, model_config)
-    records, where = load_checked(script.dataset, script.algorithm, "train" if script.dataset == "sample" else None)
+    records, where = load_checked(script.dataset, script.algorithm, "train" if script.dataset == "sample" else None,
+                                  script.dataset_format)  # fmt: skip
     report = check_languages(records, where, mlc.languages, mlc.base_language)
     name, local = resolve_model_path(model_config.model_name_or_path)
     tokenizer = load_tokenizer(name, local)
@@ -627,10 +635,10 @@ def _json_safe(value):
 
 
 def cmd_eval(args) -> None:
-    from .records import load_checked
+    from .records import EVAL, load_checked
 
     out = _check_output_folder(args.out, "--out")
-    records, _ = load_checked(args.prompts, "dpo", args.split if args.prompts == "sample" else None)
+    records, _ = load_checked(args.prompts, EVAL, args.split if args.prompts == "sample" else None, args.dataset_format)
     mlc = mlc_arguments_from(args)
     name, local = resolve_model_path(args.model)
     tokenizer = load_tokenizer(name, local)
@@ -687,7 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     p_eval = sub.add_parser("eval", help="per-language consistency table", formatter_class=fmt)
     p_eval.add_argument("--model", required=True, help="a saved model folder (e.g. mlc train's --output_dir) or hub id")
     p_eval.add_argument("--extractor", default=None, help="an MLCHead folder (<output_dir>/mlc_head of mlc train)")
-    p_eval.add_argument("--prompts", default="sample", help="JSONL file of records, or 'sample'")
+    p_eval.add_argument("--prompts", default="sample",
+                        help="JSONL file of records, LLaMA-Factory JSON (format in README), or 'sample'")
+    p_eval.add_argument("--dataset_format", "--dataset-format", default="auto",
+                        choices=["auto", "jsonl", "llamafactory"],
+                        help="auto: a file starting with '[' is LLaMA-Factory JSON, else JSONL")  # fmt: skip
     p_eval.add_argument("--split", default="heldout", choices=["train", "heldout"], help="split of 'sample'")
     p_eval.add_argument("--out", default=".", help="folder for eval.json and eval.png")
     _add_mlc_options(p_eval)

@@ -20,6 +20,9 @@ ALGORITHMS = (*PREFERENCE_ALGORITHMS, "sft")
 
 
 def required_fields(algorithm: str) -> tuple[str, ...]:
+    """The fields a record needs for ``algorithm``; ``"eval"``: the prompts only (``mlc eval``)."""
+    if algorithm == "eval":
+        return ("prompt", "variants")
     if algorithm not in ALGORITHMS:
         raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     return ("prompt", "variants", "completion") if algorithm == "sft" else ("prompt", "variants", "chosen", "rejected")
