@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .errors import UsageError
+from .recipes import RECIPES, recipe
 from .sample_data import ALGORITHMS, LANGUAGES, load_sample, to_dataset
 from .trainers import MLCArguments
 
@@ -401,6 +402,13 @@ class TrainArguments:
                                  "choices": list(ALGORITHMS)}
     )  # fmt: skip
     liger_kernels: bool = field(default=False, metadata={"help": "Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA)"})
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "a named set of training options applied as defaults ('paper': the MLC authors' DPO "
+                          "recipe; README, 'Reproducing the paper'); --deepspeed none drops its ZeRO-2 config",
+                  "choices": [None, *RECIPES]},
+    )  # fmt: skip
+    max_samples: int = field(default=0, metadata={"help": "train on the first N records only (0: all)"})
 
 
 def _option_value(argv: list[str], name: str) -> str | None:
@@ -410,6 +418,12 @@ def _option_value(argv: list[str], name: str) -> str | None:
         if arg.startswith(name + "="):
             return arg.split("=", 1)[1]
     return None
+
+
+def _is_option(argv: list[str], i: int, name: str) -> bool:
+    """Whether ``argv[i]`` is ``name``, ``name=VALUE`` or the value right after ``name``."""
+    arg = argv[i]
+    return arg == name or arg.startswith(name + "=") or (i > 0 and argv[i - 1] == name)
 
 
 def _yaml_config(argv: list[str]) -> dict:
@@ -479,11 +493,24 @@ def parse_train_arguments(argv: list[str]):
     if algorithm not in ALGORITHMS:
         raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
     deepspeed = _option_value(argv, "--deepspeed") or config.get("deepspeed")
-    if isinstance(deepspeed, str) and not deepspeed.lstrip().startswith("{") and not Path(deepspeed).is_file():
+    if (isinstance(deepspeed, str) and deepspeed.strip().lower() != "none" and not deepspeed.lstrip().startswith("{")
+            and not Path(deepspeed).is_file()):  # fmt: skip
         # checked before the TRL config is built: a failed DeepSpeed setup there leaves transformers' global
         # DeepSpeed state half-made, which breaks model loading afterwards
         raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
     parser = train_parser(algorithm)
+    recipe_name = _option_value(argv, "--recipe") or config.get("recipe")
+    no_deepspeed = str(deepspeed).strip().lower() == "none"
+    if no_deepspeed:  # --deepspeed none: the recipe's ZeRO-2 config is not used
+        argv = [a for i, a in enumerate(argv) if not _is_option(argv, i, "--deepspeed")]
+    if recipe_name is not None:
+        try:
+            options = recipe(recipe_name)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        if no_deepspeed:
+            options.pop("deepspeed")
+        parser.set_defaults(**options)
     try:  # TrlParser reads --config FILE itself; the 5th output is the namespace of --config
         script, options, training, model_config = parser.parse_args_and_config(argv)[:4]
     except ValueError as err:
@@ -499,6 +526,8 @@ def _check_train_arguments(script: TrainArguments, training, model_config) -> No
 
     from .trainers import launched_with
 
+    if isinstance(script.max_samples, bool) or script.max_samples < 0:
+        raise UsageError(f"--max_samples must be an int >= 0 (0: all records), got {script.max_samples}")
     if not model_config.model_name_or_path:
         raise UsageError("--model is required: a local model folder or a hub id")
     _check_output_folder(training.output_dir, "--output_dir")
@@ -566,6 +595,8 @@ def cmd_train(argv: list[str]) -> None:
     _check_train_arguments(script, training, model_config)
     records, where = load_checked(script.dataset, script.algorithm, "train" if script.dataset == "sample" else None,
                                   script.dataset_format)  # fmt: skip
+    if script.max_samples:
+        records, where = records[: script.max_samples], where[: script.max_samples]
     report = check_languages(records, where, mlc.languages, mlc.base_language)
     name, local = resolve_model_path(model_config.model_name_or_path)
     tokenizer = load_tokenizer(name, local)
