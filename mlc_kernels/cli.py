@@ -500,7 +500,7 @@ def parse_train_arguments(argv: list[str]):
         raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
     parser = train_parser(algorithm)
     recipe_name = _option_value(argv, "--recipe") or config.get("recipe")
-    no_deepspeed = str(deepspeed).strip().lower() == "none"
+    no_deepspeed = isinstance(deepspeed, str) and deepspeed.strip().lower() == "none"
     if no_deepspeed:  # --deepspeed none: the recipe's ZeRO-2 config is not used
         argv = [a for i, a in enumerate(argv) if not _is_option(argv, i, "--deepspeed")]
     if recipe_name is not None:

@@ -91,7 +91,9 @@ def run_trainer(args) -> None:
         use_cpu=args.device == "cpu", beta=0.1,
         max_length=32, dataloader_drop_last=True, bf16=False, deepspeed=args.deepspeed,
     )  # fmt: skip
-    mlc = MLCArguments(languages=LANGS, weight=1.0, layer=2, rep_size=8, impl=args.impl, grad_cache=args.grad_cache)
+    # weight 0.5: a weight dropped from one path (the gradient cache's early backward under DDP) changes the step
+    mlc = MLCArguments(languages=LANGS, weight=0.5, layer=2, rep_size=8, impl=args.impl, grad_cache=args.grad_cache,
+                       aux_every=1)  # fmt: skip
     trainer = InOrder(
         model=model, ref_model=tiny_model(len(tokenizer)), args=config, processing_class=tokenizer,
         train_dataset=records("dpo", missing_zh=MISSING_ZH), mlc_args=mlc, callbacks=[CaptureGradients()],

@@ -107,7 +107,7 @@ def test_one_optimizer_step_equals_the_authors_step(tmp_path, weight, tau):
     # one optimizer step of the recipe (batch 1, 4 accumulation steps): every gradient (model and extractor) and
     # each micro-batch's loss equal TRL's DPO loss + weight * the authors' aux loss, each divided by the 4 steps
     mlc = MLCArguments(languages=LANGS, weight=weight, tau=tau, impl="torch")
-    assert mlc.layer == "final" and mlc.aux_every == 2 and mlc.rep_size == 512 and mlc.objective == "relative_sv_softmax"
+    assert (mlc.layer, mlc.aux_every, mlc.rep_size, mlc.objective) == ("final", 2, 512, "relative_sv_softmax")
     trainer, model = _trainer(tmp_path, mlc, steps=1)
     # the starting weights, loaded back into the trained model afterwards (a deep copy of a model would not do:
     # transformers records a copy's hidden_states without their autograd graph)
@@ -214,3 +214,71 @@ def test_layer_option_accepts_final_middle_and_numbers():
         MLCArguments(layer="last")
     with pytest.raises(ValueError, match="aux_every must be an int >= 1"):
         MLCArguments(aux_every=0)
+
+
+README = __import__("pathlib").Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _knob_table() -> list[list[str]]:
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Reproducing the paper", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| ---")]
+    return [[cell.strip() for cell in row.strip("|").split(" | ")] for row in rows[1:]]
+
+
+def test_readme_knob_table_matches_the_code():
+    import ast
+    import dataclasses
+    import re
+
+    from mlc_kernels.recipes import recipe
+
+    defaults = MLCArguments()
+    fields = {f.name for f in dataclasses.fields(MLCArguments)}
+    paper = recipe("paper")
+    checked = set()
+    for row in _knob_table():
+        for name, literal in re.findall(r"`(\w+)=([^`]+)`", row[2]):
+            value = ast.literal_eval(literal)
+            actual = getattr(defaults, name) if name in fields else paper[name]
+            assert actual == value, f"README says {name}={literal}, the code has {actual!r}"
+            checked.add(name)
+    assert {"objective", "tau", "weight", "aux_every", "rep_size", "head_bias", "layer"} <= checked
+    assert set(paper) - {"deepspeed", "logging_steps"} <= checked  # every option of the recipe is in the table
+
+
+def test_shipped_paper_config_parses_to_the_recipe(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from mlc_kernels.cli import parse_train_arguments
+    from mlc_kernels.recipes import ZERO2_CONFIG, recipe
+
+    config = Path(__file__).resolve().parents[1] / "integrations" / "paper" / "qwen2.5-7b-dpo-mlc.yaml"
+    script, mlc, training, model = parse_train_arguments(["--config", str(config), "--bf16", "false"])
+    paper = recipe("paper")
+    assert script.recipe == "paper" and script.max_samples == paper["max_samples"]
+    assert model.model_name_or_path == "Qwen/Qwen2.5-7B-Instruct"
+    assert mlc.languages == ("en", "zh", "ru", "ja", "ar", "bn", "sw", "ur", "ps", "ku")
+    for name in ("learning_rate", "lr_scheduler_type", "warmup_steps", "num_train_epochs", "max_steps", "beta",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "max_length", "loss_type"):  # fmt: skip
+        assert getattr(training, name) == paper[name], name
+    assert Path(training.deepspeed) == ZERO2_CONFIG
+    import json
+
+    zero = json.loads(ZERO2_CONFIG.read_text())
+    assert zero["zero_optimization"]["stage"] == 2 and zero["bf16"]["enabled"] == "auto"
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    # an explicit value wins over the recipe, and --deepspeed none drops ZeRO-2
+    _, _, training, _ = parse_train_arguments(["--recipe", "paper", "--model", "m", "--learning_rate", "1e-5",
+                                               "--deepspeed", "none", "--bf16", "false"])  # fmt: skip
+    assert training.learning_rate == 1e-5 and not training.deepspeed and training.num_train_epochs == 3.0
+
+
+def test_unknown_recipe_is_one_line(tmp_path):
+    from mlc_kernels.cli import parse_train_arguments
+    from mlc_kernels.errors import UsageError
+
+    with pytest.raises(UsageError, match="--recipe must be one of paper, got 'papers'"):
+        parse_train_arguments(["--recipe", "papers", "--model", "m"])
