@@ -22,6 +22,7 @@
 namespace {
 
 constexpr double kNormEps = 1e-12;
+constexpr double kRelativeSvEps = 1e-12;  // relative_sv_softmax: s / stopgrad(s_1 + eps)
 constexpr int kMaxSweeps = 50;
 
 // Eigen-decomposition of the symmetric n x n row-major matrix `a`: Householder reduction to
@@ -220,14 +221,16 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
     std::vector<double> w(m, 0.0);
     double rho_coef = 0.0;
     const int top = order[0];
-    if (objective == 0) {  // sv_softmax: -log softmax(s / tau)_1 over the min(m_n, d) singular values
+    if (objective == 0 || objective == 6) {  // sv_softmax: -log softmax(s / tau)_1 over the min(m_n, d) values
       std::vector<double> sv(kept), ex(kept);
       for (int r = 0; r < kept; ++r) sv[r] = std::sqrt(std::max(lam[order[r]], 0.0));
+      // relative_sv_softmax: logits s / (sigma tau) with sigma = s_1 + eps held constant
+      const double scale = objective == 6 ? inv_tau / (sv[0] + kRelativeSvEps) : inv_tau;
       double denom = 0.0;
-      for (int r = 0; r < kept; ++r) denom += (ex[r] = std::exp((sv[r] - sv[0]) * inv_tau));
+      for (int r = 0; r < kept; ++r) denom += (ex[r] = std::exp((sv[r] - sv[0]) * scale));
       loss = std::log(denom);
       for (int r = 0; r < kept; ++r) {
-        const double g = (ex[r] / denom - (r == 0 ? 1.0 : 0.0)) * inv_tau;
+        const double g = (ex[r] / denom - (r == 0 ? 1.0 : 0.0)) * scale;
         w[order[r]] = sv[r] >= sv_cutoff ? g / sv[r] : 0.0;  // 2 dloss/dlambda; subgradient 0 below eps_s
       }
     } else if (objective == 5) {  // signed_sv_softmax: logits (rho, s_2, ..., s_k) / tau

@@ -248,8 +248,8 @@ def fused_linear_mlc_loss(
     bias: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     *,
-    tau: float = 1.0,
-    objective: str = "sv_softmax",
+    tau: float = 0.2,
+    objective: str = "relative_sv_softmax",
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
@@ -264,8 +264,9 @@ def fused_linear_mlc_loss(
         hidden: ``(N, m, d_h)`` hidden states (fp32/bf16/fp16/fp64): N prompts, m variants.
         weight: ``(d, d_h)`` extractor weight; bias: optional ``(d,)``.
         mask: optional ``(N, m)`` bool, True where the variant is present.
-        tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss` (``impl`` picks the loss kernel;
-            the GEMMs always go to torch).
+        tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss`, with its defaults (the authors'
+            ``relative_sv_softmax`` at ``tau=0.2``; ``"sv_softmax"`` is the paper text's formula). ``impl`` picks
+            the loss kernel; the GEMMs always go to torch.
         chunk_size: prompts per chunk (default ``default_chunk_prompts``: about 1024 rows on CPU, a
             memory budget of ``CUDA_CHUNK_BYTES`` on CUDA). Extra memory
             is bounded by the chunk, not by N.
@@ -324,13 +325,14 @@ def fused_linear_mlc_loss(
 
 
 class FusedLinearMLCLoss(nn.Module):
-    """Module form of :func:`fused_linear_mlc_loss`: ``forward(hidden, weight, bias=None, mask=None)``."""
+    """Module form of :func:`fused_linear_mlc_loss`: ``forward(hidden, weight, bias=None, mask=None)``; options as
+    keywords, with its defaults (``relative_sv_softmax``, ``tau=0.2``)."""
 
     def __init__(
         self,
         *,
-        tau: float = 1.0,
-        objective: str = "sv_softmax",
+        tau: float = 0.2,
+        objective: str = "relative_sv_softmax",
         reduction: str = "mean",
         impl: str = "auto",
         chunk_size: int | None = None,

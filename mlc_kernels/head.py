@@ -72,7 +72,8 @@ class MLCHead(nn.Module):
         self, hidden: torch.Tensor, mask: torch.Tensor | None = None, *, loss: bool = False, **loss_options
     ) -> torch.Tensor:
         """Projection of ``hidden``; with ``loss=True`` the fused MLC loss of ``hidden`` ``(N, m, hidden_size)``
-        and ``mask`` ``(N, m)`` instead (``loss_options`` as :func:`fused_linear_mlc_loss`)."""
+        and ``mask`` ``(N, m)`` instead (``loss_options`` as :func:`fused_linear_mlc_loss`, whose defaults are the
+        authors' ``objective="relative_sv_softmax", tau=0.2``; ``objective="sv_softmax"`` is the paper text's)."""
         if not loss:
             if mask is not None or loss_options:
                 raise ValueError("MLCHead: mask and loss options need loss=True")
@@ -82,7 +83,8 @@ class MLCHead(nn.Module):
         return fused_linear_mlc_loss(hidden, self.weight, self.bias, mask, **loss_options)
 
     def loss(self, hidden: torch.Tensor, mask: torch.Tensor | None = None, **loss_options) -> torch.Tensor:
-        """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss``."""
+        """MLC loss of ``hidden`` ``(N, m, hidden_size)``; keyword arguments as ``fused_linear_mlc_loss`` (default:
+        the authors' ``relative_sv_softmax`` at ``tau=0.2``)."""
         return self(hidden, mask, loss=True, **loss_options)
 
     def config(self) -> dict:

@@ -82,8 +82,8 @@ def mlc_loss(
     reps: torch.Tensor,
     mask: torch.Tensor | None = None,
     *,
-    tau: float = 1.0,
-    objective: str = "sv_softmax",
+    tau: float = 0.2,
+    objective: str = "relative_sv_softmax",
     reduction: str = "mean",
     impl: str = "auto",
     validate: bool = False,
@@ -98,10 +98,12 @@ def mlc_loss(
         reps: ``(N, m, d)`` float16/bfloat16/float32/float64: N prompts, m language variants
             (the representations of the same prompt in m languages), d dims.
         mask: optional ``(N, m)`` bool, True where the variant is present.
-        tau: softmax temperature of ``sv_softmax`` (> 0).
-        objective: ``"sv_softmax"`` (the paper's ``-log softmax(s / tau)_1``), ``"rank1"``
-            (``1 - s_1^2 / m_n``), ``"pairwise"`` (mean over pairs of ``1 - cos^2``), or the signed
-            ``"signed_pairwise"``, ``"anchor_cos"``, ``"signed_sv_softmax"`` (``ops.common.OBJECTIVES``).
+        tau: softmax temperature of the softmax objectives (> 0; default 0.2, the authors' value).
+        objective: ``"relative_sv_softmax"`` (the default: the authors' released code,
+            ``-log softmax(s / stopgrad(s_1) / tau)_1``, scale-free logits), ``"sv_softmax"`` (the paper
+            text's ``-log softmax(s / tau)_1``), ``"rank1"`` (``1 - s_1^2 / m_n``), ``"pairwise"`` (mean over
+            pairs of ``1 - cos^2``), or the signed ``"signed_pairwise"``, ``"anchor_cos"``,
+            ``"signed_sv_softmax"`` (``ops.common.OBJECTIVES``).
         reduction: ``"mean"`` over the prompts with >= 2 present variants (0 when there is
             none), ``"sum"``, or ``"none"`` (shape ``(N,)``, 0 for prompts with < 2 variants).
         impl: ``"auto"`` (triton on CUDA, native on CPU, torch elsewhere, ``meta`` included) or a name
@@ -150,13 +152,15 @@ def reduce_with_guard(per_prompt, present, reduction, spec, reps, uniform_weight
 
 
 class MLCLoss(nn.Module):
-    """``nn.Module`` form of :func:`mlc_loss`; ``forward(reps, mask=None)``. Options as keywords."""
+    """``nn.Module`` form of :func:`mlc_loss`; ``forward(reps, mask=None)``. Options as keywords, with the same
+    defaults (the authors' ``relative_sv_softmax`` at ``tau=0.2``; ``objective="sv_softmax", tau=1.0`` is the
+    paper text's formula)."""
 
     def __init__(
         self,
         *,
-        tau: float = 1.0,
-        objective: str = "sv_softmax",
+        tau: float = 0.2,
+        objective: str = "relative_sv_softmax",
         reduction: str = "mean",
         impl: str = "auto",
         validate: bool = False,

@@ -118,6 +118,28 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("compare-runs-normalise-ignored", "benchmarks/compare_runs.py",
              "scale_a, scale_b = (ca, cb) if normalise else (1.0, 1.0)", "scale_a, scale_b = (1.0, 1.0)",
              ("tests/test_bench_runner.py",)),
+    # the authors' objective (relative_sv_softmax) and the non-deflated cut-off
+    Mutation("torch-nondeflated-sv-cutoff-x10", "mlc_kernels/ops/gram_torch.py",
+             "cutoff = torch.where(deflated, deflated_cutoff(m, acc), singular_value_cutoff(d, m, acc))[:, None]",
+             "cutoff = torch.where(deflated, deflated_cutoff(m, acc), 10 * singular_value_cutoff(d, m, acc))[:, None]",
+             ("tests/test_relative_objective.py",)),
+    Mutation("reference-relative-stop-gradient-dropped", "mlc_kernels/ops/reference.py",
+             "s = s / (s[:, :1].detach() + RELATIVE_SV_EPS)", "s = s / (s[:, :1] + RELATIVE_SV_EPS)",
+             ("tests/test_relative_objective.py",)),
+    Mutation("dense-reference-relative-stop-gradient-dropped", "mlc_kernels/ops/reference.py",
+             "                s = s / (s[:, :1].detach() + RELATIVE_SV_EPS)", "                s = s / (s[:, :1] + RELATIVE_SV_EPS)",
+             ("tests/test_registry.py", "tests/test_relative_objective.py")),
+    Mutation("torch-relative-scale-dropped", "mlc_kernels/ops/gram_torch.py",
+             "temp = tau * (sv[:, :1] + RELATIVE_SV_EPS) if code == 6 else tau", "temp = tau",
+             ("tests/test_relative_objective.py",)),
+    Mutation("native-relative-grad-unscaled", "csrc/mlc_native.cpp",
+             "const double g = (ex[r] / denom - (r == 0 ? 1.0 : 0.0)) * scale;",
+             "const double g = (ex[r] / denom - (r == 0 ? 1.0 : 0.0)) * inv_tau;", ("tests/test_relative_objective.py",)),
+    Mutation("triton-relative-grad-unscaled", "mlc_kernels/ops/triton_kernels.py",
+             "g = (ex / denom - top.to(tl.float32)) * scale", "g = (ex / denom - top.to(tl.float32)) * inv_tau",
+             ("tests/test_triton_objectives.py",), INTERPRET),
+    Mutation("triton-relative-not-deflated", "mlc_kernels/ops/triton_kernels.py", "DEFLATED_OBJECTIVES = (0, 5, 6)",
+             "DEFLATED_OBJECTIVES = (0, 5)", ("tests/test_relative_objective.py",), INTERPRET),
 )
 
 

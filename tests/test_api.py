@@ -70,7 +70,9 @@ def test_gradcheck_torch_impl():
     mask = torch.tensor([[True, True, True, True], [True, False, True, True]])
     for objective in ("sv_softmax", "rank1", "pairwise"):
         assert torch.autograd.gradcheck(
-            lambda x, objective=objective: mlc_loss(x, mask, impl="torch", objective=objective, reduction="none"),
+            lambda x, objective=objective: mlc_loss(
+                x, mask, impl="torch", objective=objective, tau=1.0, reduction="none"
+            ),
             (reps,),
         )
 
@@ -83,14 +85,14 @@ def test_native_directional_derivatives_float64(objective):
     mask = torch.tensor([[True] * 5, [True, False, True, True, True], [True, True, False, False, True]])
     weights = torch.tensor([0.7, -1.3, 2.0], dtype=torch.float64)
     x = reps.clone().requires_grad_()
-    (mlc_loss(x, mask, impl="native", objective=objective, reduction="none") * weights).sum().backward()
+    (mlc_loss(x, mask, impl="native", objective=objective, tau=1.0, reduction="none") * weights).sum().backward()
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
         v = torch.randn(reps.shape, generator=gen, dtype=torch.float64)
         eps = 1e-6
 
         def f(y):
-            return (mlc_loss(y, mask, impl="native", objective=objective, reduction="none") * weights).sum()
+            return (mlc_loss(y, mask, impl="native", objective=objective, tau=1.0, reduction="none") * weights).sum()
 
         numeric = (f(reps + eps * v) - f(reps - eps * v)) / (2 * eps)
         torch.testing.assert_close((x.grad * v).sum(), numeric, rtol=1e-6, atol=1e-8)

@@ -138,8 +138,9 @@ def test_lead_steps_train_the_mlc_term_alone_then_both(tmp_path):
     trainer_cls, config_cls = trl_classes("sft")
     args = config_cls(output_dir=str(tmp_path), per_device_train_batch_size=4, max_steps=1, report_to=[],
                       use_cpu=True, save_strategy="no")  # fmt: skip
+    # aux_every=1: the MLC term on every step (steps 0, 1 and 2 below), not the authors' every 2nd
     mlc = MLCArguments(languages=LANGS, weight=weight, layer=2, rep_size=8, impl="torch", log_metrics=False,
-                       lead_steps=2)  # fmt: skip
+                       lead_steps=2, aux_every=1)  # fmt: skip
     trainer = trainer_cls(model=model, args=args, train_dataset=records("sft"), processing_class=tk, mlc_args=mlc)
     model.train()
     batch = _batch(trainer)

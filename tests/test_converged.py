@@ -35,16 +35,21 @@ def contract_bound(impl: str, dtype: torch.dtype, delta: float, m: int) -> float
     return 16 * eps_rows / delta + 4 * m * eps_gram / delta**2 + 4 * ROUNDOFF[dtype]
 
 
-@pytest.mark.parametrize("objective", ["sv_softmax", "signed_sv_softmax"])
+# the kinked objectives at their temperatures: the paper text's softmax at tau 1, the authors' at their 0.2
+KINKED = [("sv_softmax", 1.0), ("signed_sv_softmax", 1.0), ("relative_sv_softmax", 0.2)]
+
+
+@pytest.mark.parametrize(("objective", "tau"), KINKED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("impl", ["torch", "native", "triton"])
 @pytest.mark.parametrize("delta", DELTAS)
-def test_gradient_matches_float64_reference_near_collinearity(impl, dtype, delta, objective):
+def test_gradient_matches_float64_reference_near_collinearity(impl, dtype, delta, objective, tau):
     if dtype == torch.float64 and impl == "triton":
         pytest.skip("triton takes fp32/bf16/fp16")
     reps = near_collinear(6, 5, 64, delta).to(dtype)
-    _, ref = loss_and_grad(reps.double(), None, "reference", objective=objective)  # the same rounded input
-    _, got = loss_and_grad(reps.to(impl_device(impl)), None, impl, objective=objective)
+    kw = {"objective": objective, "tau": tau}
+    _, ref = loss_and_grad(reps.double(), None, "reference", **kw)  # the same rounded input
+    _, got = loss_and_grad(reps.to(impl_device(impl)), None, impl, **kw)
     err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
     bound = contract_bound(impl, dtype, delta, reps.shape[1])
     assert ref.flatten(1).norm(dim=1).min() > 1e-3  # the true gradient does not vanish at the kink

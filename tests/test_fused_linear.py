@@ -74,7 +74,7 @@ def test_gradcheck_torch_impl():
     for reduction in ("mean", "none"):
         assert torch.autograd.gradcheck(
             lambda h, w, b, reduction=reduction: fused_linear_mlc_loss(
-                h, w, b, mask, impl="torch", reduction=reduction, chunk_size=2
+                h, w, b, mask, impl="torch", objective="sv_softmax", tau=1.0, reduction=reduction, chunk_size=2
             ),
             inputs,
         )

@@ -59,6 +59,8 @@ def oracle(reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str
             loss = (1 - gram[iu[0], iu[1]]).mean()
         elif objective == "anchor_cos":
             loss = (1 - z[1:] @ z[0]).mean()
+        elif objective == "relative_sv_softmax":
+            loss = -torch.log_softmax(s / (s[:1].detach() + 1e-12) / tau, dim=0)[0]
         else:
             rho = z.sum(dim=0).norm() / math.sqrt(c)
             loss = -torch.log_softmax(torch.cat([rho[None], s[1:]]) / tau, dim=0)[0]
@@ -180,7 +182,7 @@ def test_guard_none_is_bitwise_the_old_path():
         for reduction in ("mean", "sum", "none"):
             a = reps.clone().requires_grad_()
             b = reps.clone().requires_grad_()
-            new = mlc_loss(a, present, impl=impl, reduction=reduction, guard=None)
+            new = mlc_loss(a, present, impl=impl, objective="sv_softmax", tau=1.0, reduction=reduction, guard=None)
             per_prompt = per_prompt_loss(impl)(b, present, 1.0, "sv_softmax")  # the code path before guards
             old = {"none": per_prompt, "sum": per_prompt.sum()}.get(reduction)
             if old is None:
@@ -235,7 +237,10 @@ def test_whiten_gives_identity_covariance_without_shrinkage_and_passes_gradcheck
     small = reps[:4, :, :3].clone().requires_grad_()
     mask = present[:4]
     assert torch.autograd.gradcheck(lambda r: whiten(r, mask, shrinkage=0.3), small)
-    assert torch.autograd.gradcheck(lambda r: mlc_loss(r, mask, impl="torch", guard="whiten"), small)
+    # sv_softmax: the default relative_sv_softmax stops the gradient through s_1, which finite differences do not
+    assert torch.autograd.gradcheck(
+        lambda r: mlc_loss(r, mask, impl="torch", guard="whiten", objective="sv_softmax", tau=1.0), small
+    )
     with pytest.raises(ValueError, match="not positive definite"):
         whiten(reps[:2], present[:2], shrinkage=0.0)  # at most 6 rows in 6 dims: singular
 

@@ -9,7 +9,9 @@ from helpers import general_position, impl_device, loss_and_grad, near_collinear
 from mlc_kernels import mlc_loss
 
 FAST_IMPLS = ["torch", "native", "triton"]
-OBJECTIVES = ["sv_softmax", "rank1", "pairwise"]
+OBJECTIVES = ["sv_softmax", "rank1", "pairwise", "relative_sv_softmax"]
+# the default objective (the authors' relative_sv_softmax at tau 0.2) and the paper text's softmax at tau 1
+SOFTMAXES = {"default": {}, "sv_softmax": {"objective": "sv_softmax", "tau": 1.0}}
 
 
 @pytest.mark.parametrize("impl", FAST_IMPLS)
@@ -70,23 +72,25 @@ def _converged_cases() -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
 CONVERGED = _converged_cases()
 
 
+@pytest.mark.parametrize("softmax", sorted(SOFTMAXES))
 @pytest.mark.parametrize("impl", FAST_IMPLS)
 @pytest.mark.parametrize("case", sorted(CONVERGED))
-def test_converged_regime_fp32(impl, case):
+def test_converged_regime_fp32(impl, case, softmax):
     reps64, mask = CONVERGED[case]
     reps = reps64.float()
-    ref_loss, _ = oracle(reps, mask)
-    loss, grad = loss_and_grad(reps, mask, impl)
+    ref_loss, _ = oracle(reps, mask, **SOFTMAXES[softmax])
+    loss, grad = loss_and_grad(reps, mask, impl, **SOFTMAXES[softmax])
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     assert (loss - ref_loss).abs().max() <= 2e-4
 
 
+@pytest.mark.parametrize("softmax", sorted(SOFTMAXES))
 @pytest.mark.parametrize("impl", ["torch", "native"])
 @pytest.mark.parametrize("case", sorted(CONVERGED))
-def test_converged_regime_fp64(impl, case):
+def test_converged_regime_fp64(impl, case, softmax):
     reps64, mask = CONVERGED[case]
-    ref_loss, _ = oracle(reps64, mask)
-    loss, grad = loss_and_grad(reps64, mask, impl)
+    ref_loss, _ = oracle(reps64, mask, **SOFTMAXES[softmax])
+    loss, grad = loss_and_grad(reps64, mask, impl, **SOFTMAXES[softmax])
     assert torch.isfinite(grad).all()
     assert (loss - ref_loss).abs().max() <= 1e-7
 
@@ -99,7 +103,7 @@ def test_m_greater_than_d_uses_min_m_d_singular_values(impl):
     s = torch.linalg.svdvals(z)
     assert s.shape[-1] == 3
     expected = -torch.log_softmax(s, dim=-1)[:, 0]
-    loss = run(reps, impl=impl, reduction="none").double()
+    loss = run(reps, impl=impl, reduction="none", objective="sv_softmax", tau=1.0).double()
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 

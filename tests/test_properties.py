@@ -21,7 +21,7 @@ def problems(draw, max_m: int = 12, max_d: int = 24):
     else:
         reps = near_collinear(n, m, d, draw(st.sampled_from([1e-5, 1e-3, 1e-1])), seed=seed)
     mask = torch.rand(n, m, generator=gen) > draw(st.sampled_from([0.0, 0.3]))
-    objective = draw(st.sampled_from(["sv_softmax", "rank1", "pairwise"]))
+    objective = draw(st.sampled_from(["sv_softmax", "rank1", "pairwise", "relative_sv_softmax"]))
     tau = draw(st.sampled_from([0.1, 1.0, 3.0]))
     return reps, mask, objective, tau, kind
 

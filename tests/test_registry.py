@@ -107,7 +107,7 @@ def test_compile_fullgraph_on_cpu(impl):
     mask[2, 1:] = False  # one prompt with a single variant
 
     def step(x, mask):
-        return mlc_loss(x, mask, impl=impl, objective="sv_softmax") * 2.0
+        return mlc_loss(x, mask, impl=impl, objective="sv_softmax", tau=1.0) * 2.0
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     x1, x2 = reps.clone().requires_grad_(), reps.clone().requires_grad_()

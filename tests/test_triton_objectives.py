@@ -1,5 +1,5 @@
 """The three-phase Triton kernels against a float64 oracle written from the objectives' definitions
-(``mlc_kernels.ops.common.OBJECTIVES``): all six objectives, with and without ``anchor``, masks,
+(``mlc_kernels.ops.common.OBJECTIVES``): all seven objectives, with and without ``anchor``, masks,
 m > d, zero rows, non-finite rows, fp32/bf16/fp16, determinism (interpreter on CPU, small shapes)."""
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from mlc_kernels.ops.common import NORM_EPS, OBJECTIVES
 from mlc_kernels.ops.triton_kernels import triton_loss_and_grad, triton_mlc_loss
 
 TAU = 0.7
+KINKED = [("sv_softmax", 1.0), ("signed_sv_softmax", 1.0), ("relative_sv_softmax", 0.2)]
+"""The objectives with a kink at collinearity (they deflate), each at its temperature."""
 
 
 def _objective(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
@@ -30,6 +32,8 @@ def _objective(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
         return 1.0 - s[0] ** 2 / c
     if objective == "sv_softmax":
         return -torch.log_softmax(s / tau, dim=-1)[0]
+    if objective == "relative_sv_softmax":  # s / stopgrad(s_1 + eps)
+        return -torch.log_softmax(s / (s[:1].detach() + 1e-12) / tau, dim=-1)[0]
     rho = z.sum(dim=0).norm() / c**0.5  # signed_sv_softmax
     logits = torch.cat([rho[None], s[1:]]) / tau
     return torch.logsumexp(logits, dim=0) - logits[0]
@@ -167,9 +171,9 @@ def test_shipped_tuned_entry_is_used_and_compiled(monkeypatch):
     assert (90, torch.bfloat16, cfg) in triton_kernels.all_kernel_configs()
 
 
-@pytest.mark.parametrize("objective", ["sv_softmax", "signed_sv_softmax"])
+@pytest.mark.parametrize(("objective", "tau"), KINKED)
 @pytest.mark.parametrize(("m", "d"), [(20, 64), (6, 4)])  # M_PAD 32; m > d
-def test_deflation_with_masks(objective, m, d):
+def test_deflation_with_masks(objective, tau, m, d):
     """Near collinearity (delta 1e-4) the kernel deflates like ``gram_torch._deflate`` with masked rows (holding
     NaN, never read) and M_PAD 32: its fp32 gradient meets the converged contract's bound against the float64
     reference (tests/test_converged.py). m > d is ill-conditioned there (a kept singular value near 0; the
@@ -182,14 +186,14 @@ def test_deflation_with_masks(objective, m, d):
     clean = torch.where(present[..., None], reps, 0.0)
     reps[~present] = float("nan")
     dev = impl_device("triton")
-    loss, got = triton_loss_and_grad(reps.to(dev), present.to(dev), 1.0, objective)
-    again = triton_loss_and_grad(reps.to(dev), present.to(dev), 1.0, objective)
+    loss, got = triton_loss_and_grad(reps.to(dev), present.to(dev), tau, objective)
+    again = triton_loss_and_grad(reps.to(dev), present.to(dev), tau, objective)
     assert torch.equal(loss, again[0]) and torch.equal(got, again[1])
     got = got.double().cpu()
     assert torch.isfinite(got).all() and (got[~present] == 0).all()
-    torch_loss, _ = loss_and_grad(clean, present, "torch", objective=objective)
+    torch_loss, _ = loss_and_grad(clean, present, "torch", objective=objective, tau=tau)
     torch.testing.assert_close(loss.double().cpu(), torch_loss, rtol=1e-5, atol=1e-5)
     if m <= d:
-        _, ref = loss_and_grad(clean.double(), present, "reference", objective=objective)
+        _, ref = loss_and_grad(clean.double(), present, "reference", objective=objective, tau=tau)
         err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1)
         assert float(err.max()) <= 16 * 6e-8 / 1e-4, err.tolist()  # the converged contract's fp32 bound

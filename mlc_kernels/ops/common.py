@@ -15,13 +15,14 @@ OBJECTIVES: tuple[str, ...] = (
     "signed_pairwise",
     "anchor_cos",
     "signed_sv_softmax",
+    "relative_sv_softmax",
 )
 """Objective names; their index is the code the fused kernels take.
 
 Per prompt, with P the present variants, c = |P|, b = the base row (the first present variant),
 G the cosine matrix and ``dloss/dZ = M Z``:
 
-- ``sv_softmax`` (the paper): ``-log softmax(s / tau)_1`` over the min(c, d) singular values s;
+- ``sv_softmax`` (the paper text's formula): ``-log softmax(s / tau)_1`` over the min(c, d) singular values s;
   ``M = V diag(g_j / s_j) V^T`` with ``g = (softmax(s / tau) - e_1) / tau``.
 - ``rank1``: ``1 - s_1^2 / c``; ``M = -(2 / c) v_1 v_1^T``.
 - ``pairwise``: mean over pairs i < j of ``1 - G_ij^2``; ``M_ij = -2 G_ij / n_pairs`` (i != j).
@@ -33,6 +34,9 @@ G the cosine matrix and ``dloss/dZ = M Z``:
   some row is flipped): logits ``(rho, s_2, ..., s_k) / tau``, loss ``logsumexp - rho / tau``;
   ``M = (g_rho / (c rho)) 1 1^T + sum_{j >= 2} (g_j / s_j) v_j v_j^T`` (each term cut off below
   ``eps_s`` like ``g_j / s_j``).
+- ``relative_sv_softmax`` (the authors' released code, ``_compute_aux_loss``): ``sv_softmax`` with logits
+  ``s / stopgrad(s_1 + 1e-12) / tau``, scale-free (s_1's logit is always ``1 / tau``): with ``sigma = s_1 + 1e-12``
+  held constant, ``g = (softmax(s / (sigma tau)) - e_1) / (sigma tau)`` and ``M`` as for ``sv_softmax``.
 """
 
 MAX_VARIANTS = 32
@@ -43,6 +47,9 @@ SIGNED_OBJECTIVES: tuple[str, ...] = ("signed_pairwise", "anchor_cos", "signed_s
 
 NORM_EPS = 1e-12
 """Rows are normalised as ``r / max(|r|, NORM_EPS)`` (the convention of ``F.normalize``)."""
+
+RELATIVE_SV_EPS = 1e-12
+"""``relative_sv_softmax`` divides the singular values by ``stopgrad(s_1 + RELATIVE_SV_EPS)`` (the authors' code)."""
 
 MASKED_EIGENVALUE_THRESHOLD = -0.5
 """Masked rows get eigenvalue exactly -1; eigenvalues below this are not singular values."""

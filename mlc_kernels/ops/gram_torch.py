@@ -14,6 +14,7 @@ from .common import (
     MASKED_EIGENVALUE_THRESHOLD,
     NORM_EPS,
     OBJECTIVES,
+    RELATIVE_SV_EPS,
     accumulation_dtype,
     autocast_off,
     deflated_cutoff,
@@ -89,17 +90,19 @@ def _gram_loss_and_backward_matrix(
         sv = lam.clamp_min(0.0).sqrt()
         cutoff = torch.where(deflated, deflated_cutoff(m, acc), singular_value_cutoff(d, m, acc))[:, None]
         extra = None
-        if code in (0, 5):
+        if code in (0, 5, 6):
             lead = sv
             if code == 5:  # signed consensus rho = sqrt(1^T G 1 / c) in place of s_1
                 total = torch.where(pair & finite[:, None, None], gram, 0.0).sum(dim=(1, 2))
                 rho = (total.clamp_min(0.0) / count.clamp_min(1).to(acc)).sqrt()
                 lead = torch.where(slot[None, :] == 0, rho[:, None], sv)
-            logits = torch.where(kept, lead / tau, float("-inf"))
+            # relative: logits s / (sigma tau) with sigma = s_1 + eps held constant (no gradient through it)
+            temp = tau * (sv[:, :1] + RELATIVE_SV_EPS) if code == 6 else tau
+            logits = torch.where(kept, lead / temp, float("-inf"))
             lse = torch.logsumexp(logits, dim=-1)
             loss = lse - logits[:, 0]
             p = torch.exp(logits - lse[:, None])
-            g = (p - (slot == 0).to(acc)) / tau
+            g = (p - (slot == 0).to(acc)) / temp
             big = kept & (sv >= cutoff)
             if code == 5:
                 big = big & (slot[None, :] >= 1)

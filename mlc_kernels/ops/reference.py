@@ -1,4 +1,5 @@
-"""The paper's formula, literally: normalize -> torch.linalg.svdvals -> log_softmax.
+"""The paper's formula, literally: normalize -> torch.linalg.svdvals -> log_softmax
+(``relative_sv_softmax``: the singular values divided by ``s[:, :1].detach()`` first, as the authors' code).
 
 This is the oracle of the tests (run in float64) and the baseline of the benchmarks. It is
 deliberately not optimised: plain autograd through ``svdvals``, one batched call per distinct
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .common import NORM_EPS, autocast_off
+from .common import NORM_EPS, RELATIVE_SV_EPS, autocast_off
 
 
 def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.Tensor:
@@ -36,6 +37,8 @@ def _objective_per_prompt(z: torch.Tensor, tau: float, objective: str) -> torch.
     if objective == "signed_sv_softmax":  # s_1 replaced by the signed consensus |sum_j z_j| / sqrt(k)
         rho = finite.sum(dim=1).norm(dim=-1) / k**0.5
         s = torch.cat([rho[:, None], s[:, 1:]], dim=1)
+    if objective == "relative_sv_softmax":  # the authors' code: s / stopgrad(s_1 + eps)
+        s = s / (s[:, :1].detach() + RELATIVE_SV_EPS)
     return -torch.log_softmax(s / tau, dim=-1)[:, 0]
 
 
@@ -85,6 +88,8 @@ def _dense_reference_mlc_loss(
             if objective == "signed_sv_softmax":
                 rho = finite.sum(dim=1).norm(dim=-1) / k.sqrt()
                 s = torch.cat([rho[:, None], s[:, 1:]], dim=1)
+            if objective == "relative_sv_softmax":
+                s = s / (s[:, :1].detach() + RELATIVE_SV_EPS)
             rank = torch.minimum(count, torch.full_like(count, d)).clamp_min(1)
             valid = torch.arange(s.shape[1], device=reps.device) < rank[:, None]
             logits = torch.where(valid, s / tau, float("-inf"))

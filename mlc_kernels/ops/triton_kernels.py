@@ -38,10 +38,10 @@ from .triton_tuned import TUNED
 MAX_SWEEPS = 12
 """Jacobi sweeps at most; converged inputs stop after 1-2, random ones after 5-7 (fp32)."""
 
-EIGEN_OBJECTIVES = (0, 1, 5)
+EIGEN_OBJECTIVES = (0, 1, 5, 6)
 """Codes of the objectives that need the eigen-decomposition of G (the others are pairwise sums)."""
 
-DEFLATED_OBJECTIVES = (0, 5)
+DEFLATED_OBJECTIVES = (0, 5, 6)
 """Codes of the objectives whose gradient needs the small singular pairs: they deflate near collinearity
 (``ops.common.DEFLATION_RATIO``). rank1 needs only (lambda_1, v_1), which deflation leaves as they are."""
 
@@ -154,20 +154,22 @@ def _descending_rank(lam, valid, rows):
 
 @triton.jit
 def _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau, sv_cutoff, objective):
-    """Loss and M of the eigen objectives (sv_softmax 0, rank1 1, signed_sv_softmax 5) from the spectrum:
-    eigenvalues ``lam`` with eigenvectors the columns of ``vec``, ``rank`` their descending order among the
-    ``valid`` ones; ``g_j / s_j`` is cut off below ``sv_cutoff``."""
+    """Loss and M of the eigen objectives (sv_softmax 0, rank1 1, signed_sv_softmax 5, relative_sv_softmax 6) from
+    the spectrum: eigenvalues ``lam`` with eigenvectors the columns of ``vec``, ``rank`` their descending order
+    among the ``valid`` ones; ``g_j / s_j`` is cut off below ``sv_cutoff``."""
     kept = valid & (rank < tl.minimum(count, d))  # Z has min(m_n, d) singular values
     top = valid & (rank == 0)
     sv = tl.sqrt(tl.maximum(lam, 0.0))
     extra = count_f * 0.0  # coefficient of the all-ones (present) block in M
-    if objective == 0:  # sv_softmax
+    if (objective == 0) | (objective == 6):  # sv_softmax, relative_sv_softmax
         s_top = tl.sum(tl.where(top, sv, 0.0), axis=0)
-        ex = tl.where(kept, tl.exp((sv - s_top) * inv_tau), 0.0)
+        # relative: logits s / (sigma tau) with sigma = s_1 + eps held constant
+        scale = tl.where(objective == 6, inv_tau / (s_top + 1e-12), inv_tau)
+        ex = tl.where(kept, tl.exp((sv - s_top) * scale), 0.0)
         denom = tl.sum(ex, axis=0)
         denom = tl.where(denom > 0.0, denom, 1.0)  # 0 only for prompts without singular values
         loss = tl.log(denom)
-        g = (ex / denom - top.to(tl.float32)) * inv_tau
+        g = (ex / denom - top.to(tl.float32)) * scale
         big = kept & (sv >= sv_cutoff)
         w = tl.where(big, g / tl.where(big, sv, 1.0), 0.0)
     elif objective == 1:  # rank1
@@ -337,7 +339,7 @@ def mlc_small_kernel(
             present, bad, norms, inv, pair, gram, count, base = _cosines(
                 part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
             count_f = tl.maximum(count, 1).to(tl.float32)
-            if (objective == 0) | (objective == 1) | (objective == 5):
+            if (objective == 0) | (objective == 1) | (objective == 5) | (objective == 6):
                 shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
                 shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
                 lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
