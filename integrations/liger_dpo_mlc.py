@@ -63,17 +63,19 @@ def main(argv=None):
             ref_hidden = ref_model.get_decoder()(input_ids=ids, attention_mask=att).last_hidden_state
         dpo_loss = dpo(model.lm_head.weight, hidden[:, :-1], labels[:, 1:],
                        ref_input=ref_hidden[:, :-1], ref_weight=ref_model.lm_head.weight)[0]  # fmt: skip
-        batch = MLCCollator(lambda ex: {}, tokenizer.pad_token_id)(
-            [{"mlc_variant_ids": v} for v in variant_ids[start : start + batch_size]]
-        )
-        reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], layer,
-                                             batch["mlc_mask"])  # fmt: skip
-        mlc_loss = model.mlc_head.loss(reps, mask)
-        loss = dpo_loss + mlc.weight * mlc_loss
+        loss, mlc_value = dpo_loss, None
+        if step % mlc.aux_every == 0:  # the MLC term on every aux_every-th step, as the trainers add it
+            batch = MLCCollator(lambda ex: {}, tokenizer.pad_token_id)(
+                [{"mlc_variant_ids": v} for v in variant_ids[start : start + batch_size]]
+            )
+            reps, mask = variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], layer,
+                                                 batch["mlc_mask"])  # fmt: skip
+            mlc_loss = model.mlc_head.loss(reps, mask, tau=mlc.tau, objective=mlc.objective)
+            loss, mlc_value = dpo_loss + mlc.weight * mlc_loss, mlc_loss.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        history.append({"step": step + 1, "dpo_loss": dpo_loss.item(), "mlc_loss": mlc_loss.item()})
+        history.append({"step": step + 1, "dpo_loss": dpo_loss.item(), "mlc_loss": mlc_value})
         print(history[-1])
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
     model.mlc_head.save_pretrained(Path(args.output_dir) / "mlc_head")
