@@ -140,6 +140,18 @@ MUTATIONS: tuple[Mutation, ...] = (
              ("tests/test_triton_objectives.py",), INTERPRET),
     Mutation("triton-relative-not-deflated", "mlc_kernels/ops/triton_kernels.py", "DEFLATED_OBJECTIVES = (0, 5, 6)",
              "DEFLATED_OBJECTIVES = (0, 5)", ("tests/test_relative_objective.py",), INTERPRET),
+    # the authors' trainer setup (issue 18): schedule, state, weight under the DDP gradient cache, collapse rule
+    Mutation("trainer-aux-every-ignored", "mlc_kernels/trainers.py",
+             "self.state.global_step % self.mlc_args.aux_every == 0", "True", ("tests/test_authors_recipe.py",)),
+    Mutation("hf-final-layer-pre-norm", "mlc_kernels/hf.py",
+             "capture_at = norm if resolve_layer(model, layer) == FINAL_LAYER and norm is not None else layers[k - 1]",
+             "capture_at = layers[k - 1]", ("tests/test_authors_recipe.py",)),
+    Mutation("trainer-ddp-grad-cache-weight-dropped", "mlc_kernels/trainers.py",
+             "self.accelerator.backward(weight * early /", "self.accelerator.backward(early /",
+             ("tests/test_distributed.py",)),
+    Mutation("collapse-warning-absolute", "mlc_kernels/trainers.py",
+             "below = spread < a.collapse_warn_ratio * start", "below = spread < 0.1",
+             ("tests/test_guards.py",)),
 )
 
 
