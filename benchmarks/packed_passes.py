@@ -62,7 +62,7 @@ def measure(
     from torch.utils.benchmark import Timer
 
     from mlc_kernels import MLCHead, mlc_loss
-    from mlc_kernels.cli import demo_tokenizer
+    from mlc_kernels.fixtures import demo_tokenizer
     from mlc_kernels.hf import variant_representations
     from mlc_kernels.sample_data import load_sample
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from mlc_kernels.cli import demo_model_and_tokenizer
+from mlc_kernels.fixtures import demo_model_and_tokenizer
 
 
 def model_and_tokenizer(model_path: str | None):

@@ -20,54 +20,8 @@ import torch
 
 from .errors import UsageError
 from .recipes import RECIPES, recipe
-from .sample_data import ALGORITHMS, LANGUAGES, load_sample, to_dataset
+from .sample_data import ALGORITHMS, LANGUAGES, to_dataset
 from .trainers import MLCArguments
-
-
-def demo_tokenizer(texts: list[str], vocab_size: int = 1200):
-    """A byte-level BPE tokenizer trained in memory on ``texts``, with a small chat template."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<|user|>", "<|assistant|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(texts, trainer)
-    tk = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-    tk.chat_template = (
-        "{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-        "{% else %}<|assistant|>{{ m['content'] }}<eos>{% endif %}{% endfor %}"
-        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-    )
-    return tk
-
-
-def demo_model(vocab_size: int, seed: int = 0):
-    """A mini Qwen2-style causal LM from a transformers config (random init)."""
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.Qwen2Config(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
-    )  # fmt: skip
-    return transformers.Qwen2ForCausalLM(config)
-
-
-def demo_model_and_tokenizer(seed: int = 0):
-    """The offline demo pair: the tokenizer trained on the embedded sample set (all prompts and translations,
-    the training responses) and the mini model sized to it."""
-    train_records, heldout = load_sample("train"), load_sample("heldout")
-    texts = [r["prompt"] for r in train_records + heldout] + [
-        t for r in train_records + heldout for t in r["variants"].values() if t
-    ]
-    texts += [r["chosen"] for r in train_records] + [r["rejected"] for r in train_records]
-    tokenizer = demo_tokenizer(texts)
-    return demo_model(len(tokenizer), seed=seed), tokenizer
 
 
 @torch.no_grad()
@@ -166,48 +120,6 @@ def plot_training(log_history: list[dict], languages, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def build_trainer(
-    model,
-    tokenizer,
-    records,
-    algorithm: str,
-    mlc: MLCArguments,
-    out: Path,
-    *,
-    steps: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int = 0,
-    gradient_accumulation_steps: int = 1,
-    save_steps: int = 0,
-    deepspeed: str | None = None,
-):
-    """The TRL trainer of ``algorithm`` with the MLC term, on ``records``. ``batch_size`` is per process;
-    ``save_steps`` > 0 writes a resumable checkpoint (model, extractor, optimizer, scheduler, RNG, data
-    position) every that many optimizer steps; ``deepspeed``: a DeepSpeed JSON config."""
-    from .trainers import trl_classes
-
-    trainer_cls, config_cls = trl_classes(algorithm)
-    options = dict(
-        output_dir=str(out), per_device_train_batch_size=batch_size, max_steps=steps, learning_rate=learning_rate,
-        gradient_accumulation_steps=gradient_accumulation_steps, logging_steps=1, report_to=[],
-        save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, seed=seed,
-        use_cpu=not torch.cuda.is_available(), disable_tqdm=False, deepspeed=deepspeed,
-    )  # fmt: skip
-    if algorithm == "simpo":
-        options.update(loss_type="simpo", cpo_alpha=0.0)
-    extra = {"ref_model": copy.deepcopy(model)} if algorithm == "dpo" else {}
-    dataset = to_dataset(records, algorithm, mlc.languages, mlc.base_language)
-    return trainer_cls(
-        model=model,
-        args=config_cls(**options),
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        mlc_args=mlc,
-        **extra,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def write_jsonl(path: Path, records: list, raw_lines: dict[int, str] | None = No
 
 
 def save_tiny_model(path: Path) -> Path:
-    from mlc_kernels.cli import demo_model_and_tokenizer
+    from mlc_kernels.fixtures import demo_model_and_tokenizer
 
     model, tokenizer = demo_model_and_tokenizer()
     model.save_pretrained(path)

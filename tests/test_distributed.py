@@ -116,7 +116,7 @@ def test_fsdp2_through_accelerate_on_one_gpu(tmp_path):
 def test_mlc_train_runs_unchanged_on_two_processes(tmp_path):
     """The ``mlc train`` command under torchrun (what ``accelerate launch`` runs for DDP): DPO + MLC on the
     embedded sample, 2 processes, gradient accumulation 2, a checkpoint with the extractor."""
-    from mlc_kernels.cli import demo_model_and_tokenizer
+    from mlc_kernels.fixtures import demo_model_and_tokenizer
 
     model, tokenizer = demo_model_and_tokenizer()
     model.save_pretrained(tmp_path / "model")
