@@ -810,12 +810,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     overrides = {}
     if args.triton_configs is not None and args.triton_configs.exists():
-        from mlc_kernels.ops.triton_kernels import KernelConfig
+        from mlc_kernels.ops.triton import KernelConfig
 
         overrides = {int(k): KernelConfig(**v) for k, v in json.loads(args.triton_configs.read_text()).items()}
         print(f"Triton configurations from {args.triton_configs}: {overrides}")
     ref_max_n = args.reference_max_n if args.reference_max_n is not None else (256 if gpu else None)
-    from mlc_kernels.ops.triton_kernels import kernel_config_override
+    from mlc_kernels.ops.triton import kernel_config_override
 
     if "loss" in suites:
         with kernel_config_override(overrides):

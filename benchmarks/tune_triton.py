@@ -8,7 +8,7 @@ blocks per program by the backward (``mlc_grad``). Scores are summed over the ph
 and gradient first. Writes ``triton_configs.csv`` (every timing), ``tuned_configs.json``
 (``{m_pad: KernelConfig fields}`` for bf16, what ``mlc-bench --triton-configs`` applies) and
 ``tuned_configs_all.json`` (``{"sm_<arch>/<dtype>/<m_pad>": fields}``) to ``--out``, and
-``triton_tuned.py``: the shipped table (``mlc_kernels/ops/triton_tuned.py``) with this run's entries.
+``triton_tuned.py``: the shipped table (``mlc_kernels/ops/triton/tuned.py``) with this run's entries.
 ``--quick`` sweeps few candidates, bf16 only; ``--smoke`` runs tiny shapes on the CPU interpreter.
 """
 
@@ -62,7 +62,7 @@ def _grad(reps, mask, bmat, ones):
 
 def _score(cfg, cases, field: str, device) -> tuple[float, bool]:
     """Summed milliseconds of the phase ``field`` belongs to, and whether the outputs match the default's."""
-    from mlc_kernels.ops.triton_kernels import kernel_config_override
+    from mlc_kernels.ops.triton import kernel_config_override
 
     total, ok = 0.0, True
     with kernel_config_override({cfg.m_pad: cfg}):
@@ -80,7 +80,7 @@ def _score(cfg, cases, field: str, device) -> tuple[float, bool]:
 
 def tune(m_pad: int, dtype: torch.dtype, arch: int, space: dict, shapes, device) -> tuple[object, list[dict]]:
     """Coordinate search over ``space`` from the default configuration; returns (best config, rows)."""
-    from mlc_kernels.ops.triton_kernels import kernel_config
+    from mlc_kernels.ops.triton import kernel_config
 
     best = kernel_config(m_pad, dtype, arch)
     cases = []
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from mlc_kernels.ops.triton_kernels import device_arch
+    from mlc_kernels.ops.triton import device_arch
 
     device = torch.device("cpu" if args.smoke else "cuda")
     arch = device_arch(device)
@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> None:
         writer.writerows(rows)
     (args.out / "tuned_configs.json").write_text(json.dumps(tuned, indent=1))
     (args.out / "tuned_configs_all.json").write_text(json.dumps(tuned_all, indent=1))
-    tuned_py = Path(__file__).resolve().parent.parent / "mlc_kernels" / "ops" / "triton_tuned.py"
+    tuned_py = Path(__file__).resolve().parent.parent / "mlc_kernels" / "ops" / "triton" / "tuned.py"
     if tuned_py.exists():  # a drop-in replacement of the shipped table, this run's entries merged in
-        from mlc_kernels.ops.triton_tuned import TUNED
+        from mlc_kernels.ops.triton.tuned import TUNED
 
         text = tuned_py.read_text()
         merged = {**TUNED, **tuned_all}

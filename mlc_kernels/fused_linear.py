@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_mask, check_options, eligible_count
 from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, check_guard_options, parse_guard
-from .loss import FLOAT_DTYPES, check_mask, check_options, eligible_count, mlc_loss, reduce_with_guard, resolve_impl
-from .ops import per_prompt_loss_and_grad
+from .loss import mlc_loss, reduce_with_guard
+from .ops import FLOAT_DTYPES, per_prompt_loss, per_prompt_loss_and_grad, resolve_impl
 
 DEFAULT_CHUNK_ROWS = 1024
 """Default chunk, in rows (prompts x variants) per GEMM: the chunk's representations and their gradient
@@ -105,8 +106,6 @@ class _FusedLinearMLC(torch.autograd.Function):
                     grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)
                     del grad_reps  # freed before the next chunk's kernel allocates its own
                 else:
-                    from .ops import per_prompt_loss
-
                     with torch.no_grad():
                         loss = per_prompt_loss(impl)(reps, present[start:stop], tau, objective, anchor)
                 losses[start:stop] = loss

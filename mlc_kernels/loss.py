@@ -1,12 +1,12 @@
-"""The public entry point ``mlc_loss`` and its module ``MLCLoss``: argument checks, dispatch, reduction."""
+"""The public entry point ``mlc_loss`` and its module ``MLCLoss``: dispatch and reduction (the argument checks are
+``checks.py``, the implementations ``ops/``)."""
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
 
+from .checks import check_finite, check_inputs, eligible_count
 from .guards import (
     DEFAULT_UNIFORM_T,
     DEFAULT_UNIFORM_WEIGHT,
@@ -16,66 +16,14 @@ from .guards import (
     uniformity,
 )
 from .ops import (
-    FLOAT_DTYPES,
     IMPLEMENTATION_NAMES,
     ImplementationUnavailableError,  # noqa: F401  (re-exported: mlc_kernels.ImplementationUnavailableError)
     per_prompt_loss,
     resolve_impl,
 )
-from .ops.common import OBJECTIVES
 
 IMPLEMENTATIONS: tuple[str, ...] = IMPLEMENTATION_NAMES
 """The names ``impl=`` accepts: ``"auto"`` and those of ``mlc_kernels.ops.REGISTRY``."""
-REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
-
-
-def check_mask(mask: torch.Tensor | None, n: int, m: int, device: torch.device) -> None:
-    """Raise unless ``mask`` is None or an ``(n, m)`` bool tensor on ``device``."""
-    if mask is None:
-        return
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-        raise TypeError(f"mask must be a bool tensor of shape (N, m), got {got}")
-    if tuple(mask.shape) != (n, m):
-        raise ValueError(f"mask must have shape (N, m) = {(n, m)}, got {tuple(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask must be on the device of reps ({device}), got {mask.device}")
-
-
-def check_options(tau: float, objective: str, reduction: str) -> None:
-    """Raise unless ``tau`` > 0 is finite and ``objective`` and ``reduction`` are known."""
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
-def check_inputs(reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str, reduction: str) -> None:
-    """Raise a clear error naming the argument when the inputs of ``mlc_loss`` are malformed."""
-    if not isinstance(reps, torch.Tensor):
-        raise TypeError(f"reps must be a torch.Tensor of shape (N, m, d), got {type(reps).__name__}")
-    if reps.dim() != 3:
-        raise ValueError(f"reps must have shape (N, m, d) (3 dims), got {reps.dim()} dims: {tuple(reps.shape)}")
-    if reps.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"reps must be float16, bfloat16, float32 or float64, got {reps.dtype}")
-    if reps.shape[1] < 1 or reps.shape[2] < 1:
-        raise ValueError(f"reps must have m >= 1 variants and d >= 1 dims, got shape {tuple(reps.shape)}")
-    check_mask(mask, reps.shape[0], reps.shape[1], reps.device)
-    check_options(tau, objective, reduction)
-
-
-def eligible_count(present: torch.Tensor) -> torch.Tensor:
-    """Number of prompts with >= 2 present variants, at least 1 (the mean's denominator), on device."""
-    return (present.sum(dim=1) >= 2).sum().clamp_min(1)
-
-
-def _raise_on_first_bad_prompt(reps: torch.Tensor, present: torch.Tensor) -> None:
-    bad = (~torch.isfinite(reps) & present[..., None]).any(dim=2)
-    if bool(bad.any()):
-        prompt, variant = (int(i) for i in bad.nonzero()[0])
-        raise ValueError(f"reps has non-finite values in prompt {prompt} (variant {variant}); validate=True stops here")
 
 
 def mlc_loss(
@@ -126,7 +74,7 @@ def mlc_loss(
     check_guard_options(spec, reduction, uniform_weight, uniform_t, whiten_shrinkage)
     present = mask if mask is not None else torch.ones(reps.shape[:2], dtype=torch.bool, device=reps.device)
     if validate:
-        _raise_on_first_bad_prompt(reps, present)
+        check_finite(reps, present)
     if spec is None:  # the plain loss, exactly as without guards
         name = resolve_impl(impl, reps)
         per_prompt = per_prompt_loss(name)(reps, present, float(tau), objective)

@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .checks import eligible_count
 from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, GUARDS, check_guard_options, parse_guard
 from .head import MLCHead
 from .hf import FINAL_LAYER, resolve_layer, variant_representations
-from .loss import IMPLEMENTATIONS, eligible_count
+from .loss import IMPLEMENTATIONS
 from .metrics import consistency_metrics
 from .ops.common import OBJECTIVES
 

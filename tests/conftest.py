@@ -1,7 +1,7 @@
 """Test setup: without CUDA, Triton kernels run through Triton's CPU interpreter.
 
 TRITON_INTERPRET must be set before ``triton.jit`` decorates the kernels, i.e. before
-``mlc_kernels.ops.triton_kernels`` is imported, so it is set here at collection time.
+``mlc_kernels.ops.triton`` is imported, so it is set here at collection time.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-    import mlc_kernels.ops.triton_kernels  # noqa: E402,F401  (decorate the kernels for the interpreter now)
+    import mlc_kernels.ops.triton  # noqa: E402,F401  (decorate the kernels for the interpreter now)
 
 import pytest  # noqa: E402
 

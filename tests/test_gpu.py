@@ -100,7 +100,7 @@ def test_triton_peak_memory_at_most_1_1x_reps():
 def test_triton_all_objectives_large_d(objective, anchor):
     from test_triton_objectives import _inputs, _oracle
 
-    from mlc_kernels.ops.triton_kernels import triton_loss_and_grad
+    from mlc_kernels.ops.triton import triton_loss_and_grad
 
     reps, present = _inputs(64, 12, 2048, seed=21)
     ref_loss, ref_grad = _oracle(reps, present, objective, anchor)

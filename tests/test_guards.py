@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from helpers import general_position, impl_device
 
 from mlc_kernels import MLCHead, MLCLoss, consistency_metrics, fused_linear_mlc_loss, mlc_loss
+from mlc_kernels.checks import eligible_count
 from mlc_kernels.guards import GUARDS, parse_guard, signed_consensus, uniformity, valid_guards, whiten
-from mlc_kernels.loss import eligible_count
 from mlc_kernels.ops import per_prompt_loss, per_prompt_loss_and_grad
 from mlc_kernels.ops.common import OBJECTIVES
 

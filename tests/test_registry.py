@@ -36,10 +36,10 @@ def test_names_come_from_the_registry():
 
 
 def test_triton_limit_is_the_kernels_constant():
-    from mlc_kernels.ops import triton_kernels
+    from mlc_kernels.ops.triton import MAX_VARIANTS, launch
 
-    assert REGISTRY["triton"].max_variants == triton_kernels.MAX_VARIANTS == common.MAX_VARIANTS
-    assert triton_kernels.interpreting is common.interpreting
+    assert REGISTRY["triton"].max_variants == MAX_VARIANTS == common.MAX_VARIANTS
+    assert launch.interpreting is common.interpreting
 
 
 def test_mlc_arguments_and_cli_choices_come_from_the_registry():

@@ -9,7 +9,7 @@ import torch
 from helpers import general_position, impl_device
 
 from mlc_kernels.ops.common import NORM_EPS, OBJECTIVES
-from mlc_kernels.ops.triton_kernels import triton_loss_and_grad, triton_mlc_loss
+from mlc_kernels.ops.triton import triton_loss_and_grad, triton_mlc_loss
 
 TAU = 0.7
 KINKED = [("sv_softmax", 1.0), ("signed_sv_softmax", 1.0), ("relative_sv_softmax", 0.2)]
@@ -161,14 +161,14 @@ def test_loss_only_call_writes_no_backward_matrix():
 
 
 def test_shipped_tuned_entry_is_used_and_compiled(monkeypatch):
-    from mlc_kernels.ops import triton_kernels
+    from mlc_kernels.ops.triton import TUNED, KernelConfig, all_kernel_configs, kernel_config
 
     entry = {"m_pad": 16, "gram_block_d": 64, "small_warps": 2, "grad_blocks": 8}
-    monkeypatch.setitem(triton_kernels.TUNED, "sm_90/bfloat16/16", entry)
-    cfg = triton_kernels.kernel_config(10, torch.bfloat16, 90)
-    assert cfg == triton_kernels.KernelConfig(**entry)
-    assert triton_kernels.kernel_config(10, torch.bfloat16, 80) != cfg  # only for its own arch
-    assert (90, torch.bfloat16, cfg) in triton_kernels.all_kernel_configs()
+    monkeypatch.setitem(TUNED, "sm_90/bfloat16/16", entry)
+    cfg = kernel_config(10, torch.bfloat16, 90)
+    assert cfg == KernelConfig(**entry)
+    assert kernel_config(10, torch.bfloat16, 80) != cfg  # only for its own arch
+    assert (90, torch.bfloat16, cfg) in all_kernel_configs()
 
 
 @pytest.mark.parametrize(("objective", "tau"), KINKED)

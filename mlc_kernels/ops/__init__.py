@@ -2,7 +2,9 @@
 
 - ``reference``: the literal formula (``reference.py``), ``torch``: the Gram route in torch ops
   (``gram_torch.py``), ``native``: the C++ CPU kernel (``native.py`` + ``csrc/``), ``triton``: the
-  fused GPU kernel (``triton_kernels.py``).
+  fused GPU kernel (``triton/``, imported on first use). Each backend exposes ``<name>_mlc_loss`` and
+  ``<name>_loss_and_grad`` with the signature below; those with a registered op (native, triton) keep its
+  fake/meta kernel next to it and choose op or direct launch by ``common.use_registered_op``.
 - :data:`REGISTRY` holds one :class:`Implementation` record per name: its per-prompt loss
   ``fn(reps, present, tau, objective, anchor=False) -> (N,)`` (autograd-aware), its loss-and-gradient
   ``fn(...) -> (loss (N,), grad (N, m, d))`` without autograd (what the fused linear loss needs after
@@ -10,18 +12,20 @@
 - :func:`resolve_impl` turns ``"auto"`` or an explicit name into the implementation that runs; an
   explicit one that cannot run raises (never a silent fallback).
 
-The public entry point (argument checks, reduction) is ``mlc_kernels.loss.mlc_loss``.
+The public entry point (reduction) is ``mlc_kernels.loss.mlc_loss``; its argument checks are ``mlc_kernels.checks``.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from .common import MAX_VARIANTS, OBJECTIVES, autocast_off, interpreting
+from .common import MAX_VARIANTS, interpreting
+from .gram_torch import torch_loss_and_grad, torch_mlc_loss
+from .native import build_problem, native_loss_and_grad, native_mlc_loss, usable_for_auto
+from .reference import reference_loss_and_grad, reference_mlc_loss
 
 LossFn = Callable[..., torch.Tensor]
 """``fn(reps, present, tau, objective, anchor=False) -> (N,)``."""
@@ -90,98 +94,27 @@ class Implementation:
         return True
 
 
-# -- the per-implementation functions (imported lazily: triton and the native build are optional) --
-
-
-def _reference_loss(reps, present, tau, objective, anchor=False):
-    from .reference import reference_mlc_loss
-
-    return reference_mlc_loss(reps, present, tau, objective, anchor)
-
-
-def _reference_loss_and_grad(reps, present, tau, objective, anchor=False):
-    from .reference import reference_mlc_loss
-
-    with torch.enable_grad():
-        leaf = reps.detach().requires_grad_()
-        loss = reference_mlc_loss(leaf, present, tau, objective, anchor)
-        (grad,) = torch.autograd.grad(loss.sum(), leaf)
-    return loss.detach(), grad
-
-
-def _torch_loss(reps, present, tau, objective, anchor=False):
-    from .gram_torch import torch_mlc_loss
-
-    return torch_mlc_loss(reps, present, tau, objective, anchor)
-
-
-def _torch_loss_and_grad(reps, present, tau, objective, anchor=False):
-    from .gram_torch import gram_loss_and_backward_matrix
-
-    loss, bmat = gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)
-    rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)
-    with autocast_off(reps.device):
-        return loss, (bmat @ rows).to(reps.dtype)
-
-
-def _native_loss(reps, present, tau, objective, anchor=False):
-    from .native import native_mlc_loss
-
-    return native_mlc_loss(reps, present, tau, objective, anchor)
-
-
-def _native_loss_and_grad(reps, present, tau, objective, anchor=False):
-    from .native import native_loss_and_grad
-
-    return native_loss_and_grad(reps, present, tau, objective, write_grad=True, anchor=anchor)
+# -- the capability checks and the lazy Triton entry points (triton is optional) ------------------------
 
 
 def _native_check(reps: torch.Tensor) -> None:
     if reps.device.type == "meta":  # the fake kernel: nothing to build
         return
-    from .native import build_problem
-
     problem = build_problem()
     if problem is not None:
         raise ImplementationUnavailableError(f"impl='native' could not be built: {problem}")
 
 
 def _triton_loss(reps, present, tau, objective, anchor=False):
-    from . import triton_kernels
+    from .triton import triton_mlc_loss
 
-    if reps.device.type == "meta":  # the registered op, whose meta kernels give the shapes
-        _register_triton_meta_kernels()
-        reps, mask = triton_kernels._prepare(reps, present)
-        write_b = bool(reps.requires_grad and torch.is_grad_enabled())
-        code = OBJECTIVES.index(objective)
-        return torch.ops.mlc_kernels.mlc_forward(reps, mask, float(tau), code, bool(anchor), write_b)[0]
-    return triton_kernels.triton_mlc_loss(reps, present, tau, objective, anchor)
+    return triton_mlc_loss(reps, present, tau, objective, anchor)
 
 
 def _triton_loss_and_grad(reps, present, tau, objective, anchor=False):
-    if reps.device.type == "meta":
-        return reps.new_empty(reps.shape[0], dtype=torch.float32), torch.empty_like(reps)
-    from .triton_kernels import triton_loss_and_grad
+    from .triton import triton_loss_and_grad
 
     return triton_loss_and_grad(reps, present, tau, objective, anchor)
-
-
-@functools.cache
-def _register_triton_meta_kernels() -> None:
-    """Meta kernels of the Triton ops (their own implementation would launch the kernels on meta
-    tensors; ``torch.compile``'s fake tensors need none of this)."""
-    from . import triton_kernels
-
-    def forward_meta(reps, mask, tau, objective, anchor, write_b):
-        pad = triton_kernels._launch_config(reps).m_pad
-        bmat = reps.new_empty((reps.shape[0] if write_b else 0, pad, pad), dtype=torch.float32)
-        return reps.new_empty(reps.shape[0], dtype=torch.float32), bmat
-
-    def grad_meta(reps, mask, bmat, gscale):
-        return torch.empty_like(reps, memory_format=torch.contiguous_format)
-
-    torch.library.register_kernel("mlc_kernels::mlc_forward", "meta", forward_meta)
-    torch.library.register_kernel("mlc_kernels::mlc_grad", "meta", grad_meta)
 
 
 @torch.compiler.assume_constant_result
@@ -201,12 +134,12 @@ def _triton_check(reps: torch.Tensor) -> None:
 REGISTRY: dict[str, Implementation] = {
     impl.name: impl
     for impl in (
-        Implementation("reference", _reference_loss, _reference_loss_and_grad),
-        Implementation("torch", _torch_loss, _torch_loss_and_grad),
+        Implementation("reference", reference_mlc_loss, reference_loss_and_grad),
+        Implementation("torch", torch_mlc_loss, torch_loss_and_grad),
         Implementation(
             "native",
-            _native_loss,
-            _native_loss_and_grad,
+            native_mlc_loss,
+            native_loss_and_grad,
             devices=("cpu", "meta"),
             device_hint="; impl='native' is the CPU kernel, use impl='torch' or 'triton' elsewhere",
             extra_check=_native_check,
@@ -239,8 +172,6 @@ def auto_impl(reps: torch.Tensor) -> str:
     if reps.device.type == "cuda":
         return "triton" if REGISTRY["triton"].runs_on(reps) else "torch"
     if reps.device.type == "cpu":
-        from .native import usable_for_auto
-
         if usable_for_auto():
             return "native"
     return "torch"

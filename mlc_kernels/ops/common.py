@@ -99,3 +99,10 @@ def autocast_off(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "meta":
         return contextlib.nullcontext()
     return torch.autocast(device.type, enabled=False)
+
+
+def use_registered_op(reps: torch.Tensor) -> bool:
+    """True when a backend must call its registered ``torch.library`` op rather than launch its kernel directly:
+    under ``torch.compile`` (the op is what a graph can hold) and for ``meta`` tensors (its fake/meta kernel gives
+    the shapes). Eager calls on a real device skip the op's dispatch (host time that small batches wait for)."""
+    return reps.device.type == "meta" or torch.compiler.is_compiling()

@@ -168,6 +168,14 @@ def _deflate(
     )
 
 
+def apply_backward_matrix(bmat: torch.Tensor, reps: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """``B R``: ``bmat`` ``(N, m, m)`` (accumulation dtype) applied to the present rows of ``reps`` ``(N, m, d)``,
+    returned in the dtype of reps."""
+    rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)  # masked rows may hold NaN
+    with autocast_off(reps.device):
+        return (bmat @ rows).to(reps.dtype)
+
+
 class GramMLCFunction(torch.autograd.Function):
     """Autograd wrapper: forward returns the per-prompt loss; backward is ``dR = (g B) R``."""
 
@@ -184,10 +192,7 @@ class GramMLCFunction(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         reps, present, bmat = ctx.saved_tensors
         scaled = bmat * grad_loss.to(bmat.dtype)[:, None, None]
-        rows = torch.where(present[..., None], reps.to(bmat.dtype), 0.0)  # masked rows may hold NaN
-        with autocast_off(reps.device):
-            grad = scaled @ rows
-        return grad.to(reps.dtype), None, None, None, None
+        return apply_backward_matrix(scaled, reps, present), None, None, None, None
 
 
 def torch_mlc_loss(
@@ -197,3 +202,12 @@ def torch_mlc_loss(
     if reps.requires_grad and torch.is_grad_enabled():
         return GramMLCFunction.apply(reps, present, tau, objective, anchor)
     return gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)[0]
+
+
+def torch_loss_and_grad(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss (N,), grad (N, m, d))``: each prompt's loss (accumulation dtype) and its unscaled gradient in the
+    dtype of reps, no autograd."""
+    loss, bmat = gram_loss_and_backward_matrix(reps, present, tau, objective, anchor)
+    return loss, apply_backward_matrix(bmat, reps, present)

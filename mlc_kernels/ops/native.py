@@ -11,8 +11,8 @@ torch impl and warns once; ``impl="native"`` raises.
 
 ``torch.ops.mlc_kernels.native_forward`` wraps the C++ op as a ``torch.library`` custom op with a
 fake kernel (shapes only, never builds) and an autograd formula, so ``torch.compile`` and ``meta``
-tensors see it. Eager CPU calls skip the custom-op dispatch (like the Triton op) and save memory
-with an in-place backward.
+tensors see it. Eager CPU calls skip the custom-op dispatch (``common.use_registered_op``, as the Triton
+backend does) and save memory with an in-place backward.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .common import OBJECTIVES, singular_value_cutoff
+from .common import OBJECTIVES, singular_value_cutoff, use_registered_op
 
 # csrc/ at the repository root (source checkout, editable install) or packaged as mlc_kernels/csrc (wheel)
 _CANDIDATES = (
@@ -158,14 +158,14 @@ def native_loss_and_grad(
     present: torch.Tensor,
     tau: float,
     objective: str,
-    write_grad: bool = True,
     anchor: bool = False,
+    write_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-prompt loss ``(N,)`` (fp32; fp64 for fp64 input) and per-prompt gradient ``(N, m, d)``
     in the dtype of reps (empty when not ``write_grad``). No autograd. ``anchor``: the base row
     (first present variant) gets zero gradient."""
     args = _arguments(reps, present, tau, objective, anchor)
-    if reps.device.type == "meta" or torch.compiler.is_compiling():
+    if use_registered_op(reps):
         return native_forward(*args[:5], write_grad, args[5])
     return _fused(*args[:5], write_grad, args[5])
 
@@ -182,7 +182,7 @@ class NativeMLCFunction(torch.autograd.Function):
     def forward(
         ctx, reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
     ) -> torch.Tensor:
-        loss, grad = native_loss_and_grad(reps, present, tau, objective, write_grad=True, anchor=anchor)
+        loss, grad = native_loss_and_grad(reps, present, tau, objective, anchor, write_grad=True)
         ctx.save_for_backward(grad)
         return loss
 
@@ -200,9 +200,9 @@ def native_mlc_loss(
     """Per-prompt MLC loss ``(N,)`` through the native kernel (the custom op under ``torch.compile``
     and for ``meta`` tensors, a plain autograd Function in eager CPU calls)."""
     write_grad = bool(reps.requires_grad and torch.is_grad_enabled())
-    if reps.device.type == "meta" or torch.compiler.is_compiling():
+    if use_registered_op(reps):
         args = _arguments(reps, present, tau, objective, anchor)
         return native_forward(*args[:5], write_grad, args[5])[0]
     if write_grad:
         return NativeMLCFunction.apply(reps, present, tau, objective, anchor)
-    return native_loss_and_grad(reps, present, tau, objective, write_grad=False, anchor=anchor)[0]
+    return native_loss_and_grad(reps, present, tau, objective, anchor, write_grad=False)[0]

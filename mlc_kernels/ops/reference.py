@@ -57,6 +57,18 @@ def reference_mlc_loss(
         return _reference_mlc_loss(reps, present, tau, objective, anchor)
 
 
+def reference_loss_and_grad(
+    reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss (N,), grad (N, m, d))``: :func:`reference_mlc_loss` and its unscaled gradient by autograd on a
+    detached leaf; no graph is returned."""
+    with torch.enable_grad():
+        leaf = reps.detach().requires_grad_()
+        loss = reference_mlc_loss(leaf, present, tau, objective, anchor)
+        (grad,) = torch.autograd.grad(loss.sum(), leaf)
+    return loss.detach(), grad
+
+
 def _dense_reference_mlc_loss(
     reps: torch.Tensor, present: torch.Tensor, tau: float, objective: str, anchor: bool = False
 ) -> torch.Tensor:

@@ -6,7 +6,8 @@ then reads the registers and stack of the cubin, and the compile's own ``ptxas -
 CI runs this for every kernel and configuration the dispatcher can pick (sm_90 and sm_80), so code
 that the interpreter accepts but the compiler rejects, and register spills, show up without a device.
 
-Run as ``python -m mlc_kernels.ops.triton_aot [--arch 90 80]``: prints one JSON line per kernel.
+A maintainer tool, not shipped: run from a checkout as ``python -m benchmarks.triton_aot [--arch 90 80]``
+(``tests/test_triton_aot.py`` does); prints one JSON line per kernel.
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` functions).
 """
 
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .common import interpreting
+from mlc_kernels.ops.common import interpreting
 
 _TRITON_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -84,7 +85,7 @@ def _signature(kernel: str, elem: str) -> dict[str, str]:
 def kernel_launches(dtype: torch.dtype, cfg) -> list[tuple[str, dict, dict]]:
     """``(kernel, constexprs, options)`` of the kernels the dispatcher launches with ``cfg``: the Gram kernel,
     both passes of the small kernel, the residual-Gram kernel of the deflation and the gradient kernel."""
-    from .triton_kernels import MAX_SWEEPS
+    from mlc_kernels.ops.triton import MAX_SWEEPS
 
     small = {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS}
     small_options = {"num_warps": cfg.small_warps, "num_stages": 1}
@@ -101,12 +102,13 @@ def kernel_launches(dtype: torch.dtype, cfg) -> list[tuple[str, dict, dict]]:
 
 
 def compile_kernel(kernel: str, dtype: torch.dtype, constexprs: dict, options: dict, arch: int) -> dict:
-    """Compile one kernel of ``triton_kernels`` for ``dtype`` with ``constexprs``/``options`` on ``sm_<arch>``."""
+    """Compile one kernel of ``mlc_kernels.ops.triton.kernels`` for ``dtype`` with ``constexprs``/``options``
+    on ``sm_<arch>``."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from . import triton_kernels
+    from mlc_kernels.ops.triton import kernels
 
     elem = _TRITON_DTYPE[dtype]
     signature = _signature(kernel, elem)
@@ -114,7 +116,7 @@ def compile_kernel(kernel: str, dtype: torch.dtype, constexprs: dict, options: d
     names = list(signature)
     aligned = [a for a in names if a.endswith("_ptr") or a in ("d", "stride_n", "stride_m", "chunk")]
     attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in aligned}
-    src = ASTSource(fn=getattr(triton_kernels, kernel), signature=signature, constexprs=constexprs, attrs=attrs)
+    src = ASTSource(fn=getattr(kernels, kernel), signature=signature, constexprs=constexprs, attrs=attrs)
     # Triton runs ptxas with -v; its knob prints that log, which holds the spill bytes.
     log = io.StringIO()
     previous = triton.knobs.nvidia.dump_ptxas_log, triton.knobs.compilation.always_compile
@@ -142,7 +144,7 @@ def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
     """Compile every kernel of every (dtype, config) the dispatcher can pick on each arch, once each."""
     if interpreting():
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a separate process)")
-    from .triton_kernels import all_kernel_configs
+    from mlc_kernels.ops.triton import all_kernel_configs
 
     rows, seen = [], set()
     for arch, dtype, cfg in all_kernel_configs():
