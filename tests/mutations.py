@@ -111,7 +111,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # round 2 of the transfer study (issue 11) and the benchmark runner (issue 12)
     Mutation("trainer-lead-steps-ignored", "mlc_kernels/trainers.py", "align = align * 0.0", "align = align * 1.0",
              ("tests/test_composition.py",)),
-    Mutation("transfer-lead-steps-not-added", "mlc_kernels/transfer/experiment.py",
+    Mutation("transfer-lead-steps-not-added", "mlc_kernels/transfer/align.py",
              "steps += align.mlc_lead_steps if with_mlc else 0", "steps += 0", ("tests/test_transfer.py",)),
     Mutation("bench-rounds-not-pooled", "benchmarks/runner.py", "samples[(n, m, d, dt, impl)][mode] += times[mode]",
              "samples[(n, m, d, dt, impl)][mode] = times[mode]", ("tests/test_bench_runner.py",)),

@@ -290,8 +290,8 @@ def test_collapse_warning_is_silent_on_plain_dpo_of_the_world_model(caplog):
     import logging
     from dataclasses import replace
 
-    from mlc_kernels.transfer.demo import load_shipped
-    from mlc_kernels.transfer.experiment import AlignConfig, align_model
+    from mlc_kernels.transfer.align import AlignConfig, align_model
+    from mlc_kernels.transfer.pretrain import load_shipped
     from mlc_kernels.transfer.world import World, world_config
 
     model, tokenizer, recipe = load_shipped()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlc_kernels.transfer.demo import SHIPPED, load_shipped
+from mlc_kernels.transfer.pretrain import SHIPPED, load_shipped
 
 pytestmark = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), reason="no shipped checkpoint")
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif(not (SHIPPED / "model.safetensors").is_file(), r
 def test_shipped_checkpoint_loads_and_passes_the_gate():
     from mlc_kernels.transfer.gate import THRESHOLDS, measure, summarise
     from mlc_kernels.transfer.pretrain import cache_key
-    from mlc_kernels.transfer.v2 import MODEL
+    from mlc_kernels.transfer.protocol import MODEL
     from mlc_kernels.transfer.world import World, world_config, world_tokenizer
 
     model, tokenizer, recipe = load_shipped()

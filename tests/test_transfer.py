@@ -1,4 +1,5 @@
-"""``mlc transfer``: the synthetic world's properties, and a smoke run of the whole pipeline (tiny world)."""
+"""``mlc transfer``: the synthetic world's properties, and smoke runs of the v2 comparison and of the retired v1
+protocol (``experiments/transfer/``, from the checkout) on tiny worlds."""
 
 from __future__ import annotations
 
@@ -133,18 +134,34 @@ def test_bad_world_config_is_refused(kwargs, match):
         (["--mlc-weight", "-1"], "--mlc-weight"),
         (["--mlc-tau", "0"], "--mlc-tau"),
         (["--threads", "0"], "--threads"),
-        (["--world", "v3"], "--world"),
+        (["--world", "v3"], "--world must be v2, got 'v3'"),
         (["--world-seed", "-1"], "--world-seed"),
-        (["--world", "v1", "--mlc-layer", "9"], "--mlc-layer"),
+        (["--world", "v1"], "--world v1 is retired; .* python -m experiments.transfer.v1"),
         (["--workers", "0"], "--workers"),
     ],
 )
-def test_bad_cli_input_names_the_argument(argv, match, tmp_path):
+def test_bad_cli_input_names_the_argument(argv, match, tmp_path, capsys):
     pytest.importorskip("trl")
     from mlc_kernels.cli import main
 
-    with pytest.raises(SystemExit, match=match):
+    with pytest.raises(SystemExit) as exit_info:
         main(["transfer", "--quick", "--no-cache", "--out", str(tmp_path), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.match(f"mlc transfer: error: {match}", err), err
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [(["--seeds", "a,b"], "--seeds"), (["--mlc-layer", "9"], "--mlc-layer"), (["--mlc-weight", "-1"], "--mlc-weight"),
+     (["--mlc-tau", "0"], "--mlc-tau"), (["--threads", "0"], "--threads"), (["--world-seed", "-1"], "--world-seed")],
+)  # fmt: skip
+def test_bad_v1_input_names_the_argument(argv, match, tmp_path, capsys):
+    from experiments.transfer.v1 import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--no-cache", "--out", str(tmp_path), *argv])
+    assert exit_info.value.code == 2 and f"error: {match}" in capsys.readouterr().err
 
 
 def test_training_items_are_the_trained_prompts_in_each_language(world):
@@ -161,7 +178,7 @@ def test_training_items_are_the_trained_prompts_in_each_language(world):
      (["--parallel-share", "2"], "--parallel-share"), (["--pretrain-steps", "0"], "--pretrain-steps")],
 )  # fmt: skip
 def test_bad_study_input_names_the_argument(argv, match):
-    from mlc_kernels.transfer.study import main
+    from experiments.transfer.study import main
 
     with pytest.raises(SystemExit, match=match):
         main(argv)
@@ -169,7 +186,7 @@ def test_bad_study_input_names_the_argument(argv, match):
 
 def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     pytest.importorskip("trl")
-    from mlc_kernels.transfer.experiment import QUICK, report
+    from experiments.transfer.v1 import QUICK, report
     from mlc_kernels.transfer.pretrain import ModelConfig
 
     config = replace(
@@ -210,8 +227,8 @@ def test_smoke_pipeline_writes_the_table_and_the_last_line(tmp_path):
     report(config, tmp_path, tmp_path / "cache", log=lines.append)
     assert any("cached" in entry for entry in lines)
     # the study's diagnostic of shared directions, on the same checkpoint
+    from experiments.transfer.study import format_directions, shared_directions
     from mlc_kernels.transfer.pretrain import pretrained
-    from mlc_kernels.transfer.study import format_directions, shared_directions
 
     world = World(config.world)
     model, tokenizer, cached = pretrained(world, config.model, tmp_path / "cache", log=lines.append)
@@ -338,7 +355,8 @@ V2_LINE = re.compile(
 def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
     pytest.importorskip("trl")
     from mlc_kernels.transfer.pretrain import ModelConfig
-    from mlc_kernels.transfer.v2 import QUICK, Condition, report
+    from mlc_kernels.transfer.protocol import QUICK, Condition
+    from mlc_kernels.transfer.v2 import report
 
     config = replace(
         QUICK,
@@ -378,7 +396,7 @@ def test_v2_smoke_pipeline_prints_the_last_line(tmp_path):
 
 def test_the_shipped_checkpoint_stands_in_for_its_own_pretraining(tmp_path, monkeypatch):
     from mlc_kernels.transfer import pretrain
-    from mlc_kernels.transfer.v2 import MODEL
+    from mlc_kernels.transfer.protocol import MODEL
 
     def no_pretraining(*args, **kwargs):
         raise AssertionError("pretrained from scratch")

@@ -9,62 +9,29 @@ helpfulness and discrimination before and after, with the collapse diagnostics; 
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 import warnings
 from dataclasses import replace
 from pathlib import Path
 
+from .align import consistency
 from .evaluation import behaviour
-from .experiment import consistency
-from .pretrain import SHIPPED
+from .pretrain import SHIPPED, load_shipped
+from .protocol import ALIGN, CONDITIONS, MODEL, V2Config, condition_align
+from .report import Progress, discrimination, plot_bars, plot_curves
+from .runs import RunTask, default_workers, run_tasks
 from .world import World, world_config
 
 DEMO_CONDITION = "anchor_cos+center"
-"""The DPO+MLC condition the demo runs (a name of :data:`.v2.CONDITIONS`)."""
-
-
-def load_shipped(path: Path = SHIPPED):
-    """``(model, tokenizer, recipe)`` of the shipped checkpoint (eval mode)."""
-    import json
-
-    import transformers
-
-    model = transformers.Qwen2ForCausalLM.from_pretrained(path)
-    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
-    model.eval()
-    return model, tokenizer, json.loads((path / "recipe.json").read_text())
-
-
-def ship(out: Path = SHIPPED, cache_dir: Path | None = None, mlc_layer: int = 0) -> None:
-    """Write the shipped checkpoint: world v2 seed 0, :data:`.v2.MODEL`, pretrained by this package;
-    ``mlc_layer``: the gate rule's layer (0: measured here on this checkpoint)."""
-    import json
-    from dataclasses import asdict
-
-    from .pretrain import cache_key, pretrained
-    from .v2 import MODEL
-
-    world = World(world_config("v2", 0))
-    model, tokenizer, _ = pretrained(world, MODEL, cache_dir, shipped=False)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    if not mlc_layer:
-        from .gate import measure, summarise
-
-        mlc_layer = summarise([measure(model, tokenizer, world)], [s.code for s in world.config.languages])["mlc_layer"]
-    recipe = {"world": "v2", "world_seed": 0, "model": asdict(MODEL), "cache_key": cache_key(world.config, MODEL),
-              "mlc_layer": mlc_layer}  # fmt: skip
-    (out / "recipe.json").write_text(json.dumps(recipe, indent=1) + "\n")
+"""The DPO+MLC condition the demo runs (a name of :data:`.protocol.CONDITIONS`)."""
 
 
 class _StepBar:
-    """One progress bar over the optimizer steps of both runs (drawn by :class:`.v2.Progress`)."""
+    """One progress bar over the optimizer steps of both runs (drawn by :class:`.report.Progress`)."""
 
     def __init__(self, total: int) -> None:
-        from .v2 import Progress
-
         self.total, self.done, self.draw = total, 0, Progress()
 
     def step(self) -> None:
@@ -72,19 +39,15 @@ class _StepBar:
         self.draw(self.done, self.total, "alignment steps")
 
 
-def _discrimination(r: dict[str, float]) -> float:
-    return r["safety"] + r["helpfulness"] - 100.0
-
-
 def format_demo(rows: dict[str, dict], collapse: dict[str, dict], languages: list[str]) -> str:
     """The concise table: per language safety / helpfulness / discrimination per row; collapse diagnostics."""
     lines = [f"{'':<12}" + "".join(f"{lang:>16}" for lang in languages) + f"{'non-base avg':>16}",
              f"{'':<12}" + "".join(f"{'saf/help/disc':>16}" for _ in [*languages, 0])]  # fmt: skip
     for name, result in rows.items():
-        cells = [f"{r['safety']:.0f}/{r['helpfulness']:.0f}/{_discrimination(r):+.0f}" for r in
+        cells = [f"{r['safety']:.0f}/{r['helpfulness']:.0f}/{discrimination(r):+.0f}" for r in
                  (result[lang] for lang in languages)]  # fmt: skip
         avg = {k: statistics.mean(result[lang][k] for lang in languages[1:]) for k in ("safety", "helpfulness")}
-        cells.append(f"{avg['safety']:.0f}/{avg['helpfulness']:.0f}/{_discrimination(avg):+.0f}")
+        cells.append(f"{avg['safety']:.0f}/{avg['helpfulness']:.0f}/{discrimination(avg):+.0f}")
         lines.append(f"{name:<12}" + "".join(f"{c:>16}" for c in cells))
     lines.append("")
     lines.append("collapse diagnostics (held-out prompts, centred layer-k hidden states; 1 = every prompt on one "
@@ -106,26 +69,12 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     import datasets
     import transformers
 
-    from .v2 import (
-        ALIGN,
-        CONDITIONS,
-        MODEL,
-        RunTask,
-        condition_align,
-        default_workers,
-        plot_bars,
-        plot_curves,
-        run_tasks,
-    )
-
     start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
-    import logging
-
     logging.getLogger("mlc_kernels.trainers").setLevel(logging.ERROR)  # the collapse warning: shown in the table
     model, tokenizer, recipe = load_shipped(model_path)
     model.save_pretrained(out / "model")
@@ -135,8 +84,6 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     cond = next((c for c in CONDITIONS if c.name == condition), None)
     if cond is None:
         raise ValueError(f"condition must be one of {[c.name for c in CONDITIONS]}, got {condition!r}")
-    from .v2 import V2Config
-
     weight = mlc_weight if mlc_weight is not None else V2Config().weight(cond.name)
     base_align = replace(ALIGN, dpo_steps=steps, mlc_layer=layer, eval_per_kind=per_kind)
     languages = [lang.code for lang in world.config.languages]
@@ -162,8 +109,8 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
             curves[name] = {"demo": run["curve"]}
     log("per language, held-out prompts: safety % / helpfulness % / discrimination (safety + helpfulness - 100)")
     log(format_demo(rows, collapse, languages))
-    gain = (statistics.mean(_discrimination(rows["DPO+MLC"][lang]) for lang in languages[1:])
-            - statistics.mean(_discrimination(rows["DPO"][lang]) for lang in languages[1:]))  # fmt: skip
+    gain = (statistics.mean(discrimination(rows["DPO+MLC"][lang]) for lang in languages[1:])
+            - statistics.mean(discrimination(rows["DPO"][lang]) for lang in languages[1:]))  # fmt: skip
     verdict = "MLC helped" if gain >= 5 else "MLC made no clear difference" if gain > -5 else "MLC hurt"
     log(f"{verdict}: non-base discrimination DPO+MLC - DPO = {gain:+.1f} points (one alignment seed of one world; "
         "`mlc transfer --quick` runs 3 seeds and the pre-registered arms; on a second world seed no MLC arm beats "

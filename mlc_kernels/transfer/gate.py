@@ -26,8 +26,8 @@ THRESHOLDS = {
     "transfer_max_min": 0.75,  # some language: the base probe reads the decision there (something to build on)
     "headroom_max": 0.65,  # some language: the base probe is near chance there (room for MLC)
 }
-"""Fixed before the first v2 measurement (see ``WORLD_CARD.md``); probe numbers are accuracies, averaged over
-layers and pretraining seeds."""
+"""Fixed before the first v2 measurement (the card, ``experiments/transfer/WORLD_CARD.md``); probe numbers are
+accuracies, averaged over layers and pretraining seeds."""
 
 
 def _states(model, tokenizer, world: World, records: list[dict], layer: int) -> torch.Tensor:

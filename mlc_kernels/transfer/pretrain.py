@@ -105,6 +105,21 @@ def pretrain(world: World, config: ModelConfig, log=print, device: str = "cpu"):
     return model, tokenizer
 
 
+def load_checkpoint(path: Path):
+    """``(model, tokenizer)`` of a saved world checkpoint (``Qwen2ForCausalLM`` in eval mode, its tokenizer)."""
+    import transformers
+
+    model = transformers.Qwen2ForCausalLM.from_pretrained(path)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(path)
+    model.eval()
+    return model, tokenizer
+
+
+def load_shipped(path: Path = SHIPPED):
+    """``(model, tokenizer, recipe)`` of the shipped checkpoint (eval mode)."""
+    return (*load_checkpoint(path), json.loads((path / "recipe.json").read_text()))
+
+
 def shipped_key() -> str | None:
     """The cache key recorded with the shipped checkpoint (None if it is absent)."""
     recipe = SHIPPED / "recipe.json"
@@ -117,8 +132,6 @@ def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAU
     the shipped checkpoint when it was made from the same world and model config (unless ``shipped`` is False),
     else pretrained (and saved in
     ``cache_dir`` unless it is None). Returns ``(model, tokenizer, loaded)``."""
-    import transformers
-
     key = cache_key(world.config, config)
     path = Path(cache_dir) / key if cache_dir is not None else None
     found = None
@@ -129,10 +142,7 @@ def pretrained(world: World, config: ModelConfig, cache_dir: Path | None = DEFAU
         found = SHIPPED
         log(f"pretrained checkpoint: shipped with the package ({SHIPPED}), the output of this pretraining")
     if found is not None:
-        model = transformers.Qwen2ForCausalLM.from_pretrained(found)
-        tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(found)
-        model.eval()
-        return model, tokenizer, True
+        return (*load_checkpoint(found), True)
     log(f"pretraining {config.layers}-layer model (hidden {config.hidden_size}) for {config.steps} steps")
     model, tokenizer = pretrain(world, config, log, device)
     if path is not None:

@@ -1,4 +1,4 @@
-"""A synthetic multilingual world, generated from a seed (rules: ``WORLD_CARD.md``).
+"""A synthetic multilingual world, generated from a seed (rules: ``experiments/transfer/WORLD_CARD.md``).
 
 One base language and derived languages that differ the way real ones do: each has its own script (disjoint
 token ids), some put the verb after the object or reverse the clause, "low-resource" ones write every word

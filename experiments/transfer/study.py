@@ -1,6 +1,6 @@
 """Sweep of the MLC settings (layer, weight, tau) on the quick world: why transfer does or does not appear.
 
-``python -m mlc_kernels.transfer.study --layers 1,2,3 --weights 0.1,1 --taus 1 --seeds 0 --out DIR``
+``python -m experiments.transfer.study --layers 1,2,3 --weights 0.1,1 --taus 1 --seeds 0 --out DIR``
 
 For each seed the algorithm without MLC is run once, then the algorithm with MLC at every grid point; the
 world, the pretrained model and every other setting are the quick mode's. One CSV line per run:
@@ -21,10 +21,13 @@ from pathlib import Path
 
 import torch
 
-from .evaluation import behaviour
-from .experiment import EXTRACTORS, QUICK, AlignConfig, align_model, consistency, parse_seeds
-from .pretrain import DEFAULT_CACHE, pretrained
-from .world import PRIVATE_FRAMES, PRIVATE_ITEMS, World
+from experiments.transfer.v1 import QUICK
+from mlc_kernels.hf import decoder_layers, last_prompt_hidden
+from mlc_kernels.transfer.align import EXTRACTORS, AlignConfig, align_model, consistency
+from mlc_kernels.transfer.evaluation import behaviour, prompt_ids
+from mlc_kernels.transfer.options import parse_seeds
+from mlc_kernels.transfer.pretrain import DEFAULT_CACHE, pretrained
+from mlc_kernels.transfer.world import PRIVATE_FRAMES, PRIVATE_ITEMS, World
 
 FIELDS = ("prompts", "algorithm", "extractor", "generation_prompt", "parallel_share", "pretrain_steps", "layer",
           "weight", "tau", "seed", "base_safety", "safety", "helpfulness", "s1_share", "between_prompt_cosine",
@@ -95,9 +98,6 @@ def shared_directions(model, tokenizer, world: World) -> dict[int, dict[str, dic
     token (``<|assistant|>``): the mean state of unsafe minus benign alignment prompts, and of private-data
     requests minus ordinary requests (what the pretraining refuses); returned as cosines to the base
     language's direction (1 = the same direction, 0 = unrelated)."""
-    from ..hf import decoder_layers, last_prompt_hidden
-    from .evaluation import prompt_ids
-
     def states(prompts: list[str], layer: int) -> torch.Tensor:
         ids = [prompt_ids(tokenizer, p) for p in prompts]
         width = max(map(len, ids))
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     import datasets
     import transformers
 
-    parser = argparse.ArgumentParser(prog="python -m mlc_kernels.transfer.study", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m experiments.transfer.study", description=__doc__.splitlines()[0])
     parser.add_argument("--algorithm", default="dpo", choices=("dpo", "sft"))
     parser.add_argument("--layers", default="1,2,3")
     parser.add_argument("--weights", default="0.1,1")
