@@ -250,7 +250,7 @@ def test_readme_knob_table_matches_the_code():
 def test_shipped_paper_config_parses_to_the_recipe(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from mlc_kernels.cli import parse_train_arguments
+    from mlc_kernels.cli.train_args import parse_train_arguments
     from mlc_kernels.recipes import ZERO2_CONFIG, recipe
 
     config = Path(__file__).resolve().parents[1] / "integrations" / "paper" / "qwen2.5-7b-dpo-mlc.yaml"
@@ -277,7 +277,7 @@ def test_shipped_paper_config_parses_to_the_recipe(tmp_path, monkeypatch):
 
 
 def test_unknown_recipe_is_one_line(tmp_path):
-    from mlc_kernels.cli import parse_train_arguments
+    from mlc_kernels.cli.train_args import parse_train_arguments
     from mlc_kernels.errors import UsageError
 
     with pytest.raises(UsageError, match="--recipe must be one of paper, got 'papers'"):

@@ -25,7 +25,7 @@ def test_offline_chain_train_then_eval(tiny_checkpoint, tmp_path, capsys):
     import torch
     import transformers
 
-    from mlc_kernels.cli import evaluate
+    from mlc_kernels.cli.eval import evaluate
     from mlc_kernels.head import MLCHead
     from mlc_kernels.trainers import MLCArguments
 
@@ -147,7 +147,7 @@ def test_liger_kernels_on_gpu(tiny_checkpoint):
     import torch
     import transformers
 
-    from mlc_kernels.cli import apply_liger_kernels
+    from mlc_kernels.cli.train import apply_liger_kernels
     from mlc_kernels.hf import last_prompt_hidden
 
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint).cuda()

@@ -48,7 +48,7 @@ def test_mlc_arguments_and_cli_choices_come_from_the_registry():
     with pytest.raises(ValueError, match=re.escape(f"must be one of {mlc_kernels.loss.IMPLEMENTATIONS}")):
         MLCArguments(impl="cuda")
     pytest.importorskip("trl")
-    from mlc_kernels.cli import train_parser
+    from mlc_kernels.cli.train_args import train_parser
 
     action = next(a for a in train_parser("dpo")._actions if "--mlc_impl" in a.option_strings)
     assert tuple(action.choices) == mlc_kernels.loss.IMPLEMENTATIONS

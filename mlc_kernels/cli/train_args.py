@@ -1,0 +1,188 @@
+"""``mlc train``'s command line: TRL's ``TrlParser`` over mlc train's own options, the MLC options, the
+algorithm's TRL config and TRL's ``ModelConfig``; ``--config FILE.yaml``, ``--recipe NAME`` as defaults, the
+older spellings rewritten, and the checks that refuse a bad input before anything is loaded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+from ..recipes import RECIPES, recipe
+from ..sample_data import ALGORITHMS
+from .options import check_output_folder, first_line, mlc_arguments_from, mlc_options_dataclass
+
+TRAIN_DEFAULTS = dict(
+    output_dir="mlc_train", per_device_train_batch_size=8, max_steps=100, learning_rate=5e-6, logging_steps=1,
+    save_strategy="no", report_to="none", seed=0, logging_nan_inf_filter=False,
+)  # fmt: skip
+"""``mlc train``'s defaults where they differ from the TRL config's (the rest are TRL's)."""
+
+TRAIN_ALIASES = {"--model": "--model_name_or_path", "--batch-size": "--per_device_train_batch_size"}
+
+
+@dataclass
+class TrainArguments:
+    """``mlc train``'s own options (the model: ``--model``/``--model_name_or_path`` of TRL's ModelConfig)."""
+
+    dataset: str = field(
+        default="sample", metadata={"help": "JSONL file of records, LLaMA-Factory JSON (the MLC authors' "
+                                            "multilingual_dpo/multilingual_sft; format in README), or 'sample'"}
+    )  # fmt: skip
+    dataset_format: str = field(
+        default="auto", metadata={"help": "auto: a file starting with '[' is LLaMA-Factory JSON, else JSONL",
+                                  "choices": ["auto", "jsonl", "llamafactory"]}
+    )  # fmt: skip
+    algorithm: str = field(
+        default="dpo", metadata={"help": "alignment loss; choose it first: --help then lists its TRL options",
+                                 "choices": list(ALGORITHMS)}
+    )  # fmt: skip
+    liger_kernels: bool = field(default=False, metadata={"help": "Liger's RMSNorm/RoPE/SwiGLU kernels (CUDA)"})
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "a named set of training options applied as defaults ('paper': the MLC authors' DPO "
+                          "recipe; README, 'Reproducing the paper'); --deepspeed none drops its ZeRO-2 config",
+                  "choices": [None, *RECIPES]},
+    )  # fmt: skip
+    max_samples: int = field(default=0, metadata={"help": "train on the first N records only (0: all)"})
+
+
+def _option_value(argv: list[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == name and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _is_option(argv: list[str], i: int, name: str) -> bool:
+    """Whether ``argv[i]`` is ``name``, ``name=VALUE`` or the value right after ``name``."""
+    arg = argv[i]
+    return arg == name or arg.startswith(name + "=") or (i > 0 and argv[i - 1] == name)
+
+
+def _yaml_config(argv: list[str]) -> dict:
+    path = _option_value(argv, "--config")
+    if path is None:
+        return {}
+    import yaml
+
+    try:
+        config = yaml.safe_load(Path(path).read_text())
+    except OSError as err:
+        raise UsageError(f"--config {path}: cannot read it ({first_line(err)})") from err
+    except yaml.YAMLError as err:
+        raise UsageError(f"--config {path}: not valid YAML ({first_line(err)})") from err
+    if not isinstance(config, dict):
+        raise UsageError(f"--config {path}: expected a YAML mapping option -> value")
+    return config
+
+
+def _rewrite_train_argv(argv: list[str]) -> list[str]:
+    """The older spellings: ``--model``, ``--batch-size``, ``--no-generation-prompt``, ``--save-steps N``
+    (N > 0 without ``--save_strategy``: save every N steps; 0: no intermediate checkpoint)."""
+    out: list[str] = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if key in TRAIN_ALIASES:
+            out.append(TRAIN_ALIASES[key] + eq + value)
+        elif arg == "--no-generation-prompt":
+            out += ["--mlc_generation_prompt", "false"]
+        else:
+            out.append(arg)
+    save = _option_value(out, "--save-steps") or _option_value(out, "--save_steps")
+    strategy = _option_value(out, "--save_strategy") or _option_value(out, "--save-strategy")
+    if save is not None and strategy is None:
+        out += ["--save_strategy", "steps" if save.strip() not in ("0", "0.0") else "no"]
+        if save.strip() in ("0", "0.0"):
+            out += ["--save_steps", "500"]
+    return out
+
+
+def train_parser(algorithm: str):
+    """``TrlParser`` over (TrainArguments, MLC options, the algorithm's TRL config, TRL's ModelConfig)."""
+    from trl import ModelConfig, TrlParser
+
+    from ..trl_trainers import CONFIGS
+
+    config_cls = CONFIGS[algorithm]
+    parser = TrlParser(
+        (TrainArguments, mlc_options_dataclass(), config_cls, ModelConfig), prog="mlc train",
+        description=f"Train with {algorithm.upper()} + MLC. Options: mlc train's own, the MLC term (--mlc_*), "
+        f"TRL's {config_cls.__name__} and ModelConfig (LoRA: --use_peft). --config FILE.yaml sets any of them "
+        "(command-line values win). --model is --model_name_or_path, --batch-size --per_device_train_batch_size.",
+    )  # fmt: skip
+    defaults = dict(TRAIN_DEFAULTS, use_cpu=not torch.cuda.is_available())
+    if algorithm == "simpo":
+        defaults.update(loss_type="simpo", cpo_alpha=0.0)
+    parser.set_defaults(**defaults)
+    parser.add_argument("--config", default=None, help="YAML file of options (like trl dpo --config)")
+    return parser
+
+
+def parse_train_arguments(argv: list[str]):
+    """``(TrainArguments, MLCArguments, TRL config, ModelConfig)`` of ``mlc train``'s command line."""
+    argv = _rewrite_train_argv(argv)
+    config = _yaml_config(argv)
+    algorithm = _option_value(argv, "--algorithm") or config.get("algorithm", "dpo")
+    if algorithm not in ALGORITHMS:
+        raise UsageError(f"--algorithm must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    deepspeed = _option_value(argv, "--deepspeed") or config.get("deepspeed")
+    if (isinstance(deepspeed, str) and deepspeed.strip().lower() != "none" and not deepspeed.lstrip().startswith("{")
+            and not Path(deepspeed).is_file()):  # fmt: skip
+        # checked before the TRL config is built: a failed DeepSpeed setup there leaves transformers' global
+        # DeepSpeed state half-made, which breaks model loading afterwards
+        raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
+    parser = train_parser(algorithm)
+    recipe_name = _option_value(argv, "--recipe") or config.get("recipe")
+    no_deepspeed = isinstance(deepspeed, str) and deepspeed.strip().lower() == "none"
+    if no_deepspeed:  # --deepspeed none: the recipe's ZeRO-2 config is not used
+        argv = [a for i, a in enumerate(argv) if not _is_option(argv, i, "--deepspeed")]
+    if recipe_name is not None:
+        try:
+            options = recipe(recipe_name)
+        except ValueError as err:
+            raise UsageError(str(err)) from err
+        if no_deepspeed:
+            options.pop("deepspeed")
+        parser.set_defaults(**options)
+    try:  # TrlParser reads --config FILE itself; the 5th output is the namespace of --config
+        script, options, training, model_config = parser.parse_args_and_config(argv)[:4]
+    except ValueError as err:
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        raise UsageError(first_line(err).split(": ", 1)[-1]) from err
+    return script, mlc_arguments_from(options), training, model_config
+
+
+def check_train_arguments(script: TrainArguments, training, model_config) -> None:
+    import importlib.util
+
+    from ..trainers import launched_with
+
+    if isinstance(script.max_samples, bool) or script.max_samples < 0:
+        raise UsageError(f"--max_samples must be an int >= 0 (0: all records), got {script.max_samples}")
+    if not model_config.model_name_or_path:
+        raise UsageError("--model is required: a local model folder or a hub id")
+    check_output_folder(training.output_dir, "--output_dir")
+    deepspeed = training.deepspeed
+    if isinstance(deepspeed, str) and not Path(deepspeed).is_file():
+        raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
+    if (deepspeed or launched_with("DEEPSPEED")) and importlib.util.find_spec("deepspeed") is None:
+        source = "--deepspeed" if deepspeed else "accelerate launch with a DeepSpeed config"
+        raise UsageError(f"{source} needs the deepspeed package (pip install deepspeed)")
+    resume = training.resume_from_checkpoint
+    if resume not in (None, "last") and not Path(resume).is_dir():
+        raise UsageError(f"--resume_from_checkpoint must be a checkpoint folder or 'last', got {resume}")
+    for flag in ("load_in_4bit", "load_in_8bit"):
+        if getattr(model_config, flag, False) and importlib.util.find_spec("bitsandbytes") is None:
+            raise UsageError(f"--{flag} needs the bitsandbytes package (pip install bitsandbytes; CUDA machines)")
+    if script.liger_kernels:
+        if not torch.cuda.is_available():
+            raise UsageError("--liger-kernels needs a CUDA device (Liger's model kernels are GPU kernels)")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UsageError("--liger-kernels needs liger-kernel (pip install liger-kernel)")
