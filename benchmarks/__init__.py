@@ -1,1 +1,2 @@
-"""Benchmarks of the MLC loss (installed as ``mlc_kernels.benchmarks``; console script ``mlc-bench``)."""
+"""Maintainer benchmarks, run from a checkout (``python -m benchmarks.<script>``, ``bash benchmarks/gpu_check.sh``) and
+not part of the wheel; they build on the user-facing ``mlc-bench`` (``mlc_kernels.bench``). Results: ``results/``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .runner import time_call, write_csv
+from mlc_kernels.bench.utils import cuda_peak, time_call, write_csv
 
 QWEN2_05B = dict(
     vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
@@ -111,12 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         ms = time_call(run, lambda: None, device, 2.0, min_reps=3, max_reps=5).median_ms  # warm-up included
         peak = None
         if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            run(None)
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
+            peak = cuda_peak(lambda r=run: r(None) or 0)
         rows.append({"variant": variant, "step_ms": round(ms, 2), "peak_extra_bytes": peak, **shape, "layer": layer,
                      "dtype": str(dtype).removeprefix("torch.")})  # fmt: skip
         print(rows[-1], flush=True)

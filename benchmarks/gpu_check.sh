@@ -26,7 +26,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-packages .whl/*.whl \
     && export PYTHONPATH="/tmp/site-packages${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# the package as installed (mlc_kernels.benchmarks maps to benchmarks/), editable, offline
+# the package as installed (mlc-bench is mlc_kernels.bench; benchmarks/ runs from the checkout), editable, offline
 timeout 60 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || echo "editable install failed"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
@@ -77,18 +77,18 @@ if [[ ${SMOKE:-0} == 1 ]]; then
 fi
 if [[ $sections == *" loss "* ]]; then
   section kernel_targets 90 python3 -m benchmarks.kernel_targets --out "$out" --objectives "$objectives" "${smoke[@]}"
-  section loss_grid "$([[ $quick == 1 ]] && echo 45 || echo 90)" python3 -m benchmarks.runner --suite loss --out "$out" \
+  section loss_grid "$([[ $quick == 1 ]] && echo 45 || echo 90)" python3 -m mlc_kernels.bench.runner --suite loss --out "$out" \
     --quiet --budget 0.2 --grid "$([[ ${SMOKE:-0} == 1 ]] && echo 4x10x64 || echo "$grid")" "${cpu[@]}"
 fi
 if [[ $sections == *" tune "* ]]; then
   section tune "$([[ $quick == 1 ]] && echo 50 || echo 90)" python3 -m benchmarks.tune_triton --out "$out" "${tune_args[@]}" "${smoke[@]}"
 fi
 if [[ $sections == *" fused "* ]]; then
-  section fused_linear 45 python3 -m benchmarks.runner --suite fused-linear --out "$out" --quiet --budget 0.2 \
+  section fused_linear 45 python3 -m mlc_kernels.bench.runner --suite fused-linear --out "$out" --quiet --budget 0.2 \
     "${cpu[@]}" "${fused_shape[@]}"
 fi
 if [[ $sections == *" hf "* ]]; then
-  section hf_capture 45 python3 -m benchmarks.runner --suite hf-capture --out "$out" --quiet --budget 0.2 \
+  section hf_capture 45 python3 -m mlc_kernels.bench.runner --suite hf-capture --out "$out" --quiet --budget 0.2 \
     "${cpu[@]}" "${hf_shape[@]}"
 fi
 if [[ $sections == *" packed "* ]]; then

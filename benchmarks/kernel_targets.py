@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .runner import make_inputs, nominal_bandwidth, time_call, write_csv
+from mlc_kernels.bench.loss import make_inputs
+from mlc_kernels.bench.utils import nominal_bandwidth, time_call, write_csv
 
 SHAPES = [(4096, 10, 4096), (4096, 32, 1024), (256, 10, 4096)]
 SMOKE_SHAPES = [(4, 10, 32), (2, 20, 16)]

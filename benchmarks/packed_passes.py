@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.hf_capture import config_for
-from benchmarks.runner import write_csv
+from mlc_kernels.bench.hf_capture import config_for
+from mlc_kernels.bench.utils import write_csv
 
 PROMPTS = 8  # prompts per micro-batch, all ten languages each
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import torch
 
+from mlc_kernels.bench.loss import make_inputs
+
 from .kernel_targets import bench_ms
-from .runner import make_inputs
 
 SHAPES = {16: [(4096, 10, 4096), (256, 10, 4096)], 32: [(4096, 32, 1024), (256, 32, 4096)]}
 SMOKE_SHAPES = {16: [(3, 10, 64)], 32: [(2, 20, 32)]}

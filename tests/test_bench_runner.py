@@ -1,5 +1,5 @@
 """The benchmark runner's structure on tiny shapes (suite selection, CSV columns, threads, one PNG per
-suite): a smoke test, no timing is asserted."""
+suite, the command's name in its messages): a smoke test, no timing is asserted."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import csv
 
 import pytest
 
-from benchmarks.runner import Timing, default_threads, main, parse_suites
+from mlc_kernels.bench import loss, train_step
+from mlc_kernels.bench.runner import main, parse_suites
+from mlc_kernels.bench.utils import Options, Timing, default_threads
 
 TINY = ["--device", "cpu", "--budget", "0.01", "--no-memory", "--quiet", "--threads", "1"]
 
@@ -80,6 +82,17 @@ def test_fused_linear_memory_under_the_default_allocator(tmp_path, capsys):
     assert "glibc-default" in capsys.readouterr().out
 
 
+def test_usage_and_errors_name_the_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([*TINY, "--rounds", "0", "--grid", "2x2x4"], prog="mlc bench")
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.startswith("usage: mlc bench ")
+    assert "mlc bench: error: --rounds must be >= 1, got 0" in err
+    with pytest.raises(SystemExit):
+        main([*TINY, "--suite", "nope"])
+    assert "mlc-bench: error: --suite: unknown ['nope']" in capsys.readouterr().err
+
+
 def test_suite_selection():
     assert parse_suites(None, grid_given=True) == ["loss"]
     assert parse_suites(None, grid_given=False) == ["loss", "fused-linear", "hf-capture"]
@@ -97,8 +110,6 @@ def test_threads_and_timing_statistics():
 
 
 def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
-    import benchmarks.runner as runner
-
     fake = [
         {
             "device": "cpu",
@@ -115,7 +126,7 @@ def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
         }
         for v in ("dpo", "mlc")
     ]
-    monkeypatch.setattr(runner, "run_train_step", lambda opts: fake)
+    monkeypatch.setattr(train_step, "run_train_step", lambda opts: fake)
     main([*TINY, "--suite", "train-step,fused-linear", "--fused-linear-shape", "6x4x16x8", "--out", str(tmp_path)])
     assert {p.name for p in tmp_path.iterdir()} == {
         "train_step.csv",
@@ -128,23 +139,21 @@ def test_suites_after_train_step_still_run(tmp_path, monkeypatch):
 def test_rounds_pool_each_cells_samples_over_passes_with_fresh_inputs(monkeypatch):
     import torch
 
-    import benchmarks.runner as runner
-
     calls: list[tuple[int, int, float]] = []
 
     def fake_mode_times(reps, impl, budget_s, threads, min_blocks, warmup):
         calls.append((reps.data_ptr(), warmup, budget_s))
         value = float(len(calls))  # pass r of the single cell gives r + 1 ms
-        return {mode: [value] * min_blocks for mode in runner.MODES}
+        return {mode: [value] * min_blocks for mode in loss.MODES}
 
-    monkeypatch.setattr(runner, "mode_times", fake_mode_times)
-    opts = runner.Options(torch.device("cpu"), budget_s=0.3, memory=False, threads=1, rounds=3)
-    rows = runner.run_grid([(2, 3, 4)], ["torch"], ["fp32"], opts)
+    monkeypatch.setattr(loss, "mode_times", fake_mode_times)
+    opts = Options(torch.device("cpu"), budget_s=0.3, memory=False, threads=1, rounds=3)
+    rows = loss.run_grid([(2, 3, 4)], ["torch"], ["fp32"], opts)
     assert len(calls) == 3  # one visit per pass
     assert [w for _, w, _ in calls] == [2, 1, 1]  # full warm-up on the first pass only
     assert all(b == pytest.approx(0.1) for _, _, b in calls)  # the budget is shared by the passes
-    full = next(r for r in rows if r.mode == "full")
-    assert (full.min_ms, full.median_ms, full.max_ms, full.runs) == (1.0, 2.0, 3.0, 6)  # 2 blocks per pass
+    full = next(r for r in rows if r["mode"] == "full")
+    assert (full["min_ms"], full["median_ms"], full["max_ms"], full["runs"]) == (1.0, 2.0, 3.0, 6)  # 2 blocks per pass
 
 
 def test_compare_runs_divides_out_the_machine_speed(tmp_path, capsys):

@@ -1,5 +1,5 @@
 """pytest-benchmark suite: ``MLC_BENCH_SUITE=1 pytest tests/test_bench_suite.py`` (skipped in the default run).
-It lived in ``benchmarks/``, which is packaged as ``mlc_kernels.benchmarks``; here it stays out of the wheel.
+It stays here, out of the wheel (the user-facing benchmark is ``mlc-bench``, ``mlc_kernels.bench``).
 
 Forward+backward of each impl on CPU (and CUDA when present) at the sizes of the README table.
 """

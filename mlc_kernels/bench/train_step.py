@@ -1,16 +1,38 @@
-"""A whole DPO training step with and without the MLC term (``mlc-bench --suite train-step``).
+"""The train-step suite (``mlc-bench --suite train-step``, minutes on CPU): a whole DPO training step with and
+without the MLC term, time and peak memory relative to DPO alone. Writes ``train_step.csv``/``.png``.
 
 Mini Qwen2-style model of realistic proportions (hidden 512, 8 layers, vocabulary 151,936), 8 prompts of
 about 32 tokens with 64-token responses, m=10 variants, k=4. Variants: DPO alone; DPO+MLC with the plain
 truncated variant passes; DPO+MLC with the gradient cache. A step is TRL's ``compute_loss``, ``backward``
-and an AdamW step (a reference model forward included, as DPO needs it).
+and an AdamW step (a reference model forward included, as DPO needs it). Peak memory (CPU only) is measured in a
+fresh child process, this module run as ``__main__``, above parameters, gradients, optimizer states and inputs.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
+from typing import Any
 
 import torch
+
+from mlc_kernels.sample_data import LANGUAGES
+from mlc_kernels.trainers import MLCArguments, MLCCollator, trl_classes
+
+from .utils import (
+    TIMING_COLUMNS,
+    Column,
+    Options,
+    PlotSpec,
+    child_peak,
+    device_name,
+    emit,
+    mb,
+    peak_in_child,
+    ratio,
+    row,
+    time_stmt,
+)
 
 STEP_CONFIG = dict(
     vocab_size=151936, hidden_size=512, intermediate_size=1408, num_hidden_layers=8, num_attention_heads=8,
@@ -18,18 +40,20 @@ STEP_CONFIG = dict(
 )  # fmt: skip
 VARIANTS = ("dpo", "dpo+mlc", "dpo+mlc+grad_cache")
 
-
-class _Tokenizer:
-    """Stands in for a tokenizer: fixed-length random token ids, enough for TRL's DPO data path."""
+COLUMNS: list[Column] = [
+    ("variant", "variant", ""),
+    *TIMING_COLUMNS,
+    ("extra_mb", "extra MB", ".1f"),
+    ("time_vs_dpo", "t/dpo", ".2f"),
+    ("memory_vs_dpo", "mem/dpo", ".2f"),
+]
+PLOT = PlotSpec(label=lambda r: r["variant"], series=lambda r: "step", extra=("extra_mb", "extra peak MB"))
 
 
 def build(variant: str, n_prompts: int = 8, prompt_len: int = 32, response_len: int = 64, m: int = 10, seed: int = 0):
     """(trainer, model, optimizer, batch) for one variant; inputs are pre-tokenised random ids."""
     import transformers
     import trl
-
-    from mlc_kernels.sample_data import LANGUAGES
-    from mlc_kernels.trainers import MLCCollator, trl_classes
 
     torch.manual_seed(seed)
     model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**STEP_CONFIG))
@@ -53,8 +77,6 @@ def build(variant: str, n_prompts: int = 8, prompt_len: int = 32, response_len: 
         trainer = trl.DPOTrainer(model=model, ref_model=ref, args=trl.DPOConfig(**common), train_dataset=dummy,
                                  processing_class=tokenizer)  # fmt: skip
     else:
-        from mlc_kernels.trainers import MLCArguments
-
         trainer_cls, config_cls = trl_classes("dpo")
         mlc = MLCArguments(languages=LANGUAGES[:m], weight=0.1, layer=4, rep_size=256, impl="auto",
                            grad_cache=variant.endswith("grad_cache"), chunk_prompts=1)  # fmt: skip
@@ -88,3 +110,50 @@ def _dummy_dataset():
     return datasets.Dataset.from_list(
         [{"prompt": "a", "chosen": "b", "rejected": "c", "variants": {"zh": "d"}} for _ in range(2)]
     )
+
+
+def _child_setup(variant: str) -> tuple:
+    state = build(variant)
+    step(*state)  # allocates gradients and optimizer states before the baseline
+    return state
+
+
+def run_train_step(opts: Options) -> list[dict[str, Any]]:
+    """Every variant's step time (and peak memory on CPU); ratios to DPO alone."""
+    device = opts.device
+    rows: list[dict[str, Any]] = []
+    for variant in VARIANTS:
+        trainer, model, optimizer, batch = build(variant)
+        t = time_stmt(
+            lambda tr=trainer, mo=model, o=optimizer, b=batch: step(tr, mo, o, b),
+            device,
+            opts.budget_s,
+            opts.threads,
+            min_blocks=3,  # a step takes seconds on CPU
+        )
+        del trainer, model, optimizer, batch
+        peak = None
+        if opts.memory and device.type == "cpu":
+            peak = peak_in_child("train_step", opts, variant=variant)
+        rows.append(row(dict(device=device_name(device), variant=variant), t, opts.threads, peak_extra_bytes=peak))
+    base = rows[0]
+    for r in rows:
+        r["time_vs_dpo"] = round(r["median_ms"] / base["median_ms"], 3)
+        memory = ratio(r["peak_extra_bytes"], base["peak_extra_bytes"])
+        r["memory_vs_dpo"] = round(memory, 3) if memory is not None else None
+    return rows
+
+
+def run(args: argparse.Namespace, opts: Options) -> None:
+    """The suite under the runner's options (none of its own)."""
+    rows = run_train_step(opts)
+    shown = [{**r, "extra_mb": mb(r["peak_extra_bytes"])} for r in rows]
+    title = (
+        "A whole DPO step (hidden 512, 8 layers, vocab 151936; 8 prompts, 32+64 tokens) with and "
+        "without MLC (m=10, k=4); extra = peak above parameters, gradients, optimizer states and inputs"
+    )
+    emit("train_step", title, shown, COLUMNS, PLOT, args.out)
+
+
+if __name__ == "__main__":  # the CPU memory child of run_train_step (peak_in_child)
+    child_peak(_child_setup, lambda state: step(*state) or 0)
