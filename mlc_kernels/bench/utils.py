@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.benchmark import Timer
+from tqdm import tqdm
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 
@@ -124,8 +126,6 @@ def stmt_times(
 ) -> list[float]:
     """Milliseconds per call of ``fn()``, one value per block of ``torch.utils.benchmark.Timer.blocked_autorange``
     (after ``warmup`` calls); at least ``min_blocks`` blocks."""
-    from torch.utils.benchmark import Timer
-
     for _ in range(warmup):  # compilation, allocator, lazy imports
         fn()
     _sync(device)
@@ -210,8 +210,6 @@ def pooled_passes(
     samples of many cells instead of every sample of one cell. ``measure(cell, budget_s, min_blocks, warmup)``
     times one cell once; the first pass warms up with 2 calls, the others with 1.
     """
-    from tqdm import tqdm
-
     samples: dict[Hashable, dict[str, list[float]]] = {cell: {} for cell in cells}
     per_round_blocks = max(2, -(-MIN_BLOCKS // opts.rounds))  # >= 2 per pass: 10 samples a cell at 5 passes
     jobs = [(r, cell) for r in range(opts.rounds) for cell in cells]
