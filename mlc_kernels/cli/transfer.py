@@ -1,5 +1,6 @@
-"""``mlc transfer``: cross-lingual transfer of base-language alignment in the synthetic world (DPO, SFT, with and
-without MLC; table, CSV, JSON and PNG in ``--out``)."""
+"""``mlc transfer``: cross-lingual transfer of base-language alignment in the synthetic world v2 (the gate, DPO and
+the pre-registered DPO+MLC arms; table, CSV, JSON and PNG in ``--out``). World v1 is retired to the repository's
+``experiments/transfer/v1.py``."""
 
 from __future__ import annotations
 
@@ -16,27 +17,26 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--out", default="transfer_out", help="folder for the table, CSV, JSON and PNG")
     p.add_argument("--cache-dir", default=None, help="checkpoint cache (~/.cache/mlc_kernels/transfer)")
     p.add_argument("--no-cache", action="store_true", help="pretrain afresh and keep nothing")
-    p.add_argument("--seeds", default=None,
-                   help="comma list of alignment seeds (v2: 0,1,2; v1 quick: 0,1,2, full: 0..4)")  # fmt: skip
-    p.add_argument("--mlc-layer", type=int, default=None,
-                   help="decoder layer k (default: v2 3 of 4, the gate rule's; v1 2 of 4)")  # fmt: skip
+    p.add_argument("--seeds", default=None, help="comma list of alignment seeds (default 0,1,2)")
+    p.add_argument("--mlc-layer", type=int, default=None, help="decoder layer k (default 3 of 4, the gate rule's)")
     p.add_argument("--mlc-weight", type=finite_float, default=None,
-                   help="MLC weight of every arm (default: v2 the pre-registered ones; v1 1.0)")  # fmt: skip
+                   help="MLC weight of every arm (default: the pre-registered ones)")  # fmt: skip
     p.add_argument("--mlc-tau", type=finite_float, default=None, help="MLC temperature (default 1.0)")
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads per alignment run (default: 1 with several "
         "workers, else torch's)"
     )  # fmt: skip
-    p.add_argument("--workers", type=int, default=None, help="v2: alignment runs at a time, each in its own "
-                   "process (default: one per CPU core)")  # fmt: skip
-    p.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate) or v1")
+    p.add_argument("--workers", type=int, default=None, help="alignment runs at a time, each in its own process "
+                   "(default: one per CPU core)")  # fmt: skip
+    p.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate); v1 is retired: "
+                   "python -m experiments.transfer.v1 from a checkout")  # fmt: skip
     p.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
     """Run ``mlc transfer`` on its parsed options."""
-    from ..transfer.experiment import run_from_args
+    from ..transfer.v2 import run_from_args
 
     if args.out is not None:
         check_output_folder(args.out, "--out")
