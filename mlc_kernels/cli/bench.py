@@ -1,5 +1,5 @@
-"""``mlc bench``: the kernel benchmarks (``mlc-bench``) under the name ``mlc bench``; the benchmark runner
-parses the command line itself."""
+"""``mlc bench``: throughput of the MLC loss on this device (:mod:`mlc_kernels.bench`, also ``mlc-bench``); the
+benchmark runner parses the command line itself."""
 
 from __future__ import annotations
 
@@ -12,17 +12,7 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 
 
 def main(argv: list[str]) -> None:
-    """``mlc-bench`` under the name ``mlc bench`` (its parser's usage and error lines say ``mlc bench``)."""
-    from unittest import mock
+    """``mlc-bench`` under the name ``mlc bench`` (its usage and error lines say ``mlc bench``)."""
+    from ..bench import main as bench_main
 
-    from ..bench.runner import main as bench_main
-
-    init = argparse.ArgumentParser.__init__
-
-    def renamed(self, *args, **kwargs) -> None:
-        if kwargs.get("prog") == "mlc-bench":
-            kwargs["prog"] = "mlc bench"
-        init(self, *args, **kwargs)
-
-    with mock.patch.object(argparse.ArgumentParser, "__init__", renamed):
-        bench_main(argv)
+    bench_main(argv, prog="mlc bench")
