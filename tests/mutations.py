@@ -155,6 +155,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("collapse-warning-absolute", "mlc_kernels/trainers.py",
              "below = spread < a.collapse_warn_ratio * start", "below = spread < 0.1",
              ("tests/test_guards.py",)),
+    # the mlc command (mlc_kernels/cli/)
+    Mutation("cli-usage-error-exit-1", "mlc_kernels/cli/main.py", "raise SystemExit(2) from None",
+             "raise SystemExit(1) from None", ("tests/test_cli_errors.py",)),
+    Mutation("cli-output-file-accepted", "mlc_kernels/cli/options.py", "if out.exists() and not out.is_dir():",
+             "if False:", ("tests/test_cli_errors.py",)),
+    Mutation("cli-eval-nan-kept", "mlc_kernels/cli/eval.py",
+             "if isinstance(value, float) and not math.isfinite(value):\n        return None",
+             "if isinstance(value, float) and not math.isfinite(value):\n        return value", ("tests/test_cli.py",)),
 )
 
 
