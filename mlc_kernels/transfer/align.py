@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import copy
 import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
 
-from ..trainers import MLCArguments, record_variant_states
+from ..head import MLCHead
+from ..metrics import consistency_metrics
+from ..sample_data import to_dataset
+from ..trainers import MLCArguments, record_variant_states, trl_classes
 from .world import World
 
 EXTRACTORS = ("linear", "linear_nobias", "identity", "centred")
@@ -63,8 +67,6 @@ def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArgumen
 def attach_extractor(model, align: AlignConfig, centre: torch.Tensor | None = None) -> None:
     """Register ``model.mlc_head`` for the non-default extractors (the trainers keep an existing one);
     ``centre`` ``(hidden,)``: the mean the ``centred`` extractor subtracts."""
-    from ..head import MLCHead
-
     if align.mlc_extractor not in EXTRACTORS:
         raise ValueError(f"mlc_extractor must be one of {EXTRACTORS}, got {align.mlc_extractor!r}")
     if align.mlc_extractor == "linear":
@@ -87,12 +89,7 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
                 callbacks: list | None = None):  # fmt: skip
     """Align a copy of ``model`` under ``condition`` (one of :data:`CONDITIONS`); returns ``(model, logs)``.
     Nothing is saved (the trainer's output folder is a temporary one). ``callbacks``: extra trainer callbacks."""
-    import tempfile
-
     import transformers
-
-    from ..sample_data import to_dataset
-    from ..trainers import trl_classes
 
     algorithm, with_mlc = condition.split("+")[0], condition.endswith("+mlc")
     trainer_cls, config_cls = trl_classes(algorithm)
@@ -141,8 +138,6 @@ def consistency(model, tokenizer, world: World, align: AlignConfig) -> dict:
     all prompts and languages (every prompt ends with the same ``<|assistant|>`` token, which gives all raw
     states a large common component): per-language cosine to the prompt's consensus direction, s1 share and
     between-prompt cosine (near 1 = collapse); ``between_raw``: the between-prompt cosine without centring."""
-    from ..metrics import consistency_metrics
-
     mlc = mlc_arguments(world, align, 0.0)
     reps, mask = layer_states(model, tokenizer, world, align, world.heldout_records()[: align.consistency_prompts])
     raw = consistency_metrics(reps.float(), mask)
