@@ -2,7 +2,7 @@
 
 ``DPOMLCTrainer``, ``SFTMLCTrainer``, ``ORPOMLCTrainer`` and ``CPOMLCTrainer`` (SimPO: ``CPOConfig(loss_type=
 "simpo")``) take the arguments of their TRL trainer plus ``mlc_args``; they are also importable from
-:mod:`mlc_kernels.trainers`. See :class:`mlc_kernels.trainers.MLCTrainerMixin` for what the MLC term does.
+:mod:`mlc_kernels.trainers`. See :class:`mlc_kernels.mlc_term.MLCTrainerMixin` for what the MLC term does.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer  # noqa: E402
 from trl.experimental.cpo import CPOConfig, CPOTrainer  # noqa: E402
 from trl.experimental.orpo import ORPOConfig, ORPOTrainer  # noqa: E402
 
-from .trainers import (  # noqa: E402
+from .mlc_term import (  # noqa: E402
     MLCArguments,
     MLCTrainerMixin,
     add_variant_ids,
