@@ -18,8 +18,8 @@ WORLD_V2 = ("chat_template.jinja", "config.json", "generation_config.json", "mod
             "tokenizer.json", "tokenizer_config.json")  # fmt: skip
 ALLOWED = {
     *(f"mlc_kernels/{name}.py" for name in (
-        "__init__", "checks", "errors", "fixtures", "fused_linear", "guards", "head", "hf", "loss", "metrics", "mlc_term",
-        "recipes", "records", "sample_data", "trainers", "trl_trainers")),
+        "__init__", "checks", "errors", "fixtures", "fused_linear", "guards", "head", "hf", "loss", "metrics",
+        "mlc_term", "recipes", "records", "sample_data", "trainers", "trl_trainers")),
     *(f"mlc_kernels/ops/{name}.py" for name in ("__init__", "common", "gram_torch", "native", "reference")),
     *(f"mlc_kernels/ops/triton/{name}.py" for name in ("__init__", "configs", "kernels", "launch", "op", "tuned")),
     "mlc_kernels/csrc/mlc_native.cpp",
