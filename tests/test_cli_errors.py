@@ -159,12 +159,13 @@ def test_eval_errors(model_dir, tmp_path, capsys):
 
 
 def test_non_finite_training_stops_without_a_checkpoint(model_dir, tmp_path, capsys):
-    """An infinite learning rate turns the weights NaN after step 1: training stops with one line and neither a
-    checkpoint-N folder nor the final model is written from those weights."""
+    """A learning rate of 1e38 turns the weights non-finite after step 1 (an infinite one is refused before
+    loading): training stops with one line and neither a checkpoint-N folder nor the final model is written from
+    those weights."""
     out = tmp_path / "run"
     argv = ["train", "--model", str(model_dir), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2",
             "--algorithm", "sft", "--mlc-layer", "2", "--mlc-rep-size", "8", "--languages", "en,zh,ru",
-            "--learning_rate", "inf", "--save-steps", "1"]  # fmt: skip
+            "--learning_rate", "1e38", "--save-steps", "1"]  # fmt: skip
     line = user_error(main, argv, capsys, r"training stopped: .* \(non-finite\); no checkpoint was written")
     written = sorted(p.name for p in out.rglob("*")) if out.exists() else []
     assert not any(name.startswith("checkpoint-") or name.endswith(".safetensors") for name in written), written

@@ -14,21 +14,31 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from . import fused_linear, hf_capture, loss, train_step
-from .utils import Options, allocator_name, default_threads, device_name
+from .utils import DTYPES, HelpFormatter, Options, allocator_name, default_threads, device_name
 
 SUITES = {"loss": loss, "fused-linear": fused_linear, "hf-capture": hf_capture, "train-step": train_step}
 DEFAULT_SUITES = ("loss", "fused-linear", "hf-capture")  # train-step (minutes on CPU) runs only when named
 TUNED = ("loss", "fused-linear")  # the suites that launch the Triton kernels with --triton-configs
 
 
+QUICK = dict(suite="loss", rounds=1, budget=0.05)
+"""``--quick``: the loss suite's default grid (README's headline cells) in one pass with a short budget, about a
+minute on a 2-core CPU; options given on the command line win."""
+
+
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
     """``"64x10x1024,256x10x4096"`` -> ``[(64, 10, 1024), (256, 10, 4096)]``."""
-    return [tuple(int(v) for v in item.split("x")) for item in text.split(",") if item]  # type: ignore[misc]
+    grid = [_shape(item, 3, "NxMxD", "64x10x1024") for item in text.split(",") if item]
+    if not grid:
+        raise argparse.ArgumentTypeError(f"expected NxMxD,... (e.g. 64x10x1024), got {text!r}")
+    return grid  # type: ignore[return-value]
 
 
 def parse_suites(text: str | None, grid_given: bool) -> list[str]:
@@ -45,24 +55,70 @@ def parse_suites(text: str | None, grid_given: bool) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in text.split("x"))
+def _shape(text: str, size: int, form: str, example: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != size or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"expected {form} with positive integers (e.g. {example}), got {text!r}")
+    return shape
+
+
+def _hf_shape(text: str) -> tuple[int, ...]:
+    return _shape(text, 3, "NxMxT", "8x10x32")
+
+
+def _fused_linear_shape(text: str) -> tuple[int, ...]:
+    return _shape(text, 4, "NxMxD_HxD", "1024x10x4096x1024")
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _comma_list(choices) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        names = [name for name in text.split(",") if name]
+        unknown = [name for name in names if name not in choices]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(f"unknown {','.join(unknown) or text!r}; choose from {', '.join(choices)}")
+        return ",".join(names)
+
+    return parse
 
 
 def make_parser(prog: str = "mlc-bench") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="Benchmark the MLC loss implementations.")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    from mlc_kernels.ops import REGISTRY
+
+    parser = argparse.ArgumentParser(prog=prog, description="Benchmark the MLC loss implementations.",
+                                     formatter_class=HelpFormatter)  # fmt: skip
+    parser.add_argument(
+        "--quick", action="store_true", help="about a minute: the loss suite's default grid (README's headline "
+        "cells), one round, budget 0.05 s (options given explicitly win)"
+    )  # fmt: skip
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     parser.add_argument("--grid", type=parse_grid, help="NxMxD,... of the loss suite (implies --suite loss)")
     parser.add_argument(
-        "--impls", default=None, help="comma list (default: reference,torch and triton on CUDA, native on CPU)"
-    )
-    parser.add_argument("--dtypes", default=None, help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")
-    parser.add_argument("--budget", type=float, default=0.3, help="timing budget (s) of each cell and mode, in all")
+        "--impls", type=_comma_list(list(REGISTRY)), default=None,
+        help="comma list (default: reference,torch and triton on CUDA, native on CPU)",
+    )  # fmt: skip
+    parser.add_argument("--dtypes", type=_comma_list(list(DTYPES)), default=None,
+                        help="comma list of fp32,bf16,fp16,fp64 (default fp32 CPU, bf16 GPU)")  # fmt: skip
+    parser.add_argument("--budget", type=_positive_seconds, default=None,
+                        help="timing budget (s) of each cell and mode, in all (default 0.3)")  # fmt: skip
     parser.add_argument(
         "--rounds",
         type=int,
-        default=5,
-        help="loss suite: passes over the grid, each with fresh inputs and budget/rounds; samples are pooled",
+        default=None,
+        help="loss suite: passes over the grid, each with fresh inputs and budget/rounds; samples are pooled "
+        "(default 5)",
     )
     parser.add_argument(
         "--threads",
@@ -91,10 +147,10 @@ def make_parser(prog: str = "mlc-bench") -> argparse.ArgumentParser:
         help=f"comma list of {', '.join(SUITES)} or all (= {', '.join(DEFAULT_SUITES)}; train-step, minutes on CPU, "
         "only when named); default: loss with --grid, else all",
     )
-    parser.add_argument("--hf-shape", type=_shape, default=None, help="NxMxT of the variant-pass comparison")
+    parser.add_argument("--hf-shape", type=_hf_shape, default=None, help="NxMxT of the variant-pass comparison")
     parser.add_argument(
         "--fused-linear-shape",
-        type=_shape,
+        type=_fused_linear_shape,
         default=fused_linear.SHAPE,
         help="NxMxD_HxD of the fused linear comparison (default 1024x10x4096x1024)",
     )
@@ -102,19 +158,40 @@ def make_parser(prog: str = "mlc-bench") -> argparse.ArgumentParser:
     return parser
 
 
+def check_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device`` as a torch device that exists here (a parser error otherwise)."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device: expected cpu or cuda[:i], got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda[:i], got {name!r}")
+    return device
+
+
 def main(argv: list[str] | None = None, prog: str = "mlc-bench") -> None:
     """Parse ``argv`` (``prog`` names the command in the usage and error lines) and run the chosen suites."""
     parser = make_parser(prog)
     args = parser.parse_args(argv)
+    for name, value in (QUICK if args.quick else {}).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    args.budget = 0.3 if args.budget is None else args.budget
+    args.rounds = 5 if args.rounds is None else args.rounds
     try:
         suites = parse_suites(args.suite, args.grid is not None)
     except argparse.ArgumentTypeError as err:
         parser.error(str(err))
-    device = torch.device(args.device)
+    device = check_device(parser, args.device)
+    for name in ("rounds", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     opts = Options(
         device, args.budget, not args.no_memory, threads, args.malloc_mmap_threshold, not args.quiet, args.rounds
     )

@@ -10,6 +10,7 @@ call) and the number of intra-op threads, which is fixed for the run.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -26,6 +27,18 @@ from typing import Any
 import torch
 from torch.utils.benchmark import Timer
 from tqdm import tqdm
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each option's default once: not for a default of None or False (a flag, or a default the
+    help text explains) nor when the help already says ``default``."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
 

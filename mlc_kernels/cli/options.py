@@ -95,9 +95,27 @@ def _boolean(text: str) -> bool:
 
 
 def check_output_folder(path: str | Path, option: str) -> Path:
+    """``path`` as a Path; refused (naming ``option``) when it is a file or cannot be created or written here.
+    Checked by creating and removing a probe file in the folder or its nearest existing parent: nothing stays."""
+    import tempfile
+
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UsageError(f"{option} {out} is an existing file, not a folder; give a folder path")
+    existing = out.expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    reason = None
+    if not existing.is_dir():
+        reason = f"{existing} is a file"
+    else:
+        try:
+            tempfile.TemporaryFile(dir=existing).close()
+        except OSError as err:
+            reason = f"{existing} is not writable: {err.strerror or type(err).__name__}"
+    if reason is not None:
+        action = "write into it" if existing == out.expanduser().absolute() else "create it here"
+        raise UsageError(f"{option} {out}: cannot {action} ({reason}); give a writable folder")
     return out
 
 

@@ -90,7 +90,7 @@ def main(argv: list[str]) -> None:
     from ..trl_trainers import TRAINERS
 
     script, mlc, training, model_config = parse_train_arguments(argv)
-    check_train_arguments(script, training, model_config)
+    check_train_arguments(script, training, model_config, mlc)
     records, where = load_checked(script.dataset, script.algorithm, "train" if script.dataset == "sample" else None,
                                   script.dataset_format)  # fmt: skip
     if script.max_samples:

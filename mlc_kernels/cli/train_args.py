@@ -4,14 +4,17 @@ older spellings rewritten, and the checks that refuse a bad input before anythin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from ..errors import UsageError
+from ..ops.common import interpreting
 from ..recipes import RECIPES, recipe
 from ..sample_data import ALGORITHMS
+from ..trainers import MLCArguments
 from .options import check_output_folder, first_line, mlc_arguments_from, mlc_options_dataclass
 
 TRAIN_DEFAULTS = dict(
@@ -123,6 +126,22 @@ def train_parser(algorithm: str):
     return parser
 
 
+def _usage_error(message: str):
+    raise UsageError(message)
+
+
+def _check_deepspeed_installed(deepspeed) -> None:
+    """A DeepSpeed config needs the package; checked before the TRL config is built (transformers' own check
+    there says "No package metadata was found for The 'deepspeed>=0.9.3' distribution was not found ...")."""
+    import importlib.util
+
+    from ..trainers import launched_with
+
+    if (deepspeed or launched_with("DEEPSPEED")) and importlib.util.find_spec("deepspeed") is None:
+        source = "--deepspeed" if deepspeed else "accelerate launch with a DeepSpeed config"
+        raise UsageError(f"{source} needs the deepspeed package (pip install deepspeed)")
+
+
 def parse_train_arguments(argv: list[str]):
     """``(TrainArguments, MLCArguments, TRL config, ModelConfig)`` of ``mlc train``'s command line."""
     argv = _rewrite_train_argv(argv)
@@ -149,6 +168,9 @@ def parse_train_arguments(argv: list[str]):
         if no_deepspeed:
             options.pop("deepspeed")
         parser.set_defaults(**options)
+        deepspeed = deepspeed if deepspeed is not None else options.get("deepspeed")
+    _check_deepspeed_installed(None if no_deepspeed else deepspeed)
+    parser.error = _usage_error  # one line, not argparse's usage of several hundred lines
     try:  # TrlParser reads --config FILE itself; the 5th output is the namespace of --config
         script, options, training, model_config = parser.parse_args_and_config(argv)[:4]
     except ValueError as err:
@@ -159,22 +181,46 @@ def parse_train_arguments(argv: list[str]):
     return script, mlc_arguments_from(options), training, model_config
 
 
-def check_train_arguments(script: TrainArguments, training, model_config) -> None:
+def check_training_numbers(training) -> None:
+    """The TRL config's numbers that the trainer would refuse only after the model has loaded (or accept and
+    misuse: ``max_steps`` 0 trains one step at learning rate 0, -5 trains for epochs)."""
+    rate = training.learning_rate
+    if not math.isfinite(rate) or rate < 0:
+        raise UsageError(f"--learning_rate must be a finite number >= 0, got {rate}")
+    for name in ("per_device_train_batch_size", "gradient_accumulation_steps"):
+        if getattr(training, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(training, name)}")
+    if training.max_steps == 0 or training.max_steps < -1:
+        raise UsageError(f"--max_steps must be >= 1, or -1 (train for --num_train_epochs), got {training.max_steps}")
+    if training.max_steps == -1 and not training.num_train_epochs > 0:
+        raise UsageError(f"--num_train_epochs must be > 0 with --max_steps -1, got {training.num_train_epochs}")
+
+
+def check_train_arguments(script: TrainArguments, training, model_config, mlc: MLCArguments | None = None) -> None:
+    """Refuse a bad input before anything loads (one :class:`UsageError` naming the option)."""
     import importlib.util
 
-    from ..trainers import launched_with
+    from ..mlc_term import check_distributed_setup
 
     if isinstance(script.max_samples, bool) or script.max_samples < 0:
         raise UsageError(f"--max_samples must be an int >= 0 (0: all records), got {script.max_samples}")
     if not model_config.model_name_or_path:
         raise UsageError("--model is required: a local model folder or a hub id")
+    check_training_numbers(training)
     check_output_folder(training.output_dir, "--output_dir")
     deepspeed = training.deepspeed
     if isinstance(deepspeed, str) and not Path(deepspeed).is_file():
         raise UsageError(f"--deepspeed must be a DeepSpeed JSON config file, {deepspeed} is not")
-    if (deepspeed or launched_with("DEEPSPEED")) and importlib.util.find_spec("deepspeed") is None:
-        source = "--deepspeed" if deepspeed else "accelerate launch with a DeepSpeed config"
-        raise UsageError(f"{source} needs the deepspeed package (pip install deepspeed)")
+    _check_deepspeed_installed(deepspeed)
+    if mlc is not None:
+        if mlc.impl == "triton" and not torch.cuda.is_available() and not interpreting():
+            raise UsageError("--mlc_impl triton needs a CUDA device (none here); set TRITON_INTERPRET=1 to run "
+                             "it on CPU through Triton's interpreter (slow), or use --mlc_impl torch (or auto)")
+        if training.ddp_find_unused_parameters is True:
+            try:
+                check_distributed_setup(training, mlc)
+            except ValueError as err:
+                raise UsageError("--ddp_find_unused_parameters true " + str(err).split(" ", 1)[1]) from err
     resume = training.resume_from_checkpoint
     if resume not in (None, "last") and not Path(resume).is_dir():
         raise UsageError(f"--resume_from_checkpoint must be a checkpoint folder or 'last', got {resume}")

@@ -1,0 +1,130 @@
+"""A new user's first hour with ``mlc train``, ``mlc demo``, ``mlc transfer`` and ``mlc bench`` (issue 20): the
+ordinary mistakes are one line and exit status 2, checked before any model loads, with nothing created (finding
+4); the silently accepted values are refused (finding 5); the noise is gone (finding 7); ``mlc bench --quick``
+(finding 11); ``training.png``'s labels (finding 8)."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("trl")
+
+from cli_helpers import save_tiny_model, user_error  # noqa: E402
+
+from mlc_kernels.cli import main  # noqa: E402
+
+TRAIN = ["--max-steps", "1", "--algorithm", "sft", "--mlc-layer", "2", "--languages", "en,zh,ru"]
+ZERO2 = '{"zero_optimization": {"stage": 2}, "train_batch_size": "auto", "train_micro_batch_size_point": "auto"}'
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("first_hour") / "model")
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """A folder where nothing can be created: a chmod 555 folder, or (as root, who ignores modes) /sys."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if _writable(folder):
+        folder.chmod(0o755)
+        folder = Path("/sys")
+        if not _writable(folder) and not (folder / "mlc_out").exists():
+            yield folder
+            return
+        pytest.skip("no read-only folder on this machine")
+    yield folder
+    folder.chmod(0o755)
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fail the test if a model loads, the demo or transfer runs start, or a benchmark suite starts."""
+    from mlc_kernels.bench import runner
+    from mlc_kernels.cli import options, train
+    from mlc_kernels.transfer import demo, v2
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("work started before the mistake was caught")
+
+    for module, name in ((options, "load_model"), (train, "load_model"), (options, "load_tokenizer"),
+                         (train, "load_tokenizer"), (demo, "run_demo"), (v2, "report")):  # fmt: skip
+        monkeypatch.setattr(module, name, loaded)
+    monkeypatch.setattr(runner, "SUITES", {name: type("Suite", (), {"run": loaded}) for name in runner.SUITES})
+
+
+def _without(monkeypatch, package: str) -> None:
+    """As if ``package`` were not installed: ``find_spec`` and the distribution's metadata."""
+    find_spec, version = importlib.util.find_spec, importlib.metadata.version
+
+    def no_version(name: str) -> str:
+        if name == package:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return version(name)
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else find_spec(name, *a))
+    monkeypatch.setattr(importlib.metadata, "version", no_version)
+
+
+MISTAKES = {  # name -> (argv after the command; {out}: the output folder, {model}: the tiny model), error pattern
+    "learning-rate nan": (["train", "--model", "{model}", "--output-dir", "{out}", "--learning-rate", "nan"],
+                          r"--learning_rate must be a finite number >= 0, got nan"),
+    "batch-size 0": (["train", "--model", "{model}", "--output-dir", "{out}", "--batch-size", "0"],
+                     r"--per_device_train_batch_size must be >= 1, got 0"),
+    "train read-only output": (["train", "--model", "{model}", "--output-dir", "{ro}/out"],
+                               r"--output_dir .*/out: cannot create it here \(.*\); give a writable folder"),
+    "demo read-only output": (["demo", "--out", "{ro}/out"],
+                              r"--out .*/out: cannot create it here \(.*\); give a writable folder"),
+    "triton without a GPU": (["train", "--model", "{model}", "--output-dir", "{out}", "--mlc_impl", "triton"],
+                             r"--mlc_impl triton needs a CUDA device .*TRITON_INTERPRET=1.*--mlc_impl torch"),
+    "ddp_find_unused_parameters": (["train", "--model", "{model}", "--output-dir", "{out}",
+                                    "--ddp_find_unused_parameters", "true"],
+                                   r"--ddp_find_unused_parameters true cannot be used with MLC"),
+    "deepspeed not installed": (["train", "--model", "{model}", "--output-dir", "{out}", "--deepspeed", "{ds}"],
+                                r"--deepspeed needs the deepspeed package \(pip install deepspeed\)$"),
+    "bench grid": (["bench", "--grid", "64x10", "--out", "{out}"],
+                   r"--grid: expected NxMxD with positive integers \(e\.g\. 64x10x1024\), got '64x10'"),
+    "bench cuda": (["bench", "--device", "cuda", "--out", "{out}"], r"--device cuda: no CUDA device here"),
+    "bench impls": (["bench", "--impls", "foo", "--out", "{out}"],
+                    r"--impls: unknown 'foo'; choose from reference, torch, native, triton"),
+    "transfer seeds": (["transfer", "--seeds", "abc", "--out", "{out}"],
+                       r"--seeds must be a comma list of integers, got 'abc'"),
+    "transfer world": (["transfer", "--world", "v9", "--out", "{out}"], r"--world must be v2, got 'v9'"),
+    "transfer layer": (["transfer", "--mlc-layer", "7", "--out", "{out}"], r"--mlc-layer must be in 1\.\.4, got 7"),
+}  # fmt: skip
+"""Finding 4's mistakes (``mlc eval``'s read-only ``--out`` is tested with eval)."""
+
+
+@pytest.mark.parametrize("name", list(MISTAKES))
+def test_ordinary_mistakes_are_one_line(name, model_dir, tmp_path, capsys, monkeypatch, read_only, no_loading):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a machine without CUDA
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _without(monkeypatch, "deepspeed")
+    (tmp_path / "ds.json").write_text(ZERO2)
+    out = tmp_path / "out"
+    argv, match = MISTAKES[name]
+    argv = [a.format(model=model_dir, out=out, ro=read_only, ds=tmp_path / "ds.json") for a in argv]
+    if argv[0] == "train":
+        argv += TRAIN
+    before = sorted(p.name for p in tmp_path.iterdir())
+    user_error(main, argv, capsys, match, untouched=out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    if "{ro}/out" in MISTAKES[name][0]:
+        assert not (read_only / "out").exists()
