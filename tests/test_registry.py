@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
+import sys
+import time
 
 import pytest
 import torch
@@ -222,3 +225,50 @@ def test_build_uses_the_hashed_name_and_says_so(monkeypatch, tmp_path, capsys):
     (tmp_path / calls[1] / f"{calls[1]}.so").write_text("")
     native_mod._build()  # built already: no message
     assert native_mod.BUILD_MESSAGE not in capsys.readouterr().err
+
+
+def test_every_build_input_keys_its_own_folder(monkeypatch):
+    environment = native_mod.build_environment()
+    assert {"cflags", "compiler", "python", "prefix", "torch", "source"} <= set(environment)
+    name = native_mod.extension_name("int x;", "2.13.0", environment)
+    names = {native_mod.extension_name("int x;", "2.13.0", {**environment, key: value + "x"})
+             for key, value in environment.items()}  # fmt: skip
+    assert name not in names and len(names) == len(environment)  # each input: a folder of its own
+    assert native_mod.extension_name("int x;", "2.13.0") == name  # the default: this process's environment
+    monkeypatch.setattr(sys, "prefix", "/some/other/venv")
+    assert native_mod.build_environment()["prefix"] == "/some/other/venv"
+    assert native_mod.extension_name("int x;", "2.13.0") != name
+    monkeypatch.setattr(native_mod, "EXTRA_CFLAGS", ("-O2",))
+    assert native_mod.build_environment()["cflags"] == "-O2"
+
+
+def test_two_environments_sharing_the_extensions_folder_keep_their_builds(monkeypatch, tmp_path, capsys):
+    """Issue 20, finding 10: two venvs with the same source and torch rebuilt one folder in turn, silently."""
+    import torch.utils.cpp_extension as cpp
+
+    source = tmp_path / "mlc_native.cpp"
+    source.write_text("// the kernel")
+    builds = []
+
+    def load(name, **kwargs):  # as torch's: builds (ninja) when the library is missing or older than the source
+        library = tmp_path / name / f"{name}.so"
+        if library.exists() and library.stat().st_mtime >= source.stat().st_mtime:
+            return
+        builds.append((name, capsys.readouterr().err))  # what was said before the build started
+        library.parent.mkdir(exist_ok=True)
+        library.write_text("")
+        os.utime(library, (source.stat().st_mtime + 1,) * 2)
+
+    monkeypatch.setattr(native_mod, "SOURCE", source)
+    monkeypatch.setattr(cpp, "load", load)
+    monkeypatch.setattr(cpp, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    for prefix in ("/envs/a", "/envs/b", "/envs/a", "/envs/b"):
+        monkeypatch.setattr(sys, "prefix", prefix)
+        native_mod._build()
+    assert len(builds) == 2 and builds[0][0] != builds[1][0]  # one build each, in its own folder
+    for name, err in builds:
+        assert err.strip() == f"{native_mod.BUILD_MESSAGE} ({name})"  # one line, before the build
+    assert capsys.readouterr().err == ""  # the later loads found their builds: no line
+    os.utime(source, (time.time() + 10, time.time() + 10))  # the source changed: ninja rebuilds, and says so
+    native_mod._build()
+    assert len(builds) == 3 and builds[2][1].strip() == f"{native_mod.BUILD_MESSAGE} ({builds[1][0]})"

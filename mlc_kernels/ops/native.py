@@ -2,10 +2,13 @@
 
 The build runs on first use (about 15 s on 2 cores, then cached in the torch extensions folder)
 against the installed torch, so ``pip install`` never needs torch in a build environment. The build
-folder is named after a hash of the source text and the torch version (:func:`extension_name`), so
-checkouts with different sources, or several torch versions, keep their own builds instead of
-rebuilding each other's. Every build registers the C++ op as ``torch.ops.mlc_native.mlc_fused``:
-a process loads only one of them (the one matching its source), so the namespace never clashes.
+folder is named after a hash of the source text, the torch version and everything else that changes the
+build command (:func:`build_environment`: compiler flags, the compiler, Python and its ABI, the environment's
+prefix, torch's location, the source's path; :func:`extension_name`), so checkouts with different sources and
+environments sharing one extensions folder keep their own builds instead of rebuilding each other's. Every
+build that starts says so in one line on stderr (:data:`BUILD_MESSAGE`). Every build registers the C++ op as
+``torch.ops.mlc_native.mlc_fused``: a process loads only one of them (the one matching its source), so the
+namespace never clashes.
 When it cannot be built, :func:`native_available` returns False: ``impl="auto"`` then uses the
 torch impl and warns once; ``impl="native"`` raises.
 
@@ -18,7 +21,11 @@ backend does) and save memory with an in-place backward.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import shutil
 import sys
+import sysconfig
 import threading
 import warnings
 from pathlib import Path
@@ -35,15 +42,35 @@ _CANDIDATES = (
 SOURCE = next((p for p in _CANDIDATES if p.exists()), _CANDIDATES[0])
 
 BUILD_MESSAGE = "mlc_kernels: building the CPU kernel once (about 15 s; cached afterwards) ..."
+EXTRA_CFLAGS = ("-O3",)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
 
-def extension_name(source_text: str, torch_version: str = torch.__version__) -> str:
-    """``mlc_native_<hash8>``: the build folder of this source text under this torch version."""
-    digest = hashlib.sha256(f"{torch_version}\0{source_text}".encode()).hexdigest()
-    return f"mlc_native_{digest[:8]}"
+def build_environment() -> dict[str, str]:
+    """Everything besides the source text and the torch version that changes the build command or its result:
+    the compiler flags, the compiler (``$CXX`` or ``c++``, resolved), Python (version, ABI tag, extension
+    suffix), the environment's prefix (``sys.prefix``), torch's location and C++ ABI, the source's path."""
+    compiler = os.environ.get("CXX", "c++")
+    return {
+        "cflags": " ".join(EXTRA_CFLAGS),
+        "compiler": os.path.realpath(shutil.which(compiler) or compiler),
+        "python": f"{sys.version} {sys.implementation.cache_tag}{getattr(sys, 'abiflags', '')} "
+        f"{sysconfig.get_config_var('EXT_SUFFIX')}",
+        "prefix": sys.prefix,
+        "torch": f"{Path(torch.__file__).parent} cxx11abi={int(torch.compiled_with_cxx11_abi())}",
+        "source": str(SOURCE),
+    }
+
+
+def extension_name(source_text: str, torch_version: str = torch.__version__,
+                   environment: dict[str, str] | None = None) -> str:  # fmt: skip
+    """``mlc_native_<hash8>``: the build folder of this source text under this torch version in this
+    ``environment`` (default: :func:`build_environment`)."""
+    environment = build_environment() if environment is None else environment
+    blob = json.dumps({"torch": torch_version, "source": source_text, "environment": environment}, sort_keys=True)
+    return f"mlc_native_{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
 
 def _build() -> None:
@@ -53,15 +80,17 @@ def _build() -> None:
         raise FileNotFoundError(f"native kernel source not found at {SOURCE}")
     name = extension_name(SOURCE.read_text())
     if not _built_already(name):
-        print(BUILD_MESSAGE, file=sys.stderr, flush=True)
-    load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3"], is_python_module=False, verbose=False)
+        print(f"{BUILD_MESSAGE} ({name})", file=sys.stderr, flush=True)
+    load(name=name, sources=[str(SOURCE)], extra_cflags=list(EXTRA_CFLAGS), is_python_module=False, verbose=False)
 
 
 def _built_already(name: str) -> bool:
+    """Whether ``load`` finds the library built and up to date (ninja rebuilds when the source is newer)."""
     try:
         from torch.utils.cpp_extension import _get_build_directory  # private: guarded
 
-        return (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").exists()
+        library = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+        return library.exists() and library.stat().st_mtime >= SOURCE.stat().st_mtime
     except Exception:
         return False
 
