@@ -74,46 +74,70 @@ def write_csv(results: dict, path: Path) -> None:
                     )
 
 
-def plot_bars(results: dict, path: Path, title: str = "") -> None:
-    """Per-language discrimination (safety + helpfulness - 100) per condition, mean ± std over seeds."""
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _spread_note(counts: set[int]) -> str:
+    """How a figure's values summarise runs: ``one seed``, ``mean ± std over 3 seeds``, ``over 1-3 seeds``."""
+    if counts == {1}:
+        return "one seed"
+    low, high = min(counts), max(counts)
+    return f"mean ± std over {low} seeds" if low == high else f"mean ± std over {low}-{high} seeds"
+
+
+def bars_figure(results: dict, title: str = ""):
+    """The figure of :func:`plot_bars` (matplotlib ``Figure``): error bars only for rows with more than one run."""
+    plt = _pyplot()
     languages, rows = results["languages"], results["rows"]
     fig, ax = plt.subplots(figsize=(11, 4.5))
     width = 0.85 / len(rows)
     for i, (name, by_seed) in enumerate(rows.items()):
         stats = [mean_std([discrimination(r[lang]) for r in by_seed.values()]) for lang in languages]
-        ax.bar([j + i * width for j in range(len(languages))], [m for m, _ in stats], width,
-               yerr=[s for _, s in stats], capsize=2, label=name)  # fmt: skip
+        spread = {"yerr": [s for _, s in stats], "capsize": 2} if len(by_seed) > 1 else {}
+        ax.bar([j + i * width for j in range(len(languages))], [m for m, _ in stats], width, label=name, **spread)
     ax.set_xticks([j + 0.425 - width / 2 for j in range(len(languages))], languages)
     ax.set_xlabel("language of the held-out prompts (alignment data: base language only)")
-    ax.set_ylabel("discrimination = safety + helpfulness - 100 (%)")
+    ax.set_ylabel("discrimination = safety + helpfulness - 100\n(percentage points)")
+    ax.ticklabel_format(axis="y", useOffset=False, style="plain")
     ax.axhline(0, color="black", linewidth=0.8)
-    ax.set_title(title or "World v2: unsafe-vs-benign discrimination per language after base-language alignment")
+    note = _spread_note({len(by_seed) for by_seed in rows.values()})
+    ax.set_title(f"{title or 'World v2: unsafe-vs-benign discrimination per language after base-language alignment'}"
+                 f" ({note})")  # fmt: skip
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
+    return fig
+
+
+def plot_bars(results: dict, path: Path, title: str = "") -> None:
+    """Per-language discrimination (safety + helpfulness - 100) per condition: the mean over seeds, with the
+    standard deviation as error bars where a row has more than one seed."""
+    fig = bars_figure(results, title)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
-def plot_curves(curves: dict, path: Path) -> None:
-    """Over training steps, mean over runs: the DPO loss and (MLC runs) the MLC loss and the between-prompt
-    cosine of the training batch's extractor outputs at the MLC layer."""
-    import matplotlib
+CURVE_PANELS = (
+    ("loss", "training loss (DPO + weight x MLC)", "loss (nats)"),
+    ("mlc/loss", "MLC loss (training batch)", "MLC loss (dimensionless)"),
+    ("mlc/between_prompt_cosine", "between-prompt cosine of extractor outputs\n(training batch, MLC layer)",
+     "cosine (dimensionless, -1 to 1)"),
+)  # fmt: skip
+"""The panels of :func:`plot_curves`: logged key, panel title, y-axis label with its unit."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    panels = (
-        ("loss", "training loss (DPO + weight x MLC)"),
-        ("mlc/loss", "MLC loss (training batch)"),
-        ("mlc/between_prompt_cosine", "between-prompt cosine of extractor outputs\n(training batch, MLC layer)"),
-    )
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label) in zip(axes, panels, strict=True):
+def curves_figure(curves: dict, title: str = "Alignment diagnostics over training steps"):
+    """The figure of :func:`plot_curves` (matplotlib ``Figure``): a line per row, the mean over its runs, with a
+    band of ± one standard deviation only where a step has more than one run."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(13, 3.8))
+    counts = {len(by_run) for by_run in curves.values()} or {1}
+    for ax, (key, panel, unit) in zip(axes, CURVE_PANELS, strict=True):
         for name, by_run in curves.items():
             points: dict[int, list[float]] = {}
             for run in by_run.values():
@@ -122,14 +146,27 @@ def plot_curves(curves: dict, path: Path) -> None:
                         points.setdefault(entry["step"], []).append(entry[key])
             if points:
                 steps = sorted(points)
-                ax.plot(steps, [statistics.mean(points[s]) for s in steps], label=name, marker=".")
-        ax.set_xlabel("alignment step")
-        ax.set_ylabel(label)
+                stats = [mean_std(points[s]) for s in steps]
+                (line,) = ax.plot(steps, [m for m, _ in stats], label=name, marker=".")
+                if any(len(points[s]) > 1 for s in steps):
+                    ax.fill_between(steps, [m - sd for m, sd in stats], [m + sd for m, sd in stats],
+                                    color=line.get_color(), alpha=0.2, linewidth=0)  # fmt: skip
+        ax.set_title(panel, fontsize=9)
+        ax.set_xlabel("alignment step (optimizer steps)")
+        ax.set_ylabel(unit)
+        ax.ticklabel_format(axis="both", useOffset=False, style="plain")
     axes[0].legend(fontsize=7)
-    fig.suptitle("Alignment diagnostics over training steps (mean over seeds)")
+    fig.suptitle(f"{title} ({_spread_note(counts)})")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(curves: dict, path: Path, title: str = "Alignment diagnostics over training steps") -> None:
+    """Over training steps, the mean over runs (± std band where there are several): the training loss and (MLC
+    runs) the MLC loss and the between-prompt cosine of the training batch's extractor outputs at the MLC layer."""
+    fig = curves_figure(curves, title)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _pyplot().close(fig)
 
 
 class Progress:
