@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .checks import eligible_count
+from .errors import UsageError
 from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, GUARDS, check_guard_options, parse_guard
 from .head import MLCHead
 from .hf import FINAL_LAYER, resolve_layer, variant_representations
@@ -210,21 +211,84 @@ def prompt_text(prompt) -> str:
     return next(m["content"] for m in reversed(prompt) if m.get("role") == "user")
 
 
+UNKNOWN_SHARE_MAX = 0.5
+"""A prompt or variant whose content tokens are more than this share the tokenizer's unknown token is refused."""
+
+
+class TokenisationError(UsageError, ValueError):
+    """The tokenizer does not read a record's prompt or variant (no content token, or mostly unknown tokens)."""
+
+
+def _encoder(tokenizer, generation_prompt: bool):
+    """``text -> token ids``: the chat-templated user turn (with the assistant header if ``generation_prompt``)."""
+
+    def encode(text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        if getattr(tokenizer, "chat_template", None):
+            templated = tokenizer.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+            return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
+        return list(tokenizer(text)["input_ids"])
+
+    return encode
+
+
+def _reader(tokenizer, encode):
+    """``(ids of a templated text) -> why the tokenizer does not read it, or None``: the content tokens are what
+    the text adds to the template of an empty prompt (special tokens other than the unknown one left out)."""
+    from collections import Counter
+
+    empty = Counter(encode(""))
+    unk = getattr(tokenizer, "unk_token_id", None)
+    special = set(getattr(tokenizer, "all_special_ids", ())) - {unk}
+
+    def problem(ids: list[int]) -> str | None:
+        added = Counter(ids) - empty
+        content = sum(n for i, n in added.items() if i not in special)
+        if content == 0:
+            return "its tokenisation adds no content token to the chat template"
+        unknown = added.get(unk, 0) if unk is not None else 0
+        if unknown > UNKNOWN_SHARE_MAX * content:
+            return f"{unknown} of its {content} tokens are the unknown token {tokenizer.unk_token!r}"
+        return None
+
+    return problem
+
+
+def _refusal(label: str, lang: str, base: bool, text: str, reason: str) -> TokenisationError:
+    field = "prompt" if base else f"variants.{lang}"
+    shown = text if len(text) <= 40 else text[:37] + "..."
+    return TokenisationError(
+        f"{label}: {field} (language {lang}) {shown!r}: the tokenizer does not read it ({reason}); use a model whose "
+        f"tokenizer covers {lang}, or data in the languages it reads"
+    )
+
+
+def check_tokenisation(records: list[dict], where: list[str], tokenizer, args: MLCArguments) -> None:
+    """Refuse (:class:`TokenisationError`, naming ``where[i]`` and the language) the first prompt or variant of
+    ``records`` in ``args.languages`` whose chat-templated tokenisation adds no content token, or whose content
+    tokens are more than :data:`UNKNOWN_SHARE_MAX` the unknown token: the MLC term would train on nothing."""
+    encode = _encoder(tokenizer, args.generation_prompt)
+    problem = _reader(tokenizer, encode)
+    for record, label in zip(records, where, strict=True):
+        variants = record.get("variants") or {}
+        for lang in args.languages:
+            base = lang == args.base_language
+            text = prompt_text(record["prompt"]) if base else variants.get(lang)
+            if isinstance(text, str) and text:
+                reason = problem(encode(text))
+                if reason is not None:
+                    raise _refusal(label, lang, base, text, reason)
+
+
 def add_variant_ids(dataset, tokenizer, args: MLCArguments):
     """Add the column ``mlc_variant_ids``: for each language of ``args.languages`` the chat-templated
     prompt (base prompt for the base language, else ``variants[lang]``) as token ids; ``[]`` if missing.
     With ``args.generation_prompt`` the template's assistant header ends the prompt (its last token is
     where the response starts); without it the last token is the prompt's own.
-    Raises naming the record and the field when a record is malformed."""
-
-    def encode(text: str) -> list[int]:
-        messages = [{"role": "user", "content": text}]
-        if getattr(tokenizer, "chat_template", None):
-            templated = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=args.generation_prompt, tokenize=False
-            )
-            return list(tokenizer(templated, add_special_tokens=False)["input_ids"])
-        return list(tokenizer(text)["input_ids"])
+    Raises naming the record and the field when a record is malformed, and :class:`TokenisationError` when the
+    tokenizer does not read a prompt or variant (see :func:`check_tokenisation`)."""
+    encode = _encoder(tokenizer, args.generation_prompt)
+    problem = _reader(tokenizer, encode)
 
     def add(record, index):
         if "prompt" not in record:
@@ -236,10 +300,15 @@ def add_variant_ids(dataset, tokenizer, args: MLCArguments):
             )
         ids = []
         for lang in args.languages:
-            text = prompt_text(record["prompt"]) if lang == args.base_language else variants.get(lang)
+            base = lang == args.base_language
+            text = prompt_text(record["prompt"]) if base else variants.get(lang)
             if text is not None and not isinstance(text, str):
                 raise ValueError(f"record {index}: field 'variants.{lang}' must be a string, got {type(text).__name__}")
-            ids.append(encode(text) if text else [])
+            tokens = encode(text) if text else []
+            reason = problem(tokens) if text else None
+            if reason is not None:
+                raise _refusal(f"record {index}", lang, base, text, reason)
+            ids.append(tokens)
         return {VARIANT_COLUMN: ids}
 
     return dataset.map(add, with_indices=True)

@@ -19,45 +19,60 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("cli") / "model")
 
 
-def test_offline_chain_train_then_eval(tiny_checkpoint, tmp_path, capsys):
-    """A saved model folder (what ``mlc demo`` writes to <out>/model) -> ``mlc train`` on README's JSONL example
-    -> ``mlc eval`` with the trained extractor: the numbers in eval.json are those of the saved model and head."""
+@pytest.mark.xfail(strict=True, reason="needs mlc_kernels.cli.options.load_tokenizer to load a folder whose "
+                   "tokenizer_config names a generic backend with its own tokenizer.json (transformers 5 loads the "
+                   "world's word-level tokenizer as Qwen2Tokenizer, which reads nothing): issue 20 finding 1, report G")
+def test_offline_chain_train_then_eval(tmp_path, capsys):
+    """README's chain: what ``mlc demo --out mlc_demo`` writes first (the shipped world model in <out>/model and
+    the world's records in <out>/data.jsonl) -> ``mlc train`` on that file in the world's languages -> ``mlc eval``
+    with the trained extractor. The run trains on something (the model reads the data: mlc/loss moves, the
+    cosines are not all 1) and the numbers in eval.json are those of the saved model and head."""
     import torch
     import transformers
 
     from mlc_kernels.cli.eval import evaluate
     from mlc_kernels.head import MLCHead
+    from mlc_kernels.records import EVAL, load_checked
     from mlc_kernels.trainers import MLCArguments
+    from mlc_kernels.transfer.demo import save_demo_start
 
-    data = write_jsonl(tmp_path / "data.jsonl", README_RECORDS)
+    demo = tmp_path / "mlc_demo"
+    save_demo_start(demo)  # the first thing mlc demo does (the alignment runs after it are test_demo's)
+    model_dir, data = demo / "model", demo / "data.jsonl"
+    languages = "base,high1,high2,low1,low2"
     out = tmp_path / "run"
-    main(["train", "--model", str(tiny_checkpoint), "--dataset", str(data), "--languages", "en,zh,ru",
-          "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "--mlc-rep-size", "16",
-          "--mlc-layer", "2", "--learning_rate", "1e-3"])  # fmt: skip
+    main(["train", "--model", str(model_dir), "--dataset", str(data), "--languages", languages,
+          "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "--mlc-rep-size", "16",
+          "--mlc-layer", "3", "--mlc_aux_every", "1", "--learning_rate", "1e-3", "--save-steps", "3"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "coverage: records with a non-empty variant per language (4 records)" in printed
-    state = json.loads((out / "trainer_state.json").read_text()) if (out / "trainer_state.json").exists() else None
+    assert "coverage: records with a non-empty variant per language (64 records)" in printed
+    logs = [e for e in json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())["log_history"]
+            if "mlc/loss" in e]  # fmt: skip
+    assert len(logs) == 3 and len({round(e["mlc/loss"], 6) for e in logs}) > 1  # the MLC term sees the data
+    assert any(e[f"mlc/cos_{lang}"] < 0.999 for e in logs for lang in languages.split(","))
     head_dir = out / "mlc_head"
     trained = MLCHead.from_pretrained(head_dir)
     assert trained.hidden_size == 64 and trained.rep_size == 16
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_checkpoint)
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     tuned = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert not torch.equal(base.model.layers[0].mlp.up_proj.weight, tuned.model.layers[0].mlp.up_proj.weight)
     eval_out = tmp_path / "eval"
-    main(["eval", "--model", str(out), "--extractor", str(head_dir), "--prompts", str(data), "--languages", "en,zh,ru",
-          "--mlc-layer", "2", "--out", str(eval_out)])  # fmt: skip
+    capsys.readouterr()
+    main(["eval", "--model", str(out), "--extractor", str(head_dir), "--prompts", str(data), "--languages", languages,
+          "--mlc-layer", "3", "--out", str(eval_out)])  # fmt: skip
     captured = capsys.readouterr()
     assert "LOAD REPORT" not in captured.out + captured.err  # the extractor's keys are skipped silently
-    assert "cos to consensus zh" in captured.out and "between-prompt cosine" in captured.out
+    assert "cos to consensus low2" in captured.out and "between-prompt cosine" in captured.out
     result = json.loads((eval_out / "eval.json").read_text())
-    assert set(result["cosine_to_consensus"]) == {"en", "zh", "ru"} and result["layer"] == 2
-    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
-    mlc = MLCArguments(languages=("en", "zh", "ru"), layer=2)
-    want = evaluate(tuned, tokenizer, README_RECORDS, mlc, trained)
+    assert set(result["cosine_to_consensus"]) == set(languages.split(",")) and result["layer"] == 3
+    assert all(value < 0.999 for value in result["cosine_to_consensus"].values())  # not the all-unknown 1.0000
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(out)  # the world's word-level tokenizer
+    records, _ = load_checked(str(data), EVAL)
+    mlc = MLCArguments(languages=tuple(languages.split(",")), base_language="base", layer=3)
+    want = evaluate(tuned, tokenizer, records, mlc, trained)
     for lang, value in want["cosine_to_consensus"].items():
         assert result["cosine_to_consensus"][lang] == pytest.approx(value, abs=1e-5)
     assert result["s1_share"] == pytest.approx(want["s1_share"], abs=1e-5)
-    assert state is None or state["global_step"] == 2
 
 
 def test_eval_json_is_valid_with_missing_languages(tiny_checkpoint, tmp_path):

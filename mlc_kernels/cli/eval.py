@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..mlc_term import check_tokenisation
 from ..trainers import MLCArguments
 from .options import (
     HELP_FORMAT,
@@ -146,10 +147,12 @@ def main(args: argparse.Namespace) -> None:
     from ..records import EVAL, load_checked
 
     out = check_output_folder(args.out, "--out")
-    records, _ = load_checked(args.prompts, EVAL, args.split if args.prompts == "sample" else None, args.dataset_format)
+    records, where = load_checked(args.prompts, EVAL, args.split if args.prompts == "sample" else None,
+                                  args.dataset_format)  # fmt: skip
     mlc = mlc_arguments_from(args)
     name, local = resolve_model_path(args.model)
     tokenizer = load_tokenizer(name, local)
+    check_tokenisation(records, where, tokenizer, mlc)  # before the model loads
     model = load_model(name, local, ignore_extractor=True)
     check_layer(mlc, model)
     head = load_extractor(args.extractor, model.config.hidden_size) if args.extractor else None

@@ -2,7 +2,9 @@
 
 The model (4 layers, hidden 64) and its tokenizer ship in ``mlc_kernels/transfer/data/world_v2/``: produced by
 :func:`.pretrain.pretrained` for world v2, seed 0 (``recipe.json``). The demo copies them to
-``<out>/model`` (so ``mlc train --model <out>/model`` runs offline), aligns them in the base language only
+``<out>/model`` and a small data file in the world's languages to ``<out>/data.jsonl`` (so ``mlc train --model
+<out>/model --dataset <out>/data.jsonl --languages base,high1,high2,low1,low2`` runs offline on records the model
+reads), aligns them in the base language only
 with DPO and with DPO+MLC (the condition :data:`DEMO_CONDITION`), and prints per-language safety,
 helpfulness and discrimination before and after, with the collapse diagnostics; PNGs go to ``<out>``.
 """
@@ -23,6 +25,9 @@ from .protocol import ALIGN, CONDITIONS, MODEL, V2Config, condition_align
 from .report import Progress, discrimination, plot_bars, plot_curves
 from .runs import RunTask, default_workers, run_tasks
 from .world import World, world_config
+
+DEMO_DATA_RECORDS = 64
+"""Records in ``<out>/data.jsonl``: the first of the world's alignment records (every language, DPO and SFT)."""
 
 DEMO_CONDITION = "anchor_cos+center"
 """The DPO+MLC condition the demo runs (a name of :data:`.protocol.CONDITIONS`)."""
@@ -60,6 +65,28 @@ def format_demo(rows: dict[str, dict], collapse: dict[str, dict], languages: lis
     return "\n".join(lines)
 
 
+def write_demo_data(world: World, path: Path, count: int = DEMO_DATA_RECORDS) -> Path:
+    """``count`` of ``world``'s alignment records as this package's JSONL (prompt, chosen, rejected, completion,
+    variants in every derived language): data the demo model reads, for ``mlc train``/``mlc eval``."""
+    import json
+
+    keys = ("prompt", "chosen", "rejected", "completion", "variants")
+    lines = [json.dumps({k: r[k] for k in keys}, ensure_ascii=False) for r in world.alignment_records()[:count]]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+def save_demo_start(out: Path, model_path: Path = SHIPPED):
+    """The shipped model and tokenizer in ``<out>/model``, the world's records in ``<out>/data.jsonl``; returns
+    ``(model, tokenizer, recipe, world)``."""
+    model, tokenizer, recipe = load_shipped(model_path)
+    model.save_pretrained(out / "model")
+    tokenizer.save_pretrained(out / "model")
+    world = World(world_config(recipe["world"], recipe["world_seed"]))
+    write_demo_data(world, out / "data.jsonl")
+    return model, tokenizer, recipe, world
+
+
 def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, condition: str = DEMO_CONDITION,
              mlc_weight: float | None = None, per_kind: int = 64, model_path: Path = SHIPPED,
              log=print, workers: int | None = None) -> dict:  # fmt: skip
@@ -76,10 +103,7 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     transformers.utils.logging.disable_progress_bar()
     transformers.logging.set_verbosity_error()
     logging.getLogger("mlc_kernels.trainers").setLevel(logging.ERROR)  # the collapse warning: shown in the table
-    model, tokenizer, recipe = load_shipped(model_path)
-    model.save_pretrained(out / "model")
-    tokenizer.save_pretrained(out / "model")
-    world = World(world_config(recipe["world"], recipe["world_seed"]))
+    model, tokenizer, recipe, world = save_demo_start(out, model_path)
     layer = recipe.get("mlc_layer", 3)
     cond = next((c for c in CONDITIONS if c.name == condition), None)
     if cond is None:
@@ -120,6 +144,8 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
               title="mlc demo: discrimination per language (base-language alignment only)")  # fmt: skip
     plot_curves(curves, out / "mlc_demo_steps.png")
     seconds = time.time() - start
-    log(f"wrote {out / 'mlc_demo_languages.png'}, {out / 'mlc_demo_steps.png'} and the starting model in "
-        f"{out / 'model'} ({seconds:.0f} s)")  # fmt: skip
+    log(f"wrote {out / 'mlc_demo_languages.png'}, {out / 'mlc_demo_steps.png'}, the starting model in "
+        f"{out / 'model'} and data it reads in {out / 'data.jsonl'} ({seconds:.0f} s); next: mlc train --model "
+        f"{out / 'model'} --dataset {out / 'data.jsonl'} --languages {','.join(languages)} "
+        f"--mlc-layer {layer}")  # fmt: skip
     return {"rows": rows, "collapse": collapse, "curves": curves, "seconds": seconds, "gain": gain}
