@@ -74,6 +74,9 @@ class MLCHead(nn.Module):
         """Projection of ``hidden``; with ``loss=True`` the fused MLC loss of ``hidden`` ``(N, m, hidden_size)``
         and ``mask`` ``(N, m)`` instead (``loss_options`` as :func:`fused_linear_mlc_loss`, whose defaults are the
         authors' ``objective="relative_sv_softmax", tau=0.2``; ``objective="sv_softmax"`` is the paper text's)."""
+        if isinstance(hidden, torch.Tensor) and hidden.dim() >= 1 and hidden.shape[-1] != self.hidden_size:
+            raise ValueError(f"MLCHead(hidden_size={self.hidden_size}): hidden has last dimension {hidden.shape[-1]}, "
+                             f"expected {self.hidden_size} (the hidden size this extractor was built for)")
         if not loss:
             if mask is not None or loss_options:
                 raise ValueError("MLCHead: mask and loss options need loss=True")
