@@ -26,10 +26,26 @@ def check_mask(mask: torch.Tensor | None, n: int, m: int, device: torch.device) 
         raise ValueError(f"mask must be on the device of reps ({device}), got {mask.device}")
 
 
-def check_options(tau: float, objective: str, reduction: str) -> None:
-    """Raise unless ``tau`` > 0 is finite and ``objective`` and ``reduction`` are known."""
+MIN_TAU = 1e-4
+"""The smallest temperature accepted. The logits are ``s / tau`` with singular values ``s`` in ``[0, sqrt(m)]``
+(``[0, 1]`` relative): the softmax rounds to one-hot in fp32, so loss and gradient are exactly 0, once the top
+two singular values differ by more than ``17 tau`` (at 1e-4: 0.0017, already near-identical variants; random
+variants give loss 0 from tau 1e-3 on), and ``s / tau`` leaves fp16's range (65504) below ``sqrt(m) / 65504``
+(8.6e-5 at m = 32). ``tau=1e-30`` trained nothing without a word."""
+
+
+def check_tau(tau: float, name: str = "tau") -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``tau`` is a finite number >= :data:`MIN_TAU`."""
     if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"tau must be a finite float > 0, got {tau!r}")
+        raise ValueError(f"{name} must be a finite float > 0, got {tau!r}")
+    if tau < MIN_TAU:
+        raise ValueError(f"{name} must be >= {MIN_TAU:g}, got {tau!r}: below it the softmax over s/tau is one-hot "
+                         "and the loss and its gradient are 0 (typical values: 0.2 to 1)")  # fmt: skip
+
+
+def check_options(tau: float, objective: str, reduction: str) -> None:
+    """Raise unless ``tau`` is a finite number >= :data:`MIN_TAU` and ``objective`` and ``reduction`` are known."""
+    check_tau(tau)
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     if reduction not in REDUCTIONS:

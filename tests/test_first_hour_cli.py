@@ -128,3 +128,51 @@ def test_ordinary_mistakes_are_one_line(name, model_dir, tmp_path, capsys, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     if "{ro}/out" in MISTAKES[name][0]:
         assert not (read_only / "out").exists()
+
+
+# Finding 5: accepted silently before
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_max_steps_must_be_positive_or_minus_one(steps, model_dir, tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    argv = ["train", "--model", str(model_dir), "--output-dir", str(out), *TRAIN, "--max-steps", steps]
+    user_error(main, argv, capsys, rf"--max_steps must be >= 1, or -1 \(train for --num_train_epochs\), got {steps}$",
+               untouched=out)  # fmt: skip
+
+
+def test_bench_budget_must_be_positive(tmp_path, capsys, no_loading):
+    out = tmp_path / "out"
+    user_error(main, ["bench", "--budget", "-1", "--out", str(out)], capsys,
+               r"--budget: expected a number of seconds > 0, got '-1'", untouched=out)  # fmt: skip
+
+
+def test_head_on_the_wrong_hidden_size_names_it():
+    import torch
+
+    from mlc_kernels.head import MLCHead
+
+    head = MLCHead(64, 32)
+    for call in (head, head.loss):
+        with pytest.raises(ValueError, match=r"MLCHead\(hidden_size=64\): hidden has last dimension 48, expected 64"):
+            call(torch.randn(2, 3, 48))
+    assert head(torch.randn(2, 3, 64)).shape == (2, 3, 32)
+
+
+def test_tau_below_the_smallest_sensible_value_is_refused(model_dir, tmp_path, capsys, no_loading):
+    import torch
+
+    from mlc_kernels import mlc_loss
+    from mlc_kernels.checks import MIN_TAU
+    from mlc_kernels.head import MLCHead
+
+    reps = torch.randn(4, 3, 16)
+    for call in (lambda tau: mlc_loss(reps, tau=tau, impl="torch"), lambda tau: MLCHead(16, 8).loss(reps, tau=tau)):
+        with pytest.raises(ValueError, match=r"tau must be >= 0\.0001, got 1e-30: below it the softmax"):
+            call(1e-30)
+        assert torch.isfinite(call(MIN_TAU))
+    out = tmp_path / "out"
+    user_error(main, ["train", "--model", str(model_dir), "--output-dir", str(out), *TRAIN, "--mlc-tau", "1e-30"],
+               capsys, r"--mlc_tau must be >= 0\.0001, got 1e-30", untouched=out)  # fmt: skip
+    user_error(main, ["transfer", "--mlc-tau", "1e-30", "--out", str(out)], capsys,
+               r"--mlc-tau must be >= 0\.0001, got 1e-30", untouched=out)  # fmt: skip

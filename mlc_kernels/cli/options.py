@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..checks import check_tau
 from ..errors import UsageError
 from ..sample_data import LANGUAGES
 from ..trainers import MLCArguments
@@ -55,9 +56,11 @@ def mlc_arguments_from(options) -> MLCArguments:
     if values.get("base_language") is None:
         values["base_language"] = languages[0]
     try:
-        return MLCArguments(**values)
+        mlc = MLCArguments(**values)
+        check_tau(mlc.tau, "--mlc_tau")
     except ValueError as err:
         raise UsageError(_option_message(str(err))) from err
+    return mlc
 
 
 def _option_message(text: str) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_tau
 from .align import AlignConfig
 from .pretrain import DEFAULT_CACHE
 
@@ -32,15 +33,14 @@ def check_weight(mlc_weight: float | None) -> float | None:
 
 
 def align_overrides(align: AlignConfig, layers: int, mlc_layer: int | None, mlc_tau: float | None) -> AlignConfig:
-    """``align`` with the command line's ``--mlc-layer`` (1..layers) and ``--mlc-tau`` (> 0) applied; raises
+    """``align`` with the command line's ``--mlc-layer`` (1..layers) and ``--mlc-tau`` (>= ``MIN_TAU``) applied; raises
     ``ValueError`` naming the option."""
     if mlc_layer is not None:
         if not 1 <= mlc_layer <= layers:
             raise ValueError(f"--mlc-layer must be in 1..{layers}, got {mlc_layer}")
         align = replace(align, mlc_layer=mlc_layer)
     if mlc_tau is not None:
-        if mlc_tau <= 0:
-            raise ValueError(f"--mlc-tau must be > 0, got {mlc_tau}")
+        check_tau(mlc_tau, "--mlc-tau")
         align = replace(align, mlc_tau=mlc_tau)
     return align
 
