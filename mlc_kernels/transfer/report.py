@@ -108,7 +108,7 @@ def bars_figure(results: dict, title: str = ""):
     ax.axhline(0, color="black", linewidth=0.8)
     note = _spread_note({len(by_seed) for by_seed in rows.values()})
     ax.set_title(f"{title or 'World v2: unsafe-vs-benign discrimination per language after base-language alignment'}"
-                 f" ({note})")  # fmt: skip
+                 f"; {note}")  # fmt: skip
     ax.legend(fontsize=7, ncol=4)
     fig.tight_layout()
     return fig
@@ -156,7 +156,7 @@ def curves_figure(curves: dict, title: str = "Alignment diagnostics over trainin
         ax.set_ylabel(unit)
         ax.ticklabel_format(axis="both", useOffset=False, style="plain")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{title} ({_spread_note(counts)})")
+    fig.suptitle(f"{title}; {_spread_note(counts)}")
     fig.tight_layout()
     return fig
 
