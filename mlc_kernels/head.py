@@ -12,6 +12,9 @@ from torch.nn import functional as F
 
 WEIGHTS_NAME = "mlc_head.safetensors"
 CONFIG_NAME = "mlc_head_config.json"
+SETTING_KEYS = ("layer", "objective", "tau", "guard", "base_language", "languages")
+"""The MLC settings a head is trained with, saved in its config beside its own shape (``rep_size``): what ``mlc
+eval`` takes from it. Heads saved before them have none (then the options apply)."""
 
 
 class MLCHead(nn.Module):
@@ -49,6 +52,7 @@ class MLCHead(nn.Module):
         self.weight = nn.Parameter(torch.empty(rep_size, hidden_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(rep_size, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
+        self.settings: dict = {}  # the MLC settings it was trained with (SETTING_KEYS), saved in its config
         self.orthogonal = bool(orthogonal)
         if self.orthogonal:
             from torch.nn.utils.parametrizations import orthogonal as orthogonal_parametrization
@@ -94,14 +98,23 @@ class MLCHead(nn.Module):
         config = {"hidden_size": self.hidden_size, "rep_size": self.rep_size, "bias": self.bias is not None}
         if self.orthogonal:  # absent for the default head: its config file stays as it was
             config["orthogonal"] = True
+        config.update({k: self.settings[k] for k in SETTING_KEYS if k in self.settings})
         return config
 
-    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    def save_pretrained(self, directory: str | Path, state_dict: dict[str, torch.Tensor] | None = None,
+                        settings: dict | None = None) -> Path:  # fmt: skip
         """Write ``mlc_head.safetensors`` and ``mlc_head_config.json`` into ``directory``; returns it.
         ``state_dict`` (keys ``weight``/``bias``): full tensors to write
-        instead of the module's own, e.g. gathered by an engine that shards the head."""
+        instead of the module's own, e.g. gathered by an engine that shards the head. ``settings``: the MLC
+        settings it was trained with (keys of :data:`SETTING_KEYS`; the trainers pass them), kept in
+        :attr:`settings` and written into the config."""
         from safetensors.torch import save_file
 
+        if settings is not None:
+            unknown = set(settings) - set(SETTING_KEYS)
+            if unknown:
+                raise ValueError(f"MLCHead.save_pretrained: unknown settings {sorted(unknown)}; known: {SETTING_KEYS}")
+            self.settings = dict(settings)
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         own = {"weight": self.weight, **({"bias": self.bias} if self.bias is not None else {})}
@@ -179,6 +192,7 @@ class MLCHead(nn.Module):
                 )
         head = cls(config["hidden_size"], config["rep_size"], bias=config["bias"],
                    orthogonal=bool(config.get("orthogonal", False)), device=device, dtype=dtype)  # fmt: skip
+        head.settings = {k: config[k] for k in SETTING_KEYS if k in config}
         with torch.no_grad():
             if head.orthogonal:
                 head.weight = tensors["weight"].to(head.weight)  # through the parametrization's right inverse

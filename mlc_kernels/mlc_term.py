@@ -575,7 +575,8 @@ class MLCTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict=None):
         """The checkpoint, plus the extractor alone in ``<out>/mlc_head`` (written by the saving process; under
-        FSDP/DeepSpeed from the full state dict the engine gathered for the checkpoint)."""
+        FSDP/DeepSpeed from the full state dict the engine gathered for the checkpoint), with the settings it was
+        trained with in its config (:meth:`_mlc_settings`)."""
         prefix = "mlc_head."  # taken first: saving may drop keys from state_dict
         gathered = {k.removeprefix(prefix): v for k, v in (state_dict or {}).items() if k.startswith(prefix)}
         super()._save(output_dir, state_dict=state_dict)
@@ -583,7 +584,14 @@ class MLCTrainerMixin:
             return
         out = Path(output_dir if output_dir is not None else self.args.output_dir)
         head = self.accelerator.unwrap_model(self.model).mlc_head
-        head.save_pretrained(out / "mlc_head", state_dict=gathered or None)
+        head.save_pretrained(out / "mlc_head", state_dict=gathered or None, settings=self._mlc_settings())
+
+    def _mlc_settings(self) -> dict:
+        """What the extractor was trained with, saved in its config (``mlc eval`` reads them): the resolved layer
+        (1-based, or ``"final"``), objective, tau, guard, base language and languages."""
+        a = self.mlc_args
+        return {"layer": self.mlc_layer, "objective": a.objective, "tau": a.tau, "guard": a.guard,
+                "base_language": a.base_language, "languages": list(a.languages)}  # fmt: skip
 
 
 def launched_with(engine: str) -> bool:
