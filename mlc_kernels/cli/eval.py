@@ -173,7 +173,8 @@ def plot_eval(results: dict[str, dict], path: Path) -> None:
     layer = first.get("layer")
     where = f"layer {layer}" + (", through the extractor" if first.get("extractor") else ", hidden states")
     ax.set_title(f"mlc eval: per-language consistency ({where}; 1 = reads like the consensus)", fontsize=10)
-    ax.legend()
+    if len(results) > 1:  # one result set: no legend over the bars
+        ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
