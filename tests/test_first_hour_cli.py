@@ -7,7 +7,12 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
+import re
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -176,3 +181,131 @@ def test_tau_below_the_smallest_sensible_value_is_refused(model_dir, tmp_path, c
                capsys, r"--mlc_tau must be >= 0\.0001, got 1e-30", untouched=out)  # fmt: skip
     user_error(main, ["transfer", "--mlc-tau", "1e-30", "--out", str(out)], capsys,
                r"--mlc-tau must be >= 0\.0001, got 1e-30", untouched=out)  # fmt: skip
+
+
+# Finding 7: noise
+
+
+def _mlc(*argv: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``mlc argv`` as a user runs it: a fresh process, its own environment (no DeepSpeed or warning settings)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "PYTHONWARNINGS", "MLC_DEBUG")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parent.parent)
+    return subprocess.run([sys.executable, "-m", "mlc_kernels.cli", *argv], capture_output=True, text=True, env=env,
+                          timeout=timeout)  # fmt: skip
+
+
+def test_training_and_resuming_print_no_noise(model_dir, tmp_path):
+    """No DeepSpeed accelerator warning, no FutureWarning, one short line per logging step instead of a dict of 25
+    keys, and no "missing keys ['lm_head.weight']" when resuming a model with tied embeddings."""
+    out = tmp_path / "run"
+    first = _mlc("train", "--model", str(model_dir), "--output-dir", str(out), *TRAIN, "--max-steps", "2",
+                 "--batch-size", "2", "--mlc-rep-size", "8", "--save-steps", "1")  # fmt: skip
+    resumed = _mlc("train", "--model", str(model_dir), "--output-dir", str(out), *TRAIN, "--max-steps", "3",
+                   "--batch-size", "2", "--mlc-rep-size", "8", "--resume-from-checkpoint", "last")  # fmt: skip
+    for run in (first, resumed):
+        text = run.stdout + run.stderr
+        assert run.returncode == 0, text[-3000:]
+        assert "Setting accelerator to CPU" not in text
+        assert "FutureWarning" not in text
+        assert "{'loss'" not in text and "'mlc/loss'" not in text
+        assert "missing keys" not in text
+    assert re.search(r"step 1/2: loss [\d.]+, MLC loss [\d.]+", first.stdout + first.stderr)
+    assert re.search(r"step 3/3: loss [\d.]+", resumed.stdout + resumed.stderr)
+
+
+def test_a_bad_choice_is_one_line_without_the_usage(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    user_error(main, ["train", "--model", str(model_dir), "--output-dir", str(out), *TRAIN, "--mlc_objective", "foo"],
+               capsys, r"argument --mlc_objective\S*: invalid choice: 'foo'", untouched=out)  # fmt: skip
+    main_line = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert main_line == []  # user_error read it: nothing else was printed
+    with pytest.raises(SystemExit):
+        main(["train", "--mlc_objective", "foo"])
+    assert len([line for line in capsys.readouterr().err.splitlines() if line.strip()]) == 1
+
+
+def test_train_help_puts_mlc_options_first_and_shows_defaults_once(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0
+    assert text.splitlines()[0].startswith("usage: mlc train --model MODEL") and not text.splitlines()[1].strip()
+    sections = ["mlc train: the data and the algorithm:", "the MLC term (--mlc_*):", "TRL's ModelConfig:",
+                "TRL's DPOConfig:"]  # fmt: skip
+    where = [text.index(section) for section in sections]
+    assert where == sorted(where), where
+    assert "(default: None)" not in text
+    flat = " ".join(text.split())
+    assert flat.count("(default: the first of --languages)") == 1
+    assert "(default: the first of --languages) (default" not in flat
+
+
+def test_a_hub_id_offline_fails_fast(monkeypatch, tmp_path, capsys):
+    """Offline, a hub id that is not cached is refused at once (the hub client retried for 53 s)."""
+    import socket
+
+    def offline(*args, **kwargs):
+        raise OSError(101, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", offline)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    out = tmp_path / "out"
+    start = time.perf_counter()
+    user_error(main, ["train", "--model", "nobody/no-such-model-1234", "--output-dir", str(out), *TRAIN], capsys,
+               r"--model nobody/no-such-model-1234: no such folder, and the hub cannot be reached .*Network is "
+               r"unreachable", untouched=out)  # fmt: skip
+    assert time.perf_counter() - start < 10
+
+
+# Finding 8: training.png
+
+
+def test_training_figure_is_labelled_without_offset_notation():
+    from mlc_kernels.cli.train import training_figure
+
+    history = [{"step": s, "mlc/loss": 0.01 / s, "mlc/align_loss": 0.7 - 0.01 * s, "mlc/cos_en": 1 - 1e-7 * s,
+                "mlc/cos_zh": 1 - 2e-7 * s} for s in range(1, 6)]  # fmt: skip
+    fig = training_figure(history, ["en", "zh"])
+    fig.canvas.draw()
+    left, right = fig.axes
+    assert fig._suptitle is not None and fig._suptitle.get_text()
+    for ax in (left, right):
+        assert ax.get_title() and ax.get_xlabel() == "optimizer step" and ax.get_ylabel()
+        assert ax.yaxis.get_offset_text().get_text() == "", ax.yaxis.get_offset_text().get_text()
+    assert "nats" in left.get_ylabel() and "cosine" in right.get_ylabel()
+
+
+# Finding 11: mlc bench for a user
+
+
+def test_bench_quick_runs_the_headline_cells_briefly(tmp_path, capsys, monkeypatch):
+    from mlc_kernels.bench import loss, runner
+
+    seen = {}
+    monkeypatch.setitem(runner.SUITES, "loss", type("Suite", (), {"run": lambda args, opts: seen.update(
+        args=args, opts=opts)}))  # fmt: skip
+    main(["bench", "--quick", "--out", str(tmp_path / "out"), "--threads", "1"])
+    args, opts = seen["args"], seen["opts"]
+    assert args.grid is None and args.impls is None  # the default grid and impls: README's table
+    assert (opts.rounds, opts.budget_s, opts.memory) == (1, 0.05, False)
+    assert "suites loss;" in capsys.readouterr().out
+    main(["bench", "--quick", "--rounds", "2", "--out", str(tmp_path / "out")])
+    assert seen["opts"].rounds == 2  # given explicitly: wins
+    assert loss.CPU_GRID and loss.GPU_GRID
+
+
+def test_bench_help_shows_defaults_and_output_names(capsys, tmp_path):
+    from mlc_kernels.bench.runner import OUTPUT_NAMES, SUITES
+
+    with pytest.raises(SystemExit):
+        main(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for default in ("(default 0.3)", "(default 5)", "(default: bench_out)", "--quick"):
+        assert default in text, default
+    assert "(default: None)" not in text
+    assert set(OUTPUT_NAMES) == set(SUITES)
+    for suite, name in OUTPUT_NAMES.items():
+        assert f"{name}.csv ({suite})" in text or f"{name}.csv" in text
+    main(["bench", "--grid", "2x3x8", "--impls", "torch", "--budget", "0.01", "--no-memory", "--quiet", "--threads",
+          "1", "--out", str(tmp_path)])  # fmt: skip
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"{OUTPUT_NAMES['loss']}.csv", f"{OUTPUT_NAMES['loss']}.png"]

@@ -24,13 +24,16 @@ from . import fused_linear, hf_capture, loss, train_step
 from .utils import DTYPES, HelpFormatter, Options, allocator_name, default_threads, device_name
 
 SUITES = {"loss": loss, "fused-linear": fused_linear, "hf-capture": hf_capture, "train-step": train_step}
+OUTPUT_NAMES = {"loss": "mlc_bench", "fused-linear": "fused_linear", "hf-capture": "hf_capture",
+                "train-step": "train_step"}  # fmt: skip
+"""Suite -> the name of its ``OUT/<name>.csv`` and ``OUT/<name>.png`` (each suite module's ``emit``)."""
 DEFAULT_SUITES = ("loss", "fused-linear", "hf-capture")  # train-step (minutes on CPU) runs only when named
 TUNED = ("loss", "fused-linear")  # the suites that launch the Triton kernels with --triton-configs
 
 
-QUICK = dict(suite="loss", rounds=1, budget=0.05)
-"""``--quick``: the loss suite's default grid (README's headline cells) in one pass with a short budget, about a
-minute on a 2-core CPU; options given on the command line win."""
+QUICK = dict(suite="loss", rounds=1, budget=0.05, no_memory=True)
+"""``--quick``: the loss suite's default grid (README's headline cells) in one pass with a short budget and no
+peak-memory children, about a minute on a 2-core CPU; options given on the command line win."""
 
 
 def parse_grid(text: str) -> list[tuple[int, int, int]]:
@@ -101,7 +104,7 @@ def make_parser(prog: str = "mlc-bench") -> argparse.ArgumentParser:
                                      formatter_class=HelpFormatter)  # fmt: skip
     parser.add_argument(
         "--quick", action="store_true", help="about a minute: the loss suite's default grid (README's headline "
-        "cells), one round, budget 0.05 s (options given explicitly win)"
+        "cells), one round, budget 0.05 s, no peak memory (options given explicitly win)"
     )  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda[:i]")
     parser.add_argument("--grid", type=parse_grid, help="NxMxD,... of the loss suite (implies --suite loss)")
@@ -133,7 +136,8 @@ def make_parser(prog: str = "mlc-bench") -> argparse.ArgumentParser:
         default=None,
         help="set MALLOC_MMAP_THRESHOLD_ (bytes) in the CPU memory child (default: glibc's default)",
     )
-    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for CSV and PNG")
+    parser.add_argument("--out", type=Path, default=Path("bench_out"), help="folder for each suite's CSV and PNG: "
+                        + ", ".join(f"{name}.csv ({suite})" for suite, name in OUTPUT_NAMES.items()))  # fmt: skip
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument(
         "--triton-configs", type=Path, default=None, help="JSON {m_pad: KernelConfig fields} from tune_triton"
@@ -178,7 +182,7 @@ def main(argv: list[str] | None = None, prog: str = "mlc-bench") -> None:
     parser = make_parser(prog)
     args = parser.parse_args(argv)
     for name, value in (QUICK if args.quick else {}).items():
-        if getattr(args, name) is None:
+        if getattr(args, name) in (None, False):
             setattr(args, name, value)
     args.budget = 0.3 if args.budget is None else args.budget
     args.rounds = 5 if args.rounds is None else args.rounds

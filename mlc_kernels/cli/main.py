@@ -16,6 +16,7 @@ unexpected error prints one line asking for ``--debug`` and exits 1; Ctrl-C exit
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 
@@ -42,6 +43,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+KNOWN_WARNINGS = (r".*is deprecated and will be removed in v\d",)
+"""FutureWarnings of transformers/TRL about their own renamed options, which ``mlc`` does not set: filtered once
+(a user's Python code still sees them)."""
+
+OTHER_ACCELERATORS = ("intel_extension_for_pytorch", "torch_npu", "torch_sdaa", "habana_frameworks", "torch_mlu",
+                      "torch_supa", "torch_xmlir")  # fmt: skip
+"""Packages through which DeepSpeed would find an accelerator other than CUDA."""
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *starts: str) -> None:
+        super().__init__()
+        self.starts = starts
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.starts)
+
+
+def quiet_libraries() -> None:
+    """The libraries' noise that is no news to a user of ``mlc``: DeepSpeed's "Setting accelerator to CPU" (printed
+    whenever transformers or accelerate import DeepSpeed on a machine without CUDA, once per process: the
+    environment tells the worker processes too) and the known FutureWarnings."""
+    import importlib.util
+    import warnings
+
+    logging.getLogger("DeepSpeed").addFilter(_DropMessages("Setting accelerator to CPU"))
+    if "DS_ACCELERATOR" not in os.environ and importlib.util.find_spec("deepspeed") is not None:
+        import torch
+
+        others = torch.backends.mps.is_available() or any(importlib.util.find_spec(p) for p in OTHER_ACCELERATORS)
+        if not torch.cuda.is_available() and not others:
+            os.environ["DS_ACCELERATOR"] = "cpu"  # what DeepSpeed would choose, without its warning
+    for message in KNOWN_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+
+
 def _debug_requested(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("MLC_DEBUG", "").lower() in ("1", "true", "yes")
 
@@ -59,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = _debug_requested(argv)
     argv = [a for a in argv if a != "--debug"]
+    quiet_libraries()
     parser = build_parser()
     command = next((a for a in argv if not a.startswith("-")), None)
     try:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..bench.utils import HelpFormatter
 from ..checks import check_tau
 from ..errors import UsageError
 from ..sample_data import LANGUAGES
 from ..trainers import MLCArguments
 
-HELP_FORMAT = argparse.ArgumentDefaultsHelpFormatter
-"""The help formatter of ``mlc`` and its argparse commands (defaults shown)."""
+HELP_FORMAT = HelpFormatter
+"""The help formatter of ``mlc`` and its commands: each default shown once (not None, False, or a default the
+help text states)."""
 
 MLC_FLAG_NAMES = {"languages": "languages"}  # MLCArguments field -> command-line name (others: mlc_<field>)
 
@@ -147,7 +149,54 @@ def resolve_model_path(name: str, option: str = "--model") -> tuple[str, bool]:
         raise UsageError(f"{option} {name} is a file; give a saved model folder or a hub id")
     if _looks_like_path(name) or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true"):
         raise UsageError(f"{option} {name}: no such folder; give the path of a saved model folder (or a hub id)")
+    if _hub_cached(name):
+        return name, False
+    reason = hub_unreachable()
+    if reason is not None:  # the hub client would retry for about a minute before the same answer
+        raise UsageError(f"{option} {name}: no such folder, and the hub cannot be reached to fetch it ({reason}); "
+                         "give a saved model folder, or connect and retry")  # fmt: skip
     return name, False
+
+
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _hub_cached(name: str) -> bool:
+    """Whether the hub cache holds ``name``'s config.json (then loading works offline)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 - a malformed id: the loader says what is wrong with it
+        return False
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to the hub (``HF_ENDPOINT``, default huggingface.co) opens within ``timeout``
+    seconds (name lookup included), else the reason. Behind a proxy (``HTTPS_PROXY`` ...) it is not probed."""
+    import os
+    import socket
+    import threading
+    import urllib.request
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    if urllib.request.getproxies().get(url.scheme or "https"):
+        return None
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    result: list[str | None] = [f"no answer from {host} within {timeout:g} s"]
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result[0] = None
+        except OSError as err:
+            result[0] = f"{host}: {err.strerror or type(err).__name__}"
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result[0]
 
 
 def first_line(err: BaseException) -> str:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
+import re
 from pathlib import Path
 
 import torch
@@ -23,8 +25,9 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                                  add_help=False)  # fmt: skip
 
 
-def plot_training(log_history: list[dict], languages, path: Path) -> None:
-    """Alignment loss, MLC loss and per-language cosine to consensus over the steps."""
+def training_figure(log_history: list[dict], languages):
+    """The figure of ``training.png``: the losses (left) and each language's cosine to the consensus direction
+    (right) over the optimizer steps."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -32,19 +35,89 @@ def plot_training(log_history: list[dict], languages, path: Path) -> None:
 
     logs = [e for e in log_history if "mlc/loss" in e]
     steps = [e["step"] for e in logs]
-    fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, (ax_l, ax_c) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_l.plot(steps, [e.get("mlc/align_loss", float("nan")) for e in logs], label="alignment loss")
     ax_l.plot(steps, [e["mlc/loss"] for e in logs], label="MLC loss")
-    ax_l.set_xlabel("step")
+    ax_l.set_title("losses")
+    ax_l.set_xlabel("optimizer step")
+    ax_l.set_ylabel("loss (nats per prompt)")
     ax_l.legend()
     for lang in languages:
         ax_c.plot(steps, [e.get(f"mlc/cos_{lang}", float("nan")) for e in logs], label=lang)
-    ax_c.set_xlabel("step")
-    ax_c.set_ylabel("cosine to consensus")
+    ax_c.set_title("agreement with the consensus direction")
+    ax_c.set_xlabel("optimizer step")
+    ax_c.set_ylabel("cosine to consensus (1 = agrees)")
+    for ax in (ax_l, ax_c):
+        ax.ticklabel_format(axis="y", useOffset=False)  # values like 1 - 1e-7 read as such, not "1e-7+1"
     ax_c.legend(fontsize=7, ncol=2)
+    fig.suptitle("mlc train: training curves")
     fig.tight_layout()
+    return fig
+
+
+def plot_training(log_history: list[dict], languages, path: Path) -> None:
+    """Write :func:`training_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = training_figure(log_history, languages)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+LOG_KEYS = (("loss", "loss"), ("mlc/loss", "MLC loss"), ("mlc/s1_share", "s1 share"), ("learning_rate", "lr"))
+"""What a logging step prints (label, key); every metric stays in the trainer's log history and ``training.png``."""
+
+
+def compact_log_line(logs: dict, state) -> str:
+    """One short line for a logging step (the trainer prints a dict of 25 keys)."""
+    if "train_runtime" in logs:
+        seconds, loss = logs["train_runtime"], logs.get("train_loss", float("nan"))
+        return f"done: {state.global_step} steps in {seconds:.0f} s, mean loss {loss:.4g}"
+    parts = [f"{label} {logs[key]:.4g}" for key, label in LOG_KEYS if isinstance(logs.get(key), (int, float))]
+    return f"step {state.global_step}/{state.max_steps}: " + ", ".join(parts)
+
+
+def compact_logging(trainer) -> None:
+    """Replace the trainer's per-step dict (progress bar or printer) with :func:`compact_log_line`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero and self.training_bar is not None:
+                self.training_bar.write(compact_log_line(logs or {}, state))
+
+    class CompactPrinter(PrinterCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                print(compact_log_line(logs or {}, state))
+
+    for old, new in ((ProgressCallback, CompactProgress), (PrinterCallback, CompactPrinter)):
+        if trainer.pop_callback(old) is not None:
+            trainer.add_callback(new)
+
+
+class _TiedKeysNote(logging.Filter):
+    """On resume, transformers warns "There were missing keys in the checkpoint model loaded: ['lm_head.weight']"
+    for a model whose output layer is tied to its input embeddings (saved once): drop that warning when every
+    missing key is a tied copy of a loaded weight."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        pointers: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            pointers.setdefault(param.data_ptr(), []).append(name)
+        self.tied = {name for names in pointers.values() if len(names) > 1 for name in names}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        if not text.startswith("There were missing keys in the checkpoint model loaded: "):
+            return True
+        missing = re.findall(r"'([^']+)'", text)
+        return not (missing and all(_unwrapped(key) in self.tied for key in missing))
+
+
+def _unwrapped(key: str) -> str:
+    return key.removeprefix("module.")
 
 
 def apply_liger_kernels(model) -> None:
@@ -117,10 +190,15 @@ def main(argv: list[str]) -> None:
         resume = transformers.trainer_utils.get_last_checkpoint(str(out)) if out.is_dir() else None
         if resume is None:
             raise UsageError(f"--resume_from_checkpoint last: no checkpoint-* folder in {out}")
+    compact_logging(trainer)
+    note = _TiedKeysNote(trainer.model)
+    logging.getLogger("transformers.trainer").addFilter(note)
     try:
         trainer.train(resume_from_checkpoint=resume)
     except NonFiniteTrainingError as err:
         raise UsageError(f"{err} (--output_dir {out})") from err
+    finally:
+        logging.getLogger("transformers.trainer").removeFilter(note)
     trainer.save_model(str(out))
     if trainer.accelerator.is_main_process:
         tokenizer.save_pretrained(str(out))

@@ -15,7 +15,7 @@ from ..ops.common import interpreting
 from ..recipes import RECIPES, recipe
 from ..sample_data import ALGORITHMS
 from ..trainers import MLCArguments
-from .options import check_output_folder, first_line, mlc_arguments_from, mlc_options_dataclass
+from .options import HELP_FORMAT, check_output_folder, first_line, mlc_arguments_from, mlc_options_dataclass
 
 TRAIN_DEFAULTS = dict(
     output_dir="mlc_train", per_device_train_batch_size=8, max_steps=100, learning_rate=5e-6, logging_steps=1,
@@ -106,14 +106,22 @@ def _rewrite_train_argv(argv: list[str]) -> list[str]:
 
 
 def train_parser(algorithm: str):
-    """``TrlParser`` over (TrainArguments, MLC options, the algorithm's TRL config, TRL's ModelConfig)."""
+    """``TrlParser`` over (TrainArguments, MLC options, TRL's ModelConfig, the algorithm's TRL config), one ``--help``
+    section each in that order (the few options a user sets first, TRL's 600 lines last)."""
     from trl import ModelConfig, TrlParser
 
     from ..trl_trainers import CONFIGS
 
     config_cls = CONFIGS[algorithm]
+    mlc_options = mlc_options_dataclass()
+    groups = ((TrainArguments, "mlc train: the data and the algorithm"), (mlc_options, "the MLC term (--mlc_*)"),
+              (ModelConfig, "TRL's ModelConfig: the model (--model), LoRA (--use_peft), quantisation"),
+              (config_cls, f"TRL's {config_cls.__name__}: training (TRL's and transformers' options)"))  # fmt: skip
+    for cls, title in groups:  # HfArgumentParser: one --help section per dataclass, in this order
+        cls._argument_group_name = title
     parser = TrlParser(
-        (TrainArguments, mlc_options_dataclass(), config_cls, ModelConfig), prog="mlc train",
+        tuple(cls for cls, _ in groups), prog="mlc train", formatter_class=HELP_FORMAT,
+        usage="mlc train --model MODEL [--dataset DATASET] [--algorithm ALGORITHM] [--output-dir DIR] [options]",
         description=f"Train with {algorithm.upper()} + MLC. Options: mlc train's own, the MLC term (--mlc_*), "
         f"TRL's {config_cls.__name__} and ModelConfig (LoRA: --use_peft). --config FILE.yaml sets any of them "
         "(command-line values win). --model is --model_name_or_path, --batch-size --per_device_train_batch_size.",
@@ -172,7 +180,7 @@ def parse_train_arguments(argv: list[str]):
     _check_deepspeed_installed(None if no_deepspeed else deepspeed)
     parser.error = _usage_error  # one line, not argparse's usage of several hundred lines
     try:  # TrlParser reads --config FILE itself; the 5th output is the namespace of --config
-        script, options, training, model_config = parser.parse_args_and_config(argv)[:4]
+        script, options, model_config, training = parser.parse_args_and_config(argv)[:4]
     except ValueError as err:
         from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
