@@ -122,9 +122,10 @@ def train_parser(algorithm: str):
     parser = TrlParser(
         tuple(cls for cls, _ in groups), prog="mlc train", formatter_class=HELP_FORMAT,
         usage="mlc train --model MODEL [--dataset DATASET] [--algorithm ALGORITHM] [--output-dir DIR] [options]",
-        description=f"Train with {algorithm.upper()} + MLC. Options: mlc train's own, the MLC term (--mlc_*), "
-        f"TRL's {config_cls.__name__} and ModelConfig (LoRA: --use_peft). --config FILE.yaml sets any of them "
-        "(command-line values win). --model is --model_name_or_path, --batch-size --per_device_train_batch_size.",
+        description=f"Train with {algorithm.upper()} + MLC. Options in four sections: mlc train's own (data, "
+        f"algorithm), the MLC term (--mlc_*), TRL's ModelConfig (the model; LoRA: --use_peft), TRL's "
+        f"{config_cls.__name__} (training). --config FILE.yaml sets any of them (command-line values win). --model "
+        "is --model_name_or_path, --batch-size --per_device_train_batch_size.",
     )  # fmt: skip
     defaults = dict(TRAIN_DEFAULTS, use_cpu=not torch.cuda.is_available())
     if algorithm == "simpo":
