@@ -410,3 +410,25 @@ def test_the_shipped_checkpoint_stands_in_for_its_own_pretraining(tmp_path, monk
         pretrain.pretrained(world, MODEL, tmp_path, log=lines.append, shipped=False)
     with pytest.raises(AssertionError, match="from scratch"):
         pretrain.pretrained(World(world_config("v2", 1)), replace(MODEL, seed=1), tmp_path, log=lines.append)
+
+
+def test_precision_keys_only_the_new_runs():
+    """Issue 20, finding 6: the demo aligns in fp32 (``AlignConfig.precision``); the recorded runs (TRL's bf16
+    default) keep their cache keys, an fp32 run gets its own, and an unknown precision is refused."""
+    import hashlib
+    from dataclasses import asdict
+
+    from mlc_kernels.transfer.align import align_model
+    from mlc_kernels.transfer.pretrain import cache_key
+    from mlc_kernels.transfer.protocol import ALIGN, MODEL
+    from mlc_kernels.transfer.runs import run_key
+
+    config = world_config("v2", 0)
+    settings = {k: v for k, v in asdict(ALIGN).items() if k not in ("precision", "mlc_lead_steps")}
+    blob = json.dumps({"ckpt": cache_key(config, MODEL), "condition": "dpo", "align": settings, "seed": 0},
+                      sort_keys=True)  # fmt: skip  (the key before the field existed)
+    assert ALIGN.precision == "bf16"
+    assert run_key(config, MODEL, "dpo", ALIGN, 0) == hashlib.sha256(blob.encode()).hexdigest()[:16]
+    assert run_key(config, MODEL, "dpo", replace(ALIGN, precision="fp32"), 0) != run_key(config, MODEL, "dpo", ALIGN, 0)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        align_model(None, None, World(WorldConfig()), "dpo", replace(ALIGN, precision="fp16"), 0)

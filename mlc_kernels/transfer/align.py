@@ -50,6 +50,13 @@ class AlignConfig:
     mlc_lead_steps: int = 0
     eval_per_kind: int = 64
     consistency_prompts: int = 64
+    precision: str = "bf16"
+
+
+PRECISIONS = ("bf16", "fp32")
+"""``AlignConfig.precision``: ``bf16``: the TRL configs' default (bf16 autocast, also on CPU), which the recorded
+transfer runs used (on CPU its results depend on the processor's bf16 instructions); ``fp32``: fp32 throughout (the
+demo's: its table is the same with and without them)."""
 
 
 def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
@@ -91,6 +98,8 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     Nothing is saved (the trainer's output folder is a temporary one). ``callbacks``: extra trainer callbacks."""
     import transformers
 
+    if align.precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {align.precision!r}")
     algorithm, with_mlc = condition.split("+")[0], condition.endswith("+mlc")
     trainer_cls, config_cls = trl_classes(algorithm)
     mlc = mlc_arguments(world, align, align.mlc_weight if with_mlc else 0.0)
@@ -105,6 +114,8 @@ def align_model(model, tokenizer, world: World, condition: str, align: AlignConf
     )  # fmt: skip
     if algorithm == "dpo":
         options["beta"] = align.beta
+    if align.precision == "fp32":
+        options.update(bf16=False, fp16=False)
     policy = copy.deepcopy(model)
     if with_mlc:
         centre = None

@@ -23,11 +23,17 @@ from .evaluation import behaviour
 from .pretrain import SHIPPED, load_shipped
 from .protocol import ALIGN, CONDITIONS, MODEL, V2Config, condition_align
 from .report import Progress, discrimination, plot_bars, plot_curves
-from .runs import RunTask, default_workers, run_tasks
+from .runs import RunTask, default_workers, fixed_numerics, run_tasks
 from .world import World, world_config
 
 DEMO_DATA_RECORDS = 64
 """Records in ``<out>/data.jsonl``: the first of the world's alignment records (every language, DPO and SFT)."""
+
+DEMO_NUMERICS = "fp32, eager attention, one torch thread per run"
+"""How the demo computes: not TRL's default bf16 autocast, whose CPU results depend on the processor's bf16
+instructions (the same install gave +5.9 and +9.0 with and without them), nor the sdpa kernels that library
+versions choose; so its table is the recorded one (``tests/test_first_hour_demo.py``; the same with AVX2 or AVX-512
+kernels)."""
 
 DEMO_CONDITION = "anchor_cos+center"
 """The DPO+MLC condition the demo runs (a name of :data:`.protocol.CONDITIONS`)."""
@@ -104,12 +110,13 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
     transformers.logging.set_verbosity_error()
     logging.getLogger("mlc_kernels.trainers").setLevel(logging.ERROR)  # the collapse warning: shown in the table
     model, tokenizer, recipe, world = save_demo_start(out, model_path)
+    model.set_attn_implementation("eager")  # fp32, one fixed attention kernel, one thread: see DEMO_NUMERICS
     layer = recipe.get("mlc_layer", 3)
     cond = next((c for c in CONDITIONS if c.name == condition), None)
     if cond is None:
         raise ValueError(f"condition must be one of {[c.name for c in CONDITIONS]}, got {condition!r}")
     weight = mlc_weight if mlc_weight is not None else V2Config().weight(cond.name)
-    base_align = replace(ALIGN, dpo_steps=steps, mlc_layer=layer, eval_per_kind=per_kind)
+    base_align = replace(ALIGN, dpo_steps=steps, mlc_layer=layer, eval_per_kind=per_kind, precision="fp32")
     languages = [lang.code for lang in world.config.languages]
     n_params = sum(p.numel() for p in model.parameters())
     log(
@@ -118,7 +125,7 @@ def run_demo(out_dir: Path | str = "mlc_demo", steps: int = 120, seed: int = 0, 
         f"base-language prompts, {steps} steps, with and without MLC ({cond.name}, weight {weight:g}, layer {layer})"
     )
     rows, collapse, curves = {}, {}, {}
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), fixed_numerics(threads=1):
         warnings.simplefilter("ignore")
         rows["base model"] = behaviour(model, tokenizer, world, per_kind)
         collapse["base model"] = consistency(model, tokenizer, world, base_align)

@@ -15,7 +15,9 @@ import os
 import queue
 import time
 import warnings
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -44,6 +46,8 @@ def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: Align
     settings = asdict(align)
     if not settings["mlc_lead_steps"]:  # added in round 2: round 1's keys stay as they were
         del settings["mlc_lead_steps"]
+    if settings["precision"] == "bf16":  # the recorded runs' numerics: their keys stay as they were
+        del settings["precision"]
     blob = json.dumps({"ckpt": cache_key(world, model), "condition": condition, "align": settings, "seed": seed},
                       sort_keys=True)  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
@@ -116,6 +120,20 @@ def _run_task(task: RunTask, threads: int) -> dict:
     callbacks = [step_callback(lambda: task.ticks.put(1))] if task.ticks is not None else None
     return align_and_evaluate(task.model, task.tokenizer, World(task.world), task.model_config, task.condition,
                               task.align, task.seed, task.runs_dir, callbacks)  # fmt: skip
+
+
+@contextmanager
+def fixed_numerics(threads: int = 1) -> Iterator[None]:
+    """Within: ``threads`` torch threads (the reduction order of CPU matmuls depends on it) and full-precision
+    fp32 matmuls; the previous settings afterwards."""
+    saved = torch.get_num_threads(), torch.get_float32_matmul_precision()
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved[0])
+        torch.set_float32_matmul_precision(saved[1])
 
 
 def default_workers() -> int:
