@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .checks import eligible_count
+from .checks import check_tau, eligible_count
 from .errors import UsageError
 from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, GUARDS, check_guard_options, parse_guard
 from .head import MLCHead
@@ -157,6 +157,7 @@ class MLCArguments:
             if value < low or (strict and value == low):
                 bound = f"{'>' if strict else '>='} {low:g}"
                 raise ValueError(f"MLCArguments.{name} must be a number {bound}, got {value!r}")
+        check_tau(self.tau, "MLCArguments.tau")
         if self.objective not in OBJECTIVES:
             raise ValueError(f"MLCArguments.objective must be one of {OBJECTIVES}, got {self.objective!r}")
         if self.impl not in IMPLEMENTATIONS:

@@ -19,9 +19,6 @@ def tiny_checkpoint(tmp_path_factory):
     return save_tiny_model(tmp_path_factory.mktemp("cli") / "model")
 
 
-@pytest.mark.xfail(strict=True, reason="needs mlc_kernels.cli.options.load_tokenizer to load a folder whose "
-                   "tokenizer_config names a generic backend with its own tokenizer.json (transformers 5 loads the "
-                   "world's word-level tokenizer as Qwen2Tokenizer, which reads nothing): issue 20 finding 1, report G")
 def test_offline_chain_train_then_eval(tmp_path, capsys):
     """README's chain: what ``mlc demo --out mlc_demo`` writes first (the shipped world model in <out>/model and
     the world's records in <out>/data.jsonl) -> ``mlc train`` on that file in the world's languages -> ``mlc eval``

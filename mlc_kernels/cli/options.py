@@ -208,7 +208,15 @@ def load_tokenizer(name: str, local: bool, option: str = "--model"):
     import transformers
 
     try:
-        tokenizer = transformers.AutoTokenizer.from_pretrained(name, local_files_only=local)
+        cls = transformers.AutoTokenizer
+        config = Path(name) / "tokenizer_config.json"
+        if local and (Path(name) / "tokenizer.json").is_file() and config.is_file():
+            import json
+
+            generic = ("TokenizersBackend", "PreTrainedTokenizerFast")
+            if json.loads(config.read_text()).get("tokenizer_class") in generic:
+                cls = transformers.PreTrainedTokenizerFast  # the folder's own tokenizer.json, not the model type's
+        tokenizer = cls.from_pretrained(name, local_files_only=local)
     except Exception as err:  # noqa: BLE001 - every loading failure is the input's problem
         raise UsageError(f"{option} {name}: cannot load the tokenizer ({first_line(err)})") from err
     if not getattr(tokenizer, "chat_template", None):

@@ -158,6 +158,7 @@ def main(argv: list[str]) -> None:
     import transformers
     from trl import get_peft_config
 
+    from ..mlc_term import check_tokenisation
     from ..records import check_languages, load_checked
     from ..trainers import NonFiniteTrainingError
     from ..trl_trainers import TRAINERS
@@ -171,6 +172,7 @@ def main(argv: list[str]) -> None:
     report = check_languages(records, where, mlc.languages, mlc.base_language)
     name, local = resolve_model_path(model_config.model_name_or_path)
     tokenizer = load_tokenizer(name, local)
+    check_tokenisation(records, where, tokenizer, mlc)  # before the model loads
     model = load_model(name, local, **_model_kwargs(model_config))
     check_layer(mlc, model)
     if script.liger_kernels:
