@@ -7,7 +7,6 @@ import argparse
 from pathlib import Path
 
 from ..bench.utils import HelpFormatter
-from ..checks import check_tau
 from ..errors import UsageError
 from ..sample_data import LANGUAGES
 from ..trainers import MLCArguments
@@ -58,11 +57,9 @@ def mlc_arguments_from(options) -> MLCArguments:
     if values.get("base_language") is None:
         values["base_language"] = languages[0]
     try:
-        mlc = MLCArguments(**values)
-        check_tau(mlc.tau, "--mlc_tau")
+        return MLCArguments(**values)  # validates every field, tau's lower bound included
     except ValueError as err:
         raise UsageError(_option_message(str(err))) from err
-    return mlc
 
 
 def _option_message(text: str) -> str:
