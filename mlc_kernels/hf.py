@@ -132,8 +132,10 @@ def _truncated_stack(model: nn.Module, layer: Layer, truncate: bool) -> Iterator
     and its LM head is an identity (its output is discarded; with a 150k vocabulary even one position per
     sequence costs more than a small model's layers)."""
     layers, norm = decoder_layers(model)
-    k = layer_depth(model, layer)
-    capture_at = norm if resolve_layer(model, layer) == FINAL_LAYER and norm is not None else layers[k - 1]
+    resolved = resolve_layer(model, layer)
+    final = resolved == FINAL_LAYER
+    k = len(layers) if final else resolved
+    capture_at = norm if final and norm is not None else layers[k - 1]
     captured: dict = {}
 
     def post_hook(module, args, output):

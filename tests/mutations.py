@@ -147,7 +147,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("trainer-aux-every-ignored", "mlc_kernels/mlc_term.py",
              "self.state.global_step % self.mlc_args.aux_every == 0", "True", ("tests/test_authors_recipe.py",)),
     Mutation("hf-final-layer-pre-norm", "mlc_kernels/hf.py",
-             "capture_at = norm if resolve_layer(model, layer) == FINAL_LAYER and norm is not None else layers[k - 1]",
+             "capture_at = norm if final and norm is not None else layers[k - 1]",
              "capture_at = layers[k - 1]", ("tests/test_authors_recipe.py",)),
     Mutation("trainer-ddp-grad-cache-weight-dropped", "mlc_kernels/mlc_term.py",
              "self.accelerator.backward(weight * early /", "self.accelerator.backward(early /",
