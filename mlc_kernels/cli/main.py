@@ -4,6 +4,8 @@
   MLC options (:mod:`.train`).
 - ``mlc eval``: per-language consistency with the consensus direction and the s1 share, printed and plotted
   (:mod:`.eval`).
+- ``mlc safety``: per-language safety of generated answers (refusals of harmful prompts, over-refusal of benign
+  ones), judged, several models side by side (:mod:`.safety`).
 - ``mlc demo``: no arguments, no network: the shipped world-v2 model, base-language DPO vs DPO+MLC, evaluated in
   every language, report and PNG plots (:mod:`.demo`).
 - ``mlc transfer``: the synthetic world's cross-lingual transfer experiment (:mod:`.transfer`).
@@ -21,11 +23,11 @@ import os
 import sys
 
 from ..errors import UsageError
-from . import bench, demo, train, transfer
+from . import bench, demo, safety, train, transfer
 from . import eval as evaluation
 from .options import HELP_FORMAT, first_line
 
-COMMANDS = {"train": train, "eval": evaluation, "demo": demo, "transfer": transfer, "bench": bench}
+COMMANDS = {"train": train, "eval": evaluation, "safety": safety, "demo": demo, "transfer": transfer, "bench": bench}
 """Command name -> its module (``make_parser(subparsers)``, ``main``), in the order of ``mlc --help``."""
 
 OWN_COMMAND_LINE = ("train", "bench")
