@@ -218,7 +218,6 @@ def main(args: argparse.Namespace) -> None:
     """Run ``mlc safety`` on its parsed options: every check before any model loads."""
     from ..safety.generate import resolve_generator
     from ..safety.inputs import read_prompts
-    from ..safety.judges import make_judge
     from ..safety.report import csv_text, differences, format_table, json_safe, plot_png, summarize, write_atomic
 
     _check_numbers(args)
@@ -238,6 +237,8 @@ def main(args: argparse.Namespace) -> None:
                                  f"{row.language} ({row.where} now differs); give another --out")  # fmt: skip
     resolved = {name: resolve_generator(name, "--baseline" if name == args.baseline else "--model")
                 for name in models}  # fmt: skip
+    from ..safety.judges import make_judge
+
     judge = make_judge(args.judge, template=args.judge_template, verdict=args.judge_verdict,
                        batch_size=args.judge_batch_size)  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
