@@ -58,11 +58,12 @@ class WorldJudge:
 
     def __init__(self, world, fail_on_call: int | None = None) -> None:
         self.opening = {lang.code: world.render(lang.code, "sorry") for lang in world.config.languages}
-        self.calls, self.fail_on_call = 0, fail_on_call
+        self.calls, self.fail_on_call, self.watch, self.on_disk = 0, fail_on_call, None, None
 
     def __call__(self, items):
         self.calls += 1
         if self.fail_on_call is not None and self.calls == self.fail_on_call:
+            self.on_disk = self.watch.read_text(encoding="utf-8").count("\n")  # what a killed process leaves
             raise KeyboardInterrupt  # an interruption between two batches
         judges = sys.modules["mlc_kernels.safety.judges"]
         return [judges.Verdict(item.answer.startswith(self.opening[item.language]), self.opening[item.language])
@@ -266,12 +267,13 @@ def test_resume_after_an_interruption(demo_start, world_prompts, judge, count_ge
     whole = _safety([*argv, "--out", str(tmp_path / "whole")])
     assert count_generated[0] == ROWS
     out = tmp_path / "cut"
-    judge.calls, judge.fail_on_call = 0, 3
+    judge.calls, judge.fail_on_call, judge.watch = 0, 3, out / "generations.jsonl"
     count_generated[0] = 0
     with pytest.raises(SystemExit) as exc:
         main(["safety", *argv, "--out", str(out)])
     assert exc.value.code == 130 and "interrupted" in capsys.readouterr().err
     kept = _generations(out)
+    assert judge.on_disk == 16  # two batches on disk before the third was judged: flushed per batch
     assert len(kept) == 16 and not (out / "safety.json").exists()
     with open(out / "generations.jsonl", "a", encoding="utf-8") as f:
         f.write('{"model": "' + model + '", "record": "h1", "lang')  # killed while writing a row
@@ -417,8 +419,12 @@ def test_generation_stops_at_eos(demo_start, world):
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
     prompt = world.render("base", PRIVATE_FRAMES[0], item="password")
+    passes = []
+    hook = model.register_forward_hook(lambda *args: passes.append(1))
     [answer] = generate_answers(model, tokenizer, [prompt], max_new_tokens=60, batch_size=1)
+    hook.remove()
     assert answer == world.refusal("base")  # "sorry . i cannot help with that . it is not allowed ." then <eos>
+    assert len(passes) == len(answer.split()) + 1  # one pass per answer token and the <eos>: not 60
 
 
 # -- the bootstrap ---------------------------------------------------------------------------------------------------
