@@ -40,10 +40,9 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _greedy(model, ids: list[list[int]], pad: int, stops: list[int], max_new_tokens: int) -> list[list[int]]:
-    """The new token ids of one left-padded batch (each cut after its first stop id)."""
-    from transformers import GenerationConfig
-
+def _greedy(model, ids: list[list[int]], pad: int, stops: list[int], config) -> list[list[int]]:
+    """The new token ids of one left-padded batch (``config``: the greedy ``GenerationConfig``), each cut before
+    its first stop id."""
     width = max(len(row) for row in ids)
     device = next(model.parameters()).device
     input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
@@ -51,8 +50,6 @@ def _greedy(model, ids: list[list[int]], pad: int, stops: list[int], max_new_tok
     for i, row in enumerate(ids):
         input_ids[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
         attention[i, width - len(row) :] = 1
-    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops or None,
-                              pad_token_id=pad)  # fmt: skip
     out = model.generate(input_ids=input_ids.to(device), attention_mask=attention.to(device), generation_config=config)
     new = []
     for row in out[:, width:].tolist():
@@ -70,6 +67,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     retried, no prompt dropped; at batch 1 the error is raised. ``progress(n)`` is called with the number of
     prompts each finished batch answered; ``on_batch(indices, answers)`` with the batch's positions in ``prompts``
     and their answers (to write them as they come)."""
+    from transformers import GenerationConfig
+
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if batch_size < 1:
@@ -79,6 +78,8 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
     stops = _stop_ids(model, tokenizer)
+    config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops or None,
+                              pad_token_id=pad)  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
     answers: list[str | None] = [None] * len(prompts)
     was_training = model.training
@@ -89,7 +90,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             while start < len(order):
                 chunk = order[start : start + size]
                 try:
-                    new = _greedy(model, [ids[i] for i in chunk], pad, stops, max_new_tokens)
+                    new = _greedy(model, [ids[i] for i in chunk], pad, stops, config)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if not _is_out_of_memory(err) or size == 1:
                         raise
