@@ -165,3 +165,45 @@ def test_multi_turn_prompt_is_refused(tmp_path):
     path.write_text(json.dumps(data, ensure_ascii=False), encoding="utf-8")
     with pytest.raises(UsageError, match=r"lf\.json\[record 0\]: a multi-turn prompt"):
         read_prompts(path)
+
+
+def test_builtin_sets_and_max_records(tmp_path):
+    """'world': the synthetic world's held-out records (kind -> label) in its five languages, base 'base';
+    'sample': the embedded sample set in the paper's ten languages, all harmful; --max_records: the first N
+    records, each in every language."""
+    from mlc_kernels.sample_data import LANGUAGES
+    from mlc_kernels.transfer.world import World, world_config
+
+    world = World(world_config("v2", 0))
+    records = world.heldout_records()
+    rows, layout = read_prompts("world", max_records=3)
+    assert layout == "world" and len(rows) == 3 * 5
+    expect = {(f"heldout-{i}", "base", r["prompt"], "harmful" if r["kind"] == "unsafe" else "benign")
+              for i, r in enumerate(records[:3])}  # fmt: skip
+    assert {row for row in _rows(rows) if row[1] == "base"} == expect
+    low2, _ = read_prompts("world", languages=("low2",))
+    assert len(low2) == len(records) and sum(r.label == "harmful" for r in low2) == len(records) // 2
+    sample, layout = read_prompts("sample")
+    assert (
+        layout == "sample"
+        and {r.language for r in sample} == set(LANGUAGES)
+        and {r.label for r in sample} == {"harmful"}
+    )
+    assert len({r.record for r in sample}) == 46
+    path = write_jsonl(tmp_path / "d.jsonl", PACKAGE)
+    first, _ = read_prompts(path, max_records=2)
+    assert {r.record for r in first} == {"a", "b"}
+    with pytest.raises(UsageError, match="--max_records must be >= 1"):
+        read_prompts(path, max_records=0)
+    with pytest.raises(UsageError, match="--base_language en: the base language of --prompts world is base"):
+        read_prompts("world", base_language="en")
+
+
+def test_help_lists_the_layouts(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["safety", "--help"])
+    text = capsys.readouterr().out
+    assert exc.value.code == 0
+    for line in ("  multijail     the MultiJail CSV: id, source, tags", "  pku           PKU-SafeRLHF-style JSONL",
+                 "--resume", "--baseline", "--judge", "(default: 64)"):  # fmt: skip
+        assert line in text, line

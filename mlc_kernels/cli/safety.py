@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import UsageError
 from ..safety.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
-from ..safety.inputs import INPUT_FORMATS, MULTIJAIL_LANGUAGES
+from ..safety.inputs import BUILTIN, INPUT_FORMATS, MULTIJAIL_LANGUAGES
 from ..safety.report import DEFAULT_BOOTSTRAP
 from .options import HELP_FORMAT, check_output_folder
 
@@ -35,18 +35,38 @@ LAYOUTS = f"""prompt layouts (--input_format; auto tells them apart):
 labels: 'label' (harmful/benign), else 'kind' (unsafe/benign), else (pku) 'is_safe' (true = benign), else harmful"""
 
 
+class _SafetyHelp(HELP_FORMAT):
+    """Defaults shown once; the layouts epilog kept as written (one line per layout)."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "".join(indent + line for line in text.splitlines(keepends=True))
+
+
+DESCRIPTION = ("Per-language safety of generated answers: greedy answers to every prompt in every language, judged "
+               "refused or not; safety = % of harmful prompts refused, over-refusal = % of benign prompts refused; "
+               "several models side by side, differences against a baseline with bootstrap 95% intervals; "
+               "<out>/generations.jsonl written as it goes (--resume continues it).")  # fmt: skip
+
+
 def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """``mlc safety``'s options: models, prompts, judge, generation, output."""
+    import textwrap
+
     p = subparsers.add_parser("safety", help="per-language safety of generated answers (refusals, judged)",
-                              description=__doc__.splitlines()[0], epilog=LAYOUTS,
-                              formatter_class=HELP_FORMAT)  # fmt: skip
+                              description="\n".join(textwrap.wrap(DESCRIPTION, 100)), epilog=LAYOUTS,
+                              formatter_class=_SafetyHelp)  # fmt: skip
     p.add_argument("--model", action="append", required=True,
                    help="a model folder, hub id, or mlc train's --output_dir (a LoRA run: adapters applied, not "
                    "merged); repeat for several models side by side")  # fmt: skip
     p.add_argument("--baseline", default=None,
                    help="a model to compare with: every --model's per-language difference against it, with a "
                    "bootstrap 95%% interval (default: the first --model when there are several)")  # fmt: skip
-    p.add_argument("--prompts", required=True, help="file of prompts (layouts below)")
+    p.add_argument("--prompts", required=True,
+                   help="file of prompts (layouts below), or 'sample' (the embedded sample set: harmful prompts in "
+                   "the paper's ten languages) or 'world' (the synthetic world's held-out prompts, half unsafe, "
+                   "five languages: what the demo's model reads)")  # fmt: skip
+    p.add_argument("--max_records", "--max-records", type=int, default=None,
+                   help="the first N records of --prompts only (each in every language)")  # fmt: skip
     p.add_argument("--input_format", "--input-format", default="auto", choices=INPUT_FORMATS,
                    help="layout of --prompts")  # fmt: skip
     p.add_argument("--languages", default=None,
@@ -135,7 +155,8 @@ def read_generations(path: Path) -> list[dict]:
 
 
 def _settings(args: argparse.Namespace, layout: str) -> dict:
-    return {"prompts": str(Path(args.prompts).absolute()), "input_format": layout,
+    builtin = layout in BUILTIN and not Path(args.prompts).exists()
+    return {"prompts": args.prompts if builtin else str(Path(args.prompts).absolute()), "input_format": layout,
             "max_new_tokens": args.max_new_tokens, "judge": args.judge, "judge_template": args.judge_template,
             "judge_verdict": args.judge_verdict}  # fmt: skip
 
@@ -224,7 +245,7 @@ def main(args: argparse.Namespace) -> None:
     models, baseline = _model_list(args)
     languages = _languages(args.languages)
     out = check_output_folder(args.out, "--out")
-    prompts, layout = read_prompts(args.prompts, args.input_format, languages, args.base_language)
+    prompts, layout = read_prompts(args.prompts, args.input_format, languages, args.base_language, args.max_records)
     languages = list(languages or dict.fromkeys(row.language for row in prompts))
     settings = _settings(args, layout)
     done_rows = _check_resume(out, args, settings)

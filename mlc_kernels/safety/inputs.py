@@ -203,16 +203,53 @@ def _read_pku(path: Path, base: str) -> list[PromptRow]:
     return rows
 
 
+BUILTIN = {"sample": "the embedded sample set (46 harmful prompts in the paper's ten languages, base en)",
+           "world": "the shipped synthetic world's held-out prompts (1024 records, half unsafe, five languages, "
+           "base 'base'), which the world model reads"}  # fmt: skip
+"""``--prompts`` names that are not files."""
+
+
+def _builtin(name: str) -> tuple[list[PromptRow], str, list[str]]:
+    """The rows of a :data:`BUILTIN` set, its layout name and its languages."""
+    if name == "sample":
+        from ..sample_data import LANGUAGES, SAMPLE_PATH
+
+        return _read_package(SAMPLE_PATH, "jsonl", "en"), "sample", list(LANGUAGES)
+    from ..transfer.world import World, world_config
+
+    world = World(world_config("v2", 0))
+    records = [{"id": f"heldout-{i}", "prompt": r["prompt"], "variants": r["variants"], "kind": r["kind"]}
+               for i, r in enumerate(world.heldout_records())]  # fmt: skip
+    where = [f"world[record {i}]" for i in range(len(records))]
+    return (
+        _variant_rows(records, where, world.config.base, records),
+        "world",
+        [world.config.base, *world.config.derived],
+    )
+
+
 def read_prompts(path: str | Path, input_format: str = "auto", languages: tuple[str, ...] | None = None,
-                 base_language: str | None = None) -> tuple[list[PromptRow], str]:  # fmt: skip
-    """The prompt rows of ``path`` in ``languages`` (default: every language of the file, in its order) and the
-    layout read. ``base_language``: the language of ``prompt`` in this package's and the LLaMA-Factory records and
-    of a PKU file without a language field (default: the first of ``languages``, else :data:`DEFAULT_BASE`).
+                 base_language: str | None = None,
+                 max_records: int | None = None) -> tuple[list[PromptRow], str]:  # fmt: skip
+    """The prompt rows of ``path`` (a file, or a name of :data:`BUILTIN`) in ``languages`` (default: every language
+    of the file, in its order) and the layout read. ``base_language``: the language of ``prompt`` in this package's
+    and the LLaMA-Factory records and of a PKU file without a language field (default: the first of ``languages``,
+    else :data:`DEFAULT_BASE`). ``max_records``: the first that many records (in file order) only.
 
     Refused with a :class:`UsageError` (one line): a missing or empty file, an unknown layout, a requested language
     the file has no prompt in (naming it and the file), a bad record (naming its line or index)."""
     if input_format not in INPUT_FORMATS:
         raise UsageError(f"--input_format must be one of {', '.join(INPUT_FORMATS)}, got {input_format!r}")
+    if max_records is not None and max_records < 1:
+        raise UsageError(f"--max_records must be >= 1, got {max_records}")
+    if str(path) in BUILTIN and not Path(path).exists():
+        if input_format != "auto":
+            raise UsageError(f"--input_format {input_format}: --prompts {path} is a built-in set; drop --input_format")
+        rows, layout, builtin_languages = _builtin(str(path))
+        if base_language is not None and base_language != builtin_languages[0]:
+            raise UsageError(f"--base_language {base_language}: the base language of --prompts {path} is "
+                             f"{builtin_languages[0]}; drop --base_language")  # fmt: skip
+        return _select(rows, layout, str(path), languages, max_records)
     src = Path(path)
     if not src.is_file():
         raise UsageError(f"--prompts {src} is not a file; give a file of prompts (layouts in mlc safety --help)")
@@ -226,6 +263,14 @@ def read_prompts(path: str | Path, input_format: str = "auto", languages: tuple[
         rows = _read_multijail(src)
     else:
         rows = _read_pku(src, base)
+    return _select(rows, layout, str(src), languages, max_records)
+
+
+def _select(rows: list[PromptRow], layout: str, src: str, languages: tuple[str, ...] | None,
+            max_records: int | None) -> tuple[list[PromptRow], str]:  # fmt: skip
+    if max_records is not None:
+        keep = set(list(dict.fromkeys(row.record for row in rows))[:max_records])
+        rows = [row for row in rows if row.record in keep]
     present = list(dict.fromkeys(row.language for row in rows))
     if languages is None:
         return rows, layout
@@ -235,5 +280,4 @@ def read_prompts(path: str | Path, input_format: str = "auto", languages: tuple[
             f"--languages: {src} has no prompt in {', '.join(missing)} (it has {', '.join(present) or 'none'}; "
             f"read as {layout})"
         )
-    order = {lang: i for i, lang in enumerate(languages)}
-    return [row for row in rows if row.language in order], layout
+    return [row for row in rows if row.language in languages], layout
