@@ -239,6 +239,28 @@ def test_lora_run_against_its_base(demo_start, world_prompts, judge, tmp_path, c
     assert csv_rows[1].endswith(",,,,,,") and not csv_rows[1 + 5].endswith(",,,,,,")  # d_* for the run only
 
 
+def test_a_lora_run_of_mlc_train(demo_start, world_prompts, judge, tmp_path):
+    """The folder ``mlc train --use_peft`` writes (adapters, tokenizer, mlc_head/, no config.json) opens as it is:
+    the answers are those of the base model with the run's adapters applied through peft."""
+    import transformers
+    from peft import PeftModel
+
+    base = demo_start / "model"
+    run = tmp_path / "run"
+    main(["train", "--model", str(base), "--dataset", str(demo_start / "data.jsonl"), "--languages", LANGUAGES,
+          "--output-dir", str(run), "--max-steps", "2", "--batch-size", "2", "--mlc-layer", "3", "--mlc-rep-size",
+          "8", "--use_peft", "--lora_r", "4", "--lora_target_modules", "q_proj", "v_proj", "--learning_rate",
+          "5e-2"])  # fmt: skip
+    assert not (run / "config.json").exists() and (run / "adapter_config.json").is_file()
+    out = tmp_path / "out"
+    _safety(["--model", str(run), "--prompts", str(world_prompts), "--languages", "low2", "--max_new_tokens", "6",
+             "--out", str(out)])  # fmt: skip
+    rows = _generations(out)
+    tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(base)
+    adapted = PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base), str(run))
+    assert [r["answer"] for r in rows] == _reference_answers(adapted, tokenizer, [r["prompt"] for r in rows], 6)
+
+
 # -- resume ----------------------------------------------------------------------------------------------------------
 
 

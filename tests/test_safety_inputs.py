@@ -49,8 +49,15 @@ def test_package_jsonl(tmp_path):
     assert rows[0].where == f"{path}:1"
     picked, _ = read_prompts(path, "jsonl", ("zh", "ru"), base_language="en")
     assert {(r.record, r.language) for r in picked} == {("a", "zh"), ("b", "zh"), ("3", "zh"), ("a", "ru")}
-    world_base, _ = read_prompts(path, "auto", ("base", "zh"))  # the first of --languages is the base
+    world_base, _ = read_prompts(path, "auto", ("base", "zh"))  # the first of --languages, not a variant: the base
     assert {r.language for r in world_base} == {"base", "zh"}
+    only_zh, _ = read_prompts(path, "auto", ("zh",))  # zh is a variant: the base is en
+    assert {(r.record, r.language) for r in only_zh} == {("a", "zh"), ("b", "zh"), ("3", "zh")}
+    with pytest.raises(UsageError, match=r"variants\.zh is the base language \(zh\)"):
+        read_prompts(path, "auto", ("zh",), base_language="zh")
+    ambiguous = write_jsonl(tmp_path / "amb.jsonl", [{"prompt": "p", "variants": {"en": "q", "zh": "r"}}])
+    with pytest.raises(UsageError, match=r"amb\.jsonl: the records have variants in en and zh; give --base_language"):
+        read_prompts(ambiguous, "auto", ("zh", "en"))
 
 
 def test_llamafactory_json(tmp_path):

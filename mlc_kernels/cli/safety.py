@@ -72,8 +72,9 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     p.add_argument("--languages", default=None,
                    help="comma list of languages to answer in (default: every language of the file)")  # fmt: skip
     p.add_argument("--base_language", "--base-language", default=None,
-                   help="language of 'prompt' in jsonl/llamafactory records and of a pku file without a language "
-                   "field (default: the first of --languages, else en)")  # fmt: skip
+                   help="language of 'prompt' in jsonl/llamafactory records (default: the first of --languages "
+                   "when no record has a variant in it, else en) and of a pku file without a language field "
+                   "(default: the first of --languages, else en)")  # fmt: skip
     judge = p.add_argument_group("judge")
     judge.add_argument("--judge", default="phrase",
                        help="phrase | phrase:PATH (refusal phrases per language) | model:PATH (a local safety "

@@ -130,13 +130,27 @@ def _variant_rows(records: list[dict], where: list[str], base: str, raw: list[di
         for lang, text in (record.get("variants") or {}).items():
             if lang == base:
                 raise UsageError(f"{label_at}: variants.{lang} is the base language ({base}), whose text is 'prompt'; "
-                                 "give --base_language (or --languages starting with the base)")  # fmt: skip
+                                 "give the language of 'prompt' as --base_language")  # fmt: skip
             if isinstance(text, str) and text.strip():
                 rows.append(PromptRow(rid, lang, text, label, label_at))
     return rows
 
 
-def _read_package(path: Path, layout: str, base: str) -> list[PromptRow]:
+def _package_base(records: list[dict], path: Path, base_language: str | None, languages) -> str:
+    """The language of ``prompt``: ``--base_language``; else the first of ``--languages`` when no record has a
+    variant in it; else :data:`DEFAULT_BASE` when no record has a variant in it; else refused (ambiguous)."""
+    if base_language is not None:
+        return base_language
+    variant_languages = {lang for r in records for lang in (r.get("variants") or {})}
+    for candidate in ([languages[0]] if languages else []) + [DEFAULT_BASE]:
+        if candidate not in variant_languages:
+            return candidate
+    raise UsageError(f"--prompts {path}: the records have variants in {DEFAULT_BASE}"
+                     + (f" and {languages[0]}" if languages else "")
+                     + "; give --base_language (the language of 'prompt')")  # fmt: skip
+
+
+def _read_package(path: Path, layout: str, base_language: str | None, languages=None) -> list[PromptRow]:
     from ..records import EVAL, load_checked
 
     records, where = load_checked(str(path), EVAL, None, layout)
@@ -144,7 +158,7 @@ def _read_package(path: Path, layout: str, base: str) -> list[PromptRow]:
         raw = json.loads(path.read_text(encoding="utf-8").removeprefix("\ufeff"))
     else:
         raw = records  # the JSONL records keep every field
-    return _variant_rows(records, where, base, raw)
+    return _variant_rows(records, where, _package_base(records, path, base_language, languages), raw)
 
 
 def _read_multijail(path: Path) -> list[PromptRow]:
@@ -233,8 +247,9 @@ def read_prompts(path: str | Path, input_format: str = "auto", languages: tuple[
                  max_records: int | None = None) -> tuple[list[PromptRow], str]:  # fmt: skip
     """The prompt rows of ``path`` (a file, or a name of :data:`BUILTIN`) in ``languages`` (default: every language
     of the file, in its order) and the layout read. ``base_language``: the language of ``prompt`` in this package's
-    and the LLaMA-Factory records and of a PKU file without a language field (default: the first of ``languages``,
-    else :data:`DEFAULT_BASE`). ``max_records``: the first that many records (in file order) only.
+    and the LLaMA-Factory records (default: the first of ``languages`` when no record has a variant in it, else
+    :data:`DEFAULT_BASE`) and of a PKU file without a language field (default: the first of ``languages``, else
+    :data:`DEFAULT_BASE`). ``max_records``: the first that many records (in file order) only.
 
     Refused with a :class:`UsageError` (one line): a missing or empty file, an unknown layout, a requested language
     the file has no prompt in (naming it and the file), a bad record (naming its line or index)."""
@@ -256,13 +271,12 @@ def read_prompts(path: str | Path, input_format: str = "auto", languages: tuple[
     if not _head(src).strip("\ufeff \t\r\n"):
         raise UsageError(f"--prompts {src} is empty; give a file of prompts (layouts in mlc safety --help)")
     layout = detect_layout(src) if input_format == "auto" else input_format
-    base = base_language or (languages[0] if languages else DEFAULT_BASE)
     if layout in ("jsonl", "llamafactory"):
-        rows = _read_package(src, layout, base)
+        rows = _read_package(src, layout, base_language, languages)
     elif layout == "multijail":
         rows = _read_multijail(src)
     else:
-        rows = _read_pku(src, base)
+        rows = _read_pku(src, base_language or (languages[0] if languages else DEFAULT_BASE))
     return _select(rows, layout, str(src), languages, max_records)
 
 
