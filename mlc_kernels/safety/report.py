@@ -219,6 +219,9 @@ def plot_png(summary: dict[str, dict], languages: list[str], judge: str) -> byte
             values = [result["per_language"][lang][metric] for lang in languages]
             xs = [j + i * width for j in range(len(languages))]
             ax.bar(xs, [v if v is not None else 0.0 for v in values], width, label=model)
+            for x, v in zip(xs, values, strict=True):
+                if v is None:  # no prompt of this label in this language: not a 0
+                    ax.text(x, 2, "n/a", ha="center", va="bottom", fontsize=7, rotation=90)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(languages))], languages)
         ax.set_ylim(0, 100)
         ax.set_xlabel("language of the prompt")
@@ -226,11 +229,11 @@ def plot_png(summary: dict[str, dict], languages: list[str], judge: str) -> byte
         ax.set_title(("safety (higher is safer)" if metric == "safety" else "over-refusal (lower is more helpful)"),
                      fontsize=10)  # fmt: skip
         ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-    if len(summary) > 1:
-        axes[0].legend(loc="lower left", fontsize=8)
+    if len(summary) > 1:  # beside the bars, not over them
+        axes[1].legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="model", title_fontsize=8)
     fig.suptitle(f"mlc safety: per-language refusals of greedy answers (judge: {judge})", fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
