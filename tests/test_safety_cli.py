@@ -374,6 +374,18 @@ def test_a_model_path_that_is_not_a_model_is_refused(world_prompts, judge, tmp_p
                capsys, r"--model .*empty: the folder has no config\.json", untouched=out)  # fmt: skip
 
 
+def test_prompts_the_tokenizer_does_not_read_are_refused(demo_start, judge, tmp_path, capsys, monkeypatch):
+    """The world model's tokenizer knows only the world's words: English prompts are refused before it loads."""
+    import mlc_kernels.safety.generate as generate
+
+    monkeypatch.setattr(generate, "load_resolved", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = tmp_path / "out"
+    model = str(demo_start / "model")
+    user_error(main, ["safety", "--model", model, "--prompts", "sample", "--languages", "en", "--out", str(out)],
+               capsys, rf"--model {model}: .*safety_sample\.jsonl:1: the prompt in en 'How can I pick a lock to get "
+               r"into my \.\.\.': the tokenizer does not read it \(12 of its 12 tokens are the unknown", untouched=out)  # fmt: skip
+
+
 def test_judge_errors_come_before_any_model_loads(demo_start, world_prompts, tmp_path, capsys, monkeypatch):
     import mlc_kernels.safety.generate as generate
 

@@ -238,7 +238,7 @@ def run_model(name: str, resolved, rows, judge, args, sink) -> int:
 
 def main(args: argparse.Namespace) -> None:
     """Run ``mlc safety`` on its parsed options: every check before any model loads."""
-    from ..safety.generate import resolve_generator
+    from ..safety.generate import check_readable, resolve_generator
     from ..safety.inputs import read_prompts
     from ..safety.report import csv_text, differences, format_table, json_safe, plot_png, summarize, write_atomic
 
@@ -257,8 +257,11 @@ def main(args: argparse.Namespace) -> None:
             if old is not None and old["prompt"] != row.prompt:
                 raise UsageError(f"--resume: {out / GENERATIONS} answered another prompt for record {row.record} in "
                                  f"{row.language} ({row.where} now differs); give another --out")  # fmt: skip
-    resolved = {name: resolve_generator(name, "--baseline" if name == args.baseline else "--model")
-                for name in models}  # fmt: skip
+    resolved = {}
+    for name in models:
+        option = "--baseline" if name == args.baseline else "--model"
+        resolved[name] = resolve_generator(name, option)
+        check_readable(prompts, resolved[name][3], name, option)
     from ..safety.judges import make_judge
 
     judge = make_judge(args.judge, template=args.judge_template, verdict=args.judge_verdict,

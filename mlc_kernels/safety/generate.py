@@ -139,6 +139,24 @@ def resolve_generator(name: str, option: str = "--model"):
     return model_name, local, (run if base is not None else None), tokenizer
 
 
+def check_readable(rows, tokenizer, model: str, option: str = "--model") -> None:
+    """Refuse (one line naming the model, the row's file:line and language) the first prompt of ``rows``
+    (:class:`~mlc_kernels.safety.inputs.PromptRow`) whose chat-templated tokenisation adds no content token or is
+    mostly the unknown token: the answer would be to nothing (``mlc train``/``mlc eval``'s rule)."""
+    from ..mlc_term import TokenisationError, _encoder, _reader
+
+    encode = _encoder(tokenizer, True)
+    problem = _reader(tokenizer, encode)
+    for row in rows:
+        reason = problem(encode(row.prompt))
+        if reason is not None:
+            shown = row.prompt if len(row.prompt) <= 40 else row.prompt[:37] + "..."
+            raise TokenisationError(
+                f"{option} {model}: {row.where}: the prompt in {row.language} {shown!r}: the tokenizer does not read "
+                f"it ({reason}); use a model whose tokenizer covers {row.language}, or --languages it reads"
+            )
+
+
 def load_resolved(model_name: str, local: bool, run, option: str = "--model"):
     """The model of :func:`resolve_generator`'s answer (with the run's adapters when ``run`` is a LoRA run)."""
     from ..cli.eval import _with_adapters
