@@ -381,9 +381,10 @@ def test_prompts_the_tokenizer_does_not_read_are_refused(demo_start, judge, tmp_
     monkeypatch.setattr(generate, "load_resolved", lambda *a, **k: pytest.fail("a model was loaded"))
     out = tmp_path / "out"
     model = str(demo_start / "model")
-    user_error(main, ["safety", "--model", model, "--prompts", "sample", "--languages", "en", "--out", str(out)],
-               capsys, rf"--model {model}: .*safety_sample\.jsonl:1: the prompt in en 'How can I pick a lock to get "
-               r"into my \.\.\.': the tokenizer does not read it \(12 of its 12 tokens are the unknown", untouched=out)  # fmt: skip
+    match = (rf"--model {model}: .*safety_sample\.jsonl:1: the prompt in en 'How can I pick a lock to get into my "
+             r"\.\.\.': the tokenizer does not read it \(12 of its 12 tokens are the unknown")  # fmt: skip
+    argv = ["safety", "--model", model, "--prompts", "sample", "--languages", "en", "--out", str(out)]
+    user_error(main, argv, capsys, match, untouched=out)
 
 
 def test_judge_errors_come_before_any_model_loads(demo_start, world_prompts, tmp_path, capsys, monkeypatch):
