@@ -275,9 +275,9 @@ def main(args: argparse.Namespace) -> None:
             todo = [row for row in prompts if (name, row.record, row.language) not in done]
             if todo:
                 run_model(name, resolved[name], todo, judge, args, sink)
-    keys = {(row.record, row.language) for row in prompts}
-    rows = [r for r in read_generations(out / GENERATIONS) if r["model"] in models
-            and (r["record"], r["language"]) in keys]  # fmt: skip
+    labels = {(row.record, row.language): row.label for row in prompts}  # the file's labels now (not answered)
+    rows = [{**r, "label": labels[(r["record"], r["language"])]} for r in read_generations(out / GENERATIONS)
+            if r["model"] in models and (r["record"], r["language"]) in labels]  # fmt: skip
     summary = summarize(rows, models, languages)
     diffs = differences(rows, baseline, models, languages, args.bootstrap, args.seed) if baseline else {}
     judge_name = getattr(judge, "name", args.judge)
