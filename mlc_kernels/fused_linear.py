@@ -3,9 +3,11 @@
 In the manner of Liger's fused linear cross-entropy: for each chunk of prompts the forward runs the
 GEMM (torch: cuBLAS / MKL), the fused loss-and-gradient kernel of the chosen impl, and the two
 gradient GEMMs, so the ``(N, m, d)`` representations, their normalised copies and the eigen-factors
-are never alive for more than one chunk. For ``reduction="mean"``/``"sum"`` the backward only scales
-the gradients computed in the forward; for ``"none"`` it recomputes each chunk with the per-prompt
-weights of ``grad_output``.
+are never alive for more than one chunk. The gradients are written in place into the buffers handed back
+(the input gradient into its chunk's slice, weight and bias gradients summed chunk by chunk, as Liger's
+``accum_dtype``): nothing the size of the weight is allocated besides them. For ``reduction="mean"``/``"sum"``
+the backward only scales the gradients computed in the forward; for ``"none"`` it recomputes each chunk with the
+per-prompt weights of ``grad_output``.
 
 Mixed dtypes follow torch's autocast conventions: under ``torch.autocast`` the GEMMs run in the
 autocast dtype (hidden, weight and bias are cast, as ``nn.Linear`` does) and the loss kernel sees the
@@ -24,27 +26,30 @@ from .guards import DEFAULT_UNIFORM_T, DEFAULT_UNIFORM_WEIGHT, check_guard_optio
 from .loss import mlc_loss, reduce_with_guard
 from .ops import FLOAT_DTYPES, per_prompt_loss, per_prompt_loss_and_grad, resolve_impl
 
-DEFAULT_CHUNK_ROWS = 1024
-"""Default chunk, in rows (prompts x variants) per GEMM: the chunk's representations and their gradient
-stay a few MB. On CPU this costs no time (1.01x, N=1024, m=10). On CUDA each launch of the fused Triton
-kernel has a latency floor of 0.2-0.6 ms (one program per prompt runs the eigensolver serially), so
-small chunks cost time: on an H200, 1024-row chunks gave 0.34x the memory at 3.3x the time of the
-unfused path, one 10240-row chunk 1.08x the memory at 1.13x the time (benchmarks/results/nvidia-h200).
-Pass ``chunk_size`` to trade memory for time."""
+DEFAULT_CHUNKS = 16
+"""Default number of chunks off CUDA: the prompts are split into this many chunks (fewer when a chunk would fall
+below ``MIN_CHUNK_ROWS``), so the chunk's buffers are a small fraction of the unfused path's representations at
+every N (a byte budget ends in one chunk at small N and saves nothing). On CPU the GEMMs run as fast on 640-row
+chunks as on the whole batch (benchmarks/results/cpu-epyc-2core/fused_linear_v3/NOTE.md); below about 128 rows
+the weight is packed once per chunk and the chunks start to cost time."""
 
-CUDA_CHUNK_BYTES = 512 * 2**20
-"""On CUDA the default chunk is sized from memory instead: as many rows as keep the chunk's
-representations and their gradient (``2 * rows * d * itemsize`` bytes) within this budget, and never
-fewer than ``DEFAULT_CHUNK_ROWS`` (fewer, larger launches; the Triton kernels are bandwidth-bound)."""
+CUDA_DEFAULT_CHUNKS = 4
+"""Default number of chunks on CUDA: each launch of the fused Triton kernel has a latency floor of 0.2-0.6 ms
+(one program per prompt runs the eigensolver serially), so fewer, larger chunks; the caching allocator reuses
+the chunk's blocks, so four chunks keep about a quarter of the unfused path's buffers (not measured here: no GPU
+in the session that set it)."""
+
+MIN_CHUNK_ROWS = 128
+"""The floor of the default chunk, in rows (prompts x variants)."""
 
 
-def default_chunk_prompts(m: int, d: int, dtype: torch.dtype, device: torch.device) -> int:
-    """Prompts per chunk when ``chunk_size`` is not given: ``DEFAULT_CHUNK_ROWS // m`` on CPU; on CUDA
-    from ``CUDA_CHUNK_BYTES`` for ``d`` output features of ``dtype``."""
-    rows = DEFAULT_CHUNK_ROWS
-    if device.type == "cuda":
-        rows = max(rows, CUDA_CHUNK_BYTES // max(1, 2 * d * torch.finfo(dtype).bits // 8))
-    return max(1, rows // m)
+def default_chunk_prompts(n: int, m: int, device: torch.device) -> int:
+    """Prompts per chunk when ``chunk_size`` is not given: ``ceil(n / chunks)`` with ``CUDA_DEFAULT_CHUNKS`` chunks
+    on CUDA and ``DEFAULT_CHUNKS`` elsewhere, at least ``ceil(MIN_CHUNK_ROWS / m)`` prompts, at most n."""
+    chunks = CUDA_DEFAULT_CHUNKS if device.type == "cuda" else DEFAULT_CHUNKS
+    per_chunk = -(-n // chunks)
+    floor = -(-MIN_CHUNK_ROWS // m)
+    return max(1, min(n, max(per_chunk, floor)))
 
 
 def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype:
@@ -59,6 +64,22 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
             f"(as F.linear requires), got {got}; cast them or run under torch.autocast"
         )
     return hidden.dtype
+
+
+def _accum_dtype(accum_dtype: torch.dtype | None, weight: torch.Tensor) -> torch.dtype:
+    """The gradient accumulators' dtype: ``accum_dtype`` or the weight's; never narrower than the weight's."""
+    if accum_dtype is None:
+        return weight.dtype
+    if (
+        accum_dtype not in FLOAT_DTYPES
+        or torch.finfo(accum_dtype).bits < torch.finfo(weight.dtype).bits
+        or (accum_dtype != weight.dtype and torch.finfo(accum_dtype).bits == torch.finfo(weight.dtype).bits)
+    ):
+        raise TypeError(
+            f"accum_dtype must be None, the weight's dtype ({weight.dtype}) or a wider float dtype "
+            f"(torch.float32, torch.float64), got {accum_dtype!r}"
+        )
+    return accum_dtype
 
 
 def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
@@ -82,8 +103,8 @@ def _check_linear_inputs(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
 
 class _FusedLinearMLC(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, present, tau, objective, reduction, impl, chunk, cdtype, anchor=False):
-        n, m, dh = hidden.shape
+    def forward(ctx, hidden, weight, bias, present, tau, objective, reduction, impl, chunk, cdtype, acc, anchor=False):
+        n = hidden.shape[0]
         d = weight.shape[0]
         loss_and_grad = per_prompt_loss_and_grad(impl)
         needs = ctx.needs_input_grad[:3]
@@ -93,9 +114,9 @@ class _FusedLinearMLC(torch.autograd.Function):
         loss_dtype = torch.float64 if cdtype == torch.float64 else torch.float32
         losses = torch.empty(n, dtype=loss_dtype, device=hidden.device)
         count = eligible_count(present)
-        scale = (1.0 / count.to(loss_dtype)) if reduction == "mean" else torch.ones((), device=hidden.device)
-        ws = _Workspace(hidden, weight, bias, min(chunk, n), cdtype)
-        grads = _Grads(hidden, weight, bias, needs, ws) if precompute else None
+        scale = (1.0 / count.to(loss_dtype)).to(cdtype) if reduction == "mean" else None
+        ws = _Workspace(hidden, weight, min(chunk, n), cdtype, acc)
+        grads = _Grads(hidden, weight, bias, needs, ws, acc) if precompute else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, n, chunk):
                 stop = min(start + chunk, n)
@@ -103,7 +124,9 @@ class _FusedLinearMLC(torch.autograd.Function):
                 if precompute:
                     loss, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
-                    grads.add(start, stop, rows, grad_reps.mul_(scale.to(grad_reps.dtype)).view(-1, d), w)
+                    if scale is not None:
+                        grad_reps.mul_(scale)
+                    grads.add(hidden, start, stop, rows, grad_reps.view(-1, d), w)
                     del grad_reps  # freed before the next chunk's kernel allocates its own
                 else:
                     with torch.no_grad():
@@ -111,7 +134,7 @@ class _FusedLinearMLC(torch.autograd.Function):
                 losses[start:stop] = loss
         ctx.save_for_backward(hidden, weight, bias, present)
         ctx.grads = grads.finish() if precompute else None
-        ctx.options = (tau, objective, reduction, impl, chunk, cdtype, anchor)
+        ctx.options = (tau, objective, reduction, impl, chunk, cdtype, acc, anchor)
         if reduction == "none":
             return losses
         total = losses.sum()
@@ -121,7 +144,7 @@ class _FusedLinearMLC(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, present = ctx.saved_tensors
-        tau, objective, reduction, impl, chunk, cdtype, anchor = ctx.options
+        tau, objective, reduction, impl, chunk, cdtype, acc, anchor = ctx.options
         if ctx.grads is not None:  # computed in the forward: scale in place (first backward only)
             grad_hidden, grad_weight, grad_bias = ctx.grads
             ctx.grads = None
@@ -130,9 +153,9 @@ class _FusedLinearMLC(torch.autograd.Function):
                     g.mul_(grad_out.to(g.dtype))
         else:  # reduction="none", or a second backward of the same graph: recompute with per-prompt weights
             needs = ctx.needs_input_grad[:3]
-            n, m, dh = hidden.shape
-            ws = _Workspace(hidden, weight, bias, min(chunk, n), cdtype)
-            grads = _Grads(hidden, weight, bias, needs, ws)
+            n = hidden.shape[0]
+            ws = _Workspace(hidden, weight, min(chunk, n), cdtype, acc)
+            grads = _Grads(hidden, weight, bias, needs, ws, acc)
             if reduction != "none":
                 grad_out = grad_out.expand(n)
                 if reduction == "mean":
@@ -148,23 +171,30 @@ class _FusedLinearMLC(torch.autograd.Function):
                     _, grad_reps = loss_and_grad(reps, present[start:stop], tau, objective, anchor)
                     del reps
                     weights = grad_out[start:stop].to(grad_reps.dtype)[:, None, None]
-                    grads.add(start, stop, rows, grad_reps.mul_(weights).view(-1, d), w)
+                    grads.add(hidden, start, stop, rows, grad_reps.mul_(weights).view(-1, d), w)
                     del grad_reps
             grad_hidden, grad_weight, grad_bias = grads.finish()
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None, None, None, None, None
+
+
+def _addmm_out_dtype_supported(device: torch.device) -> bool:
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on this device (CUDA in torch >= 2.8; not on CPU)."""
+    return device.type == "cuda"
 
 
 class _Workspace:
     """One chunk's buffers, allocated once per pass and reused by every chunk (the last, shorter chunk
-    uses a prefix): the representations, the inputs cast to the compute dtype when a cast is needed,
-    and the temporaries of the gradient GEMMs whose output dtype differs from the accumulator's.
+    uses a prefix), all chunk-sized (nothing the size of the weight): the representations ``(c*m, d)``, the inputs
+    cast to the compute dtype and the input gradient in the compute dtype when hidden is in another dtype, and the
+    chunk's operands cast to the accumulator's dtype when the weight gradient accumulates in another dtype than the
+    GEMMs run in (no out-dtype GEMM on this device).
 
     Chunk-sized tensors freed and reallocated every chunk stay in the heap under glibc's default
     allocator (and in the CUDA caching allocator); one set of buffers keeps the extra memory at one chunk.
     """
 
     def __init__(
-        self, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, prompts: int, cdtype: torch.dtype
+        self, hidden: torch.Tensor, weight: torch.Tensor, prompts: int, cdtype: torch.dtype, acc: torch.dtype
     ) -> None:
         m, dh = hidden.shape[1], hidden.shape[2]
         d = weight.shape[0]
@@ -173,10 +203,10 @@ class _Workspace:
         self.m, self.dh, self.d = m, dh, d
         self.reps = torch.empty(rows, d, **kw)
         self.rows = torch.empty(rows, dh, **kw) if hidden.dtype != cdtype else None
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         self.grad_hidden = torch.empty(rows, dh, **kw) if hidden.dtype != cdtype else None
-        self.grad_weight = torch.empty(d, dh, **kw) if cdtype != acc else None
-        self.grad_bias = torch.empty(d, **kw) if bias is not None else None
+        cast = acc != cdtype and not (acc == torch.float32 and _addmm_out_dtype_supported(hidden.device))
+        self.grad_rows_acc = torch.empty(rows, d, dtype=acc, device=hidden.device) if cast else None
+        self.rows_acc = torch.empty(rows, dh, dtype=acc, device=hidden.device) if cast and hidden.dtype != acc else None
 
     def project(
         self, hidden: torch.Tensor, start: int, stop: int, w: torch.Tensor, b: torch.Tensor | None
@@ -198,25 +228,26 @@ class _Workspace:
 
 
 class _Grads:
-    """Accumulates the three gradients chunk by chunk (weight and bias in fp32 or fp64), through the
-    workspace's buffers where a dtype conversion is needed."""
+    """The three gradients, accumulated chunk by chunk in place in the buffers handed back: the input gradient
+    written into the chunk's slice of one ``(N, m, d_h)`` buffer, weight and bias gradients summed into buffers of
+    dtype ``acc`` (the weight's own dtype unless ``accum_dtype`` asked for another; then one cast at the end)."""
 
-    def __init__(self, hidden, weight, bias, needs, ws: _Workspace):
-        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    def __init__(self, hidden, weight, bias, needs, ws: _Workspace, acc: torch.dtype):
         self.hidden = torch.empty_like(hidden) if needs[0] else None
         self.weight = torch.zeros(weight.shape, dtype=acc, device=weight.device) if needs[1] else None
         self.bias = (
             torch.zeros(weight.shape[0], dtype=acc, device=weight.device) if bias is not None and needs[2] else None
         )
         self._dtypes = (weight.dtype, bias.dtype if bias is not None else None)
-        self._m = hidden.shape[1]
         self._ws = ws
 
-    def add(self, start: int, stop: int, rows: torch.Tensor, grad_rows: torch.Tensor, w: torch.Tensor) -> None:
-        """``rows``: the chunk's inputs ``(c*m, d_h)``; ``grad_rows``: dloss/dreps ``(c*m, d)``.
+    def add(
+        self, hidden: torch.Tensor, start: int, stop: int, rows: torch.Tensor, grad_rows: torch.Tensor, w: torch.Tensor
+    ) -> None:
+        """``rows``: the chunk's inputs ``(c*m, d_h)`` in the compute dtype; ``grad_rows``: dloss/dreps ``(c*m, d)``.
 
-        The GEMMs write into the gradient buffers directly where the dtypes allow, else into the
-        workspace (no chunk-sized temporaries are allocated per chunk).
+        The GEMMs write into the gradient buffers directly where the dtypes allow, else through the workspace's
+        chunk-sized buffers (nothing is allocated per chunk, nothing weight-sized at all).
         """
         ws = self._ws
         grad_rows = grad_rows.to(rows.dtype)
@@ -227,13 +258,17 @@ class _Grads:
                 torch.mm(grad_rows, w, out=target)
             else:
                 target.copy_(torch.mm(grad_rows, w, out=ws.grad_hidden[:r]))
-        if self.weight is not None:
-            if self.weight.dtype == rows.dtype:
-                self.weight.addmm_(grad_rows.T, rows)
-            else:
-                self.weight += torch.mm(grad_rows.T, rows, out=ws.grad_weight)
+        acc = self.weight.dtype if self.weight is not None else None
+        if self.weight is not None and acc == rows.dtype:
+            self.weight.addmm_(grad_rows.T, rows)
+        elif self.weight is not None and ws.grad_rows_acc is None:  # fp32 accumulator, half GEMM (CUDA)
+            torch.addmm(self.weight, grad_rows.T, rows, out_dtype=acc, out=self.weight)
+        elif self.weight is not None:  # the chunk's operands in the accumulator's dtype (chunk-sized casts)
+            g = ws.grad_rows_acc[:r].copy_(grad_rows)
+            x = hidden[start:stop].reshape(-1, ws.dh) if ws.rows_acc is None else ws.rows_acc[:r].copy_(rows)
+            self.weight.addmm_(g.T, x)
         if self.bias is not None:
-            self.bias += torch.sum(grad_rows, dim=0, out=ws.grad_bias)
+            self.bias.add_(grad_rows.sum(dim=0, dtype=self.bias.dtype))
 
     def finish(self):
         weight = self.weight.to(self._dtypes[0]) if self.weight is not None else None
@@ -252,6 +287,7 @@ def fused_linear_mlc_loss(
     reduction: str = "mean",
     impl: str = "auto",
     chunk_size: int | None = None,
+    accum_dtype: torch.dtype | None = None,
     guard: str | None = None,
     uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
     uniform_t: float = DEFAULT_UNIFORM_T,
@@ -266,9 +302,14 @@ def fused_linear_mlc_loss(
         tau, objective, reduction, impl: as :func:`mlc_kernels.mlc_loss`, with its defaults (the authors'
             ``relative_sv_softmax`` at ``tau=0.2``; ``"sv_softmax"`` is the paper text's formula). ``impl`` picks
             the loss kernel; the GEMMs always go to torch.
-        chunk_size: prompts per chunk (default ``default_chunk_prompts``: about 1024 rows on CPU, a
-            memory budget of ``CUDA_CHUNK_BYTES`` on CUDA). Extra memory
-            is bounded by the chunk, not by N.
+        chunk_size: prompts per chunk (default ``default_chunk_prompts``: N split into ``DEFAULT_CHUNKS`` chunks,
+            ``CUDA_DEFAULT_CHUNKS`` on CUDA, of at least ``MIN_CHUNK_ROWS`` rows). Extra memory is bounded by the
+            chunk, not by N.
+        accum_dtype: dtype of the weight- and bias-gradient accumulators (default: the weight's own dtype, as
+            Liger's fused linear cross-entropy). The gradients are summed in place into the buffers handed back;
+            ``torch.float32`` (or ``float64``) with bf16/fp16 parameters adds one weight-sized accumulator and a cast
+            at the end. Under autocast with fp32 parameters the GEMMs run in the autocast dtype and accumulate into
+            fp32 (an out-dtype GEMM on CUDA, chunk-sized casts elsewhere).
         guard, uniform_weight, uniform_t, whiten_shrinkage: as :func:`mlc_kernels.mlc_loss`. ``center`` stays
             fused and exact: the mean of the representations is ``mean(h) W^T + b``, so the fused loss runs on
             the centred hidden states without bias (the gradient reaches ``hidden`` through the centring; the
@@ -289,13 +330,14 @@ def fused_linear_mlc_loss(
     spec = parse_guard(guard)
     check_guard_options(spec, reduction, uniform_weight, uniform_t, whiten_shrinkage)
     cdtype = _compute_dtype(hidden, weight, bias)
+    acc = _accum_dtype(accum_dtype, weight)
     probe = hidden.new_empty((0, m, weight.shape[0]), dtype=cdtype)
     name = resolve_impl(impl, probe)
-    chunk = chunk_size or default_chunk_prompts(m, weight.shape[0], cdtype, hidden.device)
+    chunk = chunk_size or default_chunk_prompts(n, m, hidden.device)
     present = mask if mask is not None else torch.ones(n, m, dtype=torch.bool, device=hidden.device)
     if spec is None:  # the plain loss, exactly as without guards
         return _FusedLinearMLC.apply(
-            hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype
+            hidden, weight, bias, present, float(tau), objective, reduction, name, chunk, cdtype, acc
         )
     # keeps the bias in the graph with a zero gradient (engines expect a gradient for every parameter)
     touch = 0.0 * bias.sum() if bias is not None and bias.requires_grad else None
@@ -313,7 +355,7 @@ def fused_linear_mlc_loss(
         bias = None
     per_prompt = _FusedLinearMLC.apply(
         hidden, weight, bias, present, float(tau), objective, "none" if spec.uniform else reduction, name, chunk,
-        cdtype, spec.anchor,
+        cdtype, acc, spec.anchor,
     )  # fmt: skip
     if spec.uniform:
         reps = F.linear(hidden, weight, bias)
@@ -335,6 +377,7 @@ class FusedLinearMLCLoss(nn.Module):
         reduction: str = "mean",
         impl: str = "auto",
         chunk_size: int | None = None,
+        accum_dtype: torch.dtype | None = None,
         guard: str | None = None,
         uniform_weight: float = DEFAULT_UNIFORM_WEIGHT,
         uniform_t: float = DEFAULT_UNIFORM_T,
@@ -343,6 +386,8 @@ class FusedLinearMLCLoss(nn.Module):
         super().__init__()
         self.options = {"tau": tau, "objective": objective, "reduction": reduction, "impl": impl}
         self.options["chunk_size"] = chunk_size
+        if accum_dtype is not None:  # the repr without it stays as it was
+            self.options["accum_dtype"] = accum_dtype
         if guard is not None:  # the repr of the unguarded module stays as it was
             parse_guard(guard)
             self.options.update(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import impl_device
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mlc_kernels import FusedLinearMLCLoss, MLCHead, fused_linear_mlc_loss, mlc_loss
 
@@ -123,12 +124,13 @@ def test_autocast_mixed_dtypes_follow_torch():
         ({"hidden": torch.ones(7, 5, 12, dtype=torch.int32)}, TypeError, "hidden must be a float tensor"),
         ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
         ({"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ({"accum_dtype": torch.float32}, TypeError, "accum_dtype must be None, the weight's dtype"),
     ],
 )
 def test_bad_input(kwargs, exc, match):
     hidden, weight, bias, mask = _problem()
     args = {"hidden": hidden, "weight": weight, "bias": bias, "mask": mask, **kwargs}
-    options = {k: args.pop(k) for k in ("chunk_size", "reduction") if k in args}
+    options = {k: args.pop(k) for k in ("chunk_size", "reduction", "accum_dtype") if k in args}
     with pytest.raises(exc, match=match):
         fused_linear_mlc_loss(args["hidden"], args["weight"], args["bias"], args["mask"], **options)
 
@@ -206,3 +208,96 @@ def test_chunked_path_reuses_one_workspace(monkeypatch):
     seen.clear()
     fl.fused_linear_mlc_loss(hidden, weight, bias, impl="torch", chunk_size=2, reduction="none").sum().backward()
     assert len(seen) == 4 and len(set(seen)) == 1  # the backward's recompute: its own single workspace
+
+
+class _Allocations(TorchDispatchMode):
+    """Records the shape and storage of every tensor an op creates (outputs not sharing an input's storage)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created: list[tuple[int, torch.dtype, int]] = []  # (numel, dtype, storage pointer)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        flat_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        seen = {t.untyped_storage().data_ptr() for t in flat_in}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in seen and t.numel() > 0:
+                self.created.append((t.numel(), t.dtype, t.untyped_storage().data_ptr()))
+        return out
+
+
+@pytest.mark.parametrize(
+    "dtype,accum_dtype,autocast,expected",
+    [
+        (torch.float32, None, False, {torch.float32: 1}),  # the accumulator handed back
+        (torch.bfloat16, None, False, {torch.bfloat16: 1}),  # accumulates in the weight's dtype, as Liger
+        (torch.bfloat16, torch.float32, False, {torch.float32: 1, torch.bfloat16: 1}),  # asked: fp32, one cast
+        (torch.float32, None, True, {torch.float32: 1, torch.bfloat16: 1}),  # autocast's cast of w for the GEMMs
+    ],
+)
+def test_gradients_accumulate_in_place_without_weight_sized_temporaries(dtype, accum_dtype, autocast, expected):
+    """The weight gradient is summed in place into the buffer handed back, the input gradient written into its
+    chunk's slice of one buffer: the only weight-sized tensors created are the accumulator (its final cast when
+    ``accum_dtype`` differs) and, under autocast, the weight cast to the autocast dtype."""
+    gen = torch.Generator().manual_seed(0)
+    n, m, dh, d = 12, 3, 40, 24  # weight 960 elements, hidden 1440, a chunk at most 4 * 3 * 40 = 480
+    hidden = torch.randn(n, m, dh, generator=gen).to(dtype).requires_grad_()
+    weight = (torch.randn(d, dh, generator=gen) / dh**0.5).to(dtype).requires_grad_()
+    bias = torch.zeros(d, dtype=dtype).requires_grad_()
+    mode = _Allocations()
+    with mode, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        fused_linear_mlc_loss(hidden, weight, bias, impl="torch", chunk_size=4, accum_dtype=accum_dtype).backward()
+    weight_sized: dict[torch.dtype, int] = {}
+    for numel, dt, _ in mode.created:
+        if numel == weight.numel():
+            weight_sized[dt] = weight_sized.get(dt, 0) + 1
+    assert weight_sized == expected
+    hidden_sized = [ptr for numel, _, ptr in mode.created if numel == hidden.numel()]
+    assert hidden_sized == [hidden.grad.untyped_storage().data_ptr()]  # one buffer, handed back as it is
+    assert weight.grad.dtype == dtype and weight.grad.untyped_storage().data_ptr() in {p for *_, p in mode.created}
+
+
+def test_accum_dtype_fp32_for_bf16_parameters():
+    """bf16 parameters accumulate in bf16 by default (one rounding per chunk), in fp32 when asked: both near the fp64
+    reference, the fp32 accumulator at least as near."""
+    hidden, weight, bias, mask = _problem(n=24, seed=3)
+    ref, ref_grads = _grads(lambda h, w, b: mlc_loss(h @ w.T + b, mask, impl="reference"), (hidden, weight, bias))
+    errors = {}
+    for accum in (None, torch.float32):
+        _, grads = _grads(
+            lambda h, w, b, accum=accum: fused_linear_mlc_loss(
+                h, w, b, mask, impl="torch", chunk_size=2, accum_dtype=accum
+            ),
+            tuple(t.bfloat16() for t in (hidden, weight, bias)),
+        )
+        assert all(g.dtype == torch.bfloat16 for g in grads)
+        errors[accum] = float((grads[1].double() - ref_grads[1]).abs().max() / ref_grads[1].abs().max())
+    assert errors[torch.float32] <= errors[None] + 1e-3
+    assert errors[None] < 0.1  # bf16 inputs: the loss kernel's own bf16 error dominates both
+
+
+def test_default_chunk_policy_splits_every_batch(monkeypatch):
+    """The default chunk is N split into a fixed number of chunks with a floor in rows, on every device: at the
+    realistic training shape (64 prompts x 10 variants) it runs several chunks (a byte budget ran one)."""
+    import mlc_kernels.fused_linear as fl
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for n, m in ((64, 10), (1024, 10), (8, 32), (300, 3)):
+        for device, chunks in ((cpu, fl.DEFAULT_CHUNKS), (cuda, fl.CUDA_DEFAULT_CHUNKS)):
+            per_chunk = fl.default_chunk_prompts(n, m, device)
+            count = -(-n // per_chunk)
+            assert 1 <= count <= chunks
+            assert per_chunk * m >= fl.MIN_CHUNK_ROWS or per_chunk == n
+            if n * m >= 2 * fl.MIN_CHUNK_ROWS:
+                assert count >= 2
+    assert -(-1024 // fl.default_chunk_prompts(1024, 10, cpu)) == fl.DEFAULT_CHUNKS
+    calls: list[int] = []
+    real = fl.per_prompt_loss_and_grad
+    monkeypatch.setattr(
+        fl, "per_prompt_loss_and_grad", lambda name: lambda reps, *a: calls.append(1) or real(name)(reps, *a)
+    )
+    hidden = torch.randn(64, 10, 8, requires_grad=True)
+    fl.fused_linear_mlc_loss(hidden, torch.randn(4, 8), impl="torch").backward()
+    assert len(calls) == -(-64 // fl.default_chunk_prompts(64, 10, cpu)) >= 4

@@ -80,11 +80,28 @@ def cuda_peak_extra(hidden, weight, bias, impl: str, fused: bool) -> int:
     return cuda_peak(lambda: fused_linear_step(hidden, weight, bias, impl, fused))
 
 
-def _child_setup(n: int, m: int, dh: int, d: int, dtype: str, impl: str, fused: bool) -> tuple:
+def gemm_floor_step(hidden, weight, bias, outputs) -> int:
+    """The unfused path's three GEMMs (``linear`` and its two gradient GEMMs) into preallocated ``outputs``
+    (reps ``(N*m, d)``, input gradient ``(N*m, d_h)``, weight gradient ``(d, d_h)``): what one step costs in BLAS
+    workspace alone (MKL's packing buffers on CPU), the same in both paths; hands nothing back."""
+    rows = hidden.detach().view(-1, hidden.shape[2])
+    reps, grad_rows, grad_weight = outputs
+    w = weight.detach()
+    torch.addmm(bias.detach(), rows, w.t(), out=reps)
+    torch.mm(reps, w, out=grad_rows)
+    torch.mm(reps.t(), rows, out=grad_weight)
+    return 0
+
+
+def _child_setup(n: int, m: int, dh: int, d: int, dtype: str, impl: str, fused: bool, gemms_only: bool = False):
     cpu = torch.device("cpu")
     inputs = fused_linear_inputs(n, m, dh, d, DTYPES[dtype], cpu)
     fused_linear_step(*fused_linear_inputs(2, m, 8, 4, DTYPES[dtype], cpu), impl, fused)  # lazy imports
-    return (*inputs, impl, fused)
+    if gemms_only:
+        kw = {"dtype": DTYPES[dtype], "device": cpu}
+        outputs = (torch.ones(n * m, d, **kw), torch.ones(n * m, dh, **kw), torch.ones(d, dh, **kw))
+        return gemm_floor_step, (*inputs, outputs)
+    return fused_linear_step, (*inputs, impl, fused)
 
 
 def run_fused_linear(shape, impl: str, dtype: str, opts: Options) -> list[dict[str, Any]]:
@@ -123,4 +140,4 @@ def run(args: argparse.Namespace, opts: Options) -> None:
 
 
 if __name__ == "__main__":  # the memory child of peak_extra off CUDA
-    child_peak(_child_setup, lambda state: fused_linear_step(*state))
+    child_peak(_child_setup, lambda state: state[0](*state[1]))
