@@ -178,8 +178,9 @@ class _FusedLinearMLC(torch.autograd.Function):
 
 
 def _addmm_out_dtype_supported(device: torch.device) -> bool:
-    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on this device (CUDA in torch >= 2.8; not on CPU)."""
-    return device.type == "cuda"
+    """Whether ``torch.addmm(..., out_dtype=torch.float32)`` runs on this device: CUDA from sm80 (as Liger checks;
+    no CPU kernel in torch 2.13)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class _Workspace:
