@@ -147,26 +147,33 @@ def whiten(reps: torch.Tensor, present: torch.Tensor, shrinkage: float | None = 
     ``shrinkage`` a in [0, 1] (None: :func:`default_shrinkage`); fp32 (fp64 for fp64 input); differentiable.
     With ``a = 0`` the whitened present rows have identity covariance (``Sigma`` must then be positive
     definite: at least d + 1 present rows in general position).
+
+    One device sync: the factorisation's status, read to refuse a covariance that is not positive definite
+    (the row count, the shrinkage and the finiteness check stay on the device).
     """
     x = center(reps, present)
     d = x.shape[-1]
-    n_rows = int(present.sum())
-    a = default_shrinkage(n_rows, d) if shrinkage is None else float(shrinkage)
+    n_rows = present.sum()
+    if shrinkage is None:  # d / (n + d) as the host computes it (fp64), then in the working dtype
+        a64 = d / (n_rows.to(torch.float64) + d)
+        a, keep = a64.to(x.dtype), (1.0 - a64).to(x.dtype)
+    else:
+        a, keep = float(shrinkage), 1.0 - float(shrinkage)
     flat = x.reshape(-1, d)
-    sigma = flat.mT @ flat / max(n_rows, 1)
+    sigma = flat.mT @ flat / n_rows.clamp_min(1).to(x.dtype)
     scale = sigma.diagonal().sum() / d
     eye = torch.eye(d, dtype=x.dtype, device=x.device)
-    shrunk = (1.0 - a) * sigma + a * scale.clamp_min(NORM_EPS) * eye
-    if not bool(torch.isfinite(shrunk).all()):  # a non-finite present value: NaN for the whole batch
-        return torch.where(present[..., None], x * float("nan"), 0.0)
-    chol, info = torch.linalg.cholesky_ex(shrunk)
-    if int(info) != 0:
+    shrunk = keep * sigma + a * scale.clamp_min(NORM_EPS) * eye
+    finite = torch.isfinite(shrunk).all()  # a non-finite present value: NaN for the whole batch
+    chol, info = torch.linalg.cholesky_ex(torch.where(finite, shrunk, eye))
+    if int(info) != 0:  # the one sync
         raise ValueError(
-            f"whiten: the covariance of the {n_rows} present rows (d={d}) is not positive definite with "
-            f"shrinkage {a}; use shrinkage > 0 (default None picks d / (n + d))"
+            f"whiten: the covariance of the {int(n_rows)} present rows (d={d}) is not positive definite with "
+            f"shrinkage {float(a)}; use shrinkage > 0 (default None picks d / (n + d))"
         )
     # r~^T = L^-1 (r - mu)^T
     out = torch.linalg.solve_triangular(chol, flat.mT, upper=False).mT.reshape(x.shape)
+    out = out + torch.where(finite, 0.0, float("nan"))  # an addend, not a branch: the gradient stays exact
     return torch.where(present[..., None], out, 0.0)
 
 
@@ -200,13 +207,15 @@ def signed_consensus(reps: torch.Tensor, present: torch.Tensor) -> tuple[torch.T
 
 def uniformity(reps: torch.Tensor, present: torch.Tensor, t: float = DEFAULT_UNIFORM_T) -> torch.Tensor:
     """``log mean_{i<k} exp(-t |c_i - c_k|^2)`` over the prompts with a present variant; 0 (in the graph)
-    when fewer than two prompts have one."""
+    when fewer than two prompts have one. Masked, not indexed: the pairs of prompts without a present variant
+    enter the log-sum-exp as -inf, so nothing is read back from the device."""
     c, _, _ = signed_consensus(reps, present)
     has = present.any(dim=1)
-    c = c[has]
-    k = c.shape[0]
-    if k < 2:
-        return 0.0 * c.sum()
-    iu = torch.triu_indices(k, k, offset=1, device=c.device)
+    n = c.shape[0]
+    iu = torch.triu_indices(n, n, offset=1, device=c.device)
     sq = (2.0 - 2.0 * (c @ c.mT))[iu[0], iu[1]].clamp_min(0.0)  # |c_i - c_k|^2 of unit vectors
-    return torch.logsumexp(-t * sq, dim=0) - torch.log(torch.tensor(float(sq.numel()), dtype=sq.dtype))
+    pair = has[iu[0]] & has[iu[1]]
+    k = has.sum().to(sq.dtype)
+    pairs = k * (k - 1) / 2
+    lse = torch.logsumexp(torch.where(pair, -t * sq, float("-inf")), dim=0)
+    return torch.where(pairs > 0, lse - torch.log(pairs), 0.0 * c.sum())

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -105,12 +105,15 @@ def layer_depth(model: nn.Module, layer: Layer) -> int:
     return len(decoder_layers(model)[0]) if k == FINAL_LAYER else k
 
 
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """Index of the last non-padding token of each row of ``attention_mask`` ``(B, T)``, left or right padding."""
+def last_token_index(attention_mask: torch.Tensor, *, check_rows: bool = True) -> torch.Tensor:
+    """Index of the last non-padding token of each row of ``attention_mask`` ``(B, T)``, left or right padding.
+
+    ``check_rows``: refuse a row without a token (reads a flag back from the device: one sync); pass False when
+    the caller checked the rows on the host (:func:`variant_representations` with ``lengths``)."""
     if attention_mask.dim() != 2:
         raise ValueError(f"attention_mask must be (B, T), got {tuple(attention_mask.shape)}")
     present = attention_mask.bool()
-    if not bool(present.any(dim=1).all()):
+    if check_rows and not bool(present.any(dim=1).all()):
         raise ValueError("attention_mask has a row with no token")
     t = present.shape[1]
     return (t - 1) - present.flip(dims=[1]).int().argmax(dim=1)
@@ -177,6 +180,7 @@ def last_prompt_hidden(
     layer: Layer,
     *,
     truncate: bool = True,
+    check_rows: bool = True,
     **model_kwargs,
 ) -> torch.Tensor:
     """Hidden state ``(B, hidden_size)`` of the last non-padding token after decoder layer ``layer``.
@@ -185,10 +189,10 @@ def last_prompt_hidden(
     ``output_hidden_states[layer]`` at that token; for ``layer = L`` it is the last layer's output *before*
     the final norm; ``layer="final"`` (:data:`FINAL_LAYER`) is transformers' ``hidden_states[L]``, after the
     final norm. With ``truncate`` no layer after ``layer`` runs (the final norm still runs; the LM head is
-    skipped).
+    skipped). ``check_rows``: as :func:`last_token_index`.
     Extra keyword arguments go to the model (e.g. ``position_ids``).
     """
-    index = last_token_index(attention_mask)
+    index = last_token_index(attention_mask, check_rows=check_rows)
     hidden = _hidden_after_layer(model, layer, truncate, input_ids=input_ids, attention_mask=attention_mask,
                                  **model_kwargs)  # fmt: skip
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), index.to(hidden.device)]
@@ -293,6 +297,7 @@ def variant_representations(
     truncate: bool = True,
     micro_batch: int | None = None,
     packed: bool = False,
+    lengths: Sequence[Sequence[int]] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Representations of all variants: ``input_ids``/``attention_mask`` ``(N, m, T)``, ``variant_mask``
     ``(N, m)`` bool (False: missing translation, not run). Returns ``(reps (N, m, hidden), mask (N, m))``;
@@ -300,7 +305,12 @@ def variant_representations(
 
     ``packed``: each micro-batch's variants run packed into rows without padding (:func:`pack_sequences`,
     :func:`last_prompt_hidden_packed`; one row under flash-attn): the model processes about the real tokens
-    only, which pays off when the variants' lengths differ (low-resource languages tokenise 2-3x longer)."""
+    only, which pays off when the variants' lengths differ (low-resource languages tokenise 2-3x longer).
+
+    ``lengths``: the variants' token counts ``N x m`` as host-side ints (0: missing), as the collator knows them
+    (``MLCCollator``'s ``mlc_lengths``); they must agree with ``variant_mask`` (present where > 0). With them the
+    padded path reads nothing back from the device (the present variants are counted and checked on the host and
+    gathered with ``nonzero_static``); without them it reads the mask and checks the rows (two syncs per call)."""
     if input_ids.dim() != 3 or attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"input_ids and attention_mask must both be (N, m, T), got {tuple(input_ids.shape)} and "
@@ -310,9 +320,15 @@ def variant_representations(
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
     if tuple(mask.shape) != (n, m):
         raise ValueError(f"variant_mask must be (N, m) = {(n, m)}, got {tuple(mask.shape)}")
-    flat = mask.reshape(-1).nonzero().flatten()
+    count = _present_count(lengths, n, m)
+    if count is None:
+        flat = mask.reshape(-1).nonzero().flatten()
+        count = len(flat)
+    else:
+        flat = torch.nonzero_static(mask.reshape(-1), size=count).flatten()
+    checked = lengths is not None and not packed
     ids, att = input_ids.reshape(-1, t)[flat], attention_mask.reshape(-1, t)[flat]
-    step = micro_batch or max(len(flat), 1)
+    step = micro_batch or max(count, 1)
 
     def run(chunk_ids: torch.Tensor, chunk_att: torch.Tensor) -> torch.Tensor:
         if packed:
@@ -320,9 +336,9 @@ def variant_representations(
             one_row = str(impl).startswith("flash")  # flash-attn's varlen path reads one packed row
             ids_p, pos_p, last = pack_sequences(chunk_ids, chunk_att, chunk_ids.numel() if one_row else None)
             return last_prompt_hidden_packed(model, ids_p, pos_p, layer, truncate=truncate, last_index=last)
-        return last_prompt_hidden(model, chunk_ids, chunk_att, layer, truncate=truncate)
+        return last_prompt_hidden(model, chunk_ids, chunk_att, layer, truncate=truncate, check_rows=not checked)
 
-    parts = [run(ids[s : s + step], att[s : s + step]) for s in range(0, len(flat), step)]
+    parts = [run(ids[s : s + step], att[s : s + step]) for s in range(0, count, step)]
     hidden = torch.cat(parts) if parts else None
     size = hidden.shape[-1] if hidden is not None else _unwrap(model).config.hidden_size
     dtype = hidden.dtype if hidden is not None else next(model.parameters()).dtype
@@ -330,6 +346,27 @@ def variant_representations(
     if hidden is not None:
         reps = reps.index_put((flat,), hidden)
     return reps.view(n, m, size), mask
+
+
+def _present_count(lengths: Sequence[Sequence[int]] | None, n: int, m: int) -> int | None:
+    """How many variants are present according to the host-side ``lengths`` (None without them); refuses
+    lengths of the wrong layout."""
+    if lengths is None:
+        return None
+    if len(lengths) != n or any(len(row) != m for row in lengths):
+        raise ValueError(f"lengths must be N x m = {n} x {m} token counts (host ints), got {len(lengths)} rows")
+    return sum(1 for row in lengths for length in row if length > 0)
+
+
+def _rows(lengths: Sequence[Sequence[int]] | None, start: int, stop: int) -> Sequence[Sequence[int]] | None:
+    return lengths[start:stop] if lengths is not None else None
+
+
+def _host_lengths(mask: torch.Tensor, lengths: Sequence[Sequence[int]] | None) -> list[list[int]]:
+    """``lengths`` as lists, or (without them) 1/0 per variant read from ``mask`` (one sync)."""
+    if lengths is not None:
+        return [list(row) for row in lengths]
+    return [[int(p) for p in row] for row in mask.tolist()]
 
 
 AUTO_CHUNK_SHARE = 0.25
@@ -391,30 +428,34 @@ def _replay_rng(state: tuple, device: torch.device):
         yield
 
 
-def _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk) -> tuple[torch.Tensor, list]:
-    """The representations of all variants without autograd, chunk by chunk, and each chunk's RNG state."""
+def _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk, lengths) -> tuple[torch.Tensor, list]:
+    """The representations of all variants without autograd, chunk by chunk, and each chunk's RNG state;
+    ``lengths``: the host-side token counts (see :func:`variant_representations`)."""
     states, parts = [], []
     with torch.no_grad():
         for start in range(0, input_ids.shape[0], chunk):
             stop = start + chunk
             states.append(_rng_state(input_ids.device))
             parts.append(variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
-                                                 mask[start:stop])[0])  # fmt: skip
+                                                 mask[start:stop], lengths=_rows(lengths, start, stop))[0])  # fmt: skip
     return torch.cat(parts), states
 
 
-def _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk, states, grad_reps) -> None:
+def _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk, states, grad_reps, lengths,
+                             present) -> None:  # fmt: skip
     """Recompute each chunk of variant passes with autograd under its recorded RNG state and backpropagate
-    ``grad_reps`` (dloss/dreps, ``(N, m, hidden)``) into the model."""
+    ``grad_reps`` (dloss/dreps, ``(N, m, hidden)``) into the model. A chunk without a present variant (per the
+    host-side ``lengths``) is skipped; the missing variants' rows take no part (their representations are
+    constants), so the whole chunk's gradient is passed without masking. ``present``: host-side ``N x m`` counts
+    (> 0: present), the given ``lengths`` or the mask read back once."""
     for index, start in enumerate(range(0, input_ids.shape[0], chunk)):
         stop = start + chunk
-        present = mask[start:stop]
-        if not bool(present.any()):
+        if not any(length > 0 for row in present[start:stop] for length in row):
             continue
         with torch.enable_grad(), _replay_rng(states[index], input_ids.device):
             chunk_reps, _ = variant_representations(model, input_ids[start:stop], attention_mask[start:stop], layer,
-                                                    present)  # fmt: skip
-            torch.autograd.backward(chunk_reps[present], grad_reps[start:stop][present])
+                                                    mask[start:stop], lengths=_rows(lengths, start, stop))  # fmt: skip
+            torch.autograd.backward(chunk_reps, grad_reps[start:stop])
 
 
 def grad_cached_mlc_backward(
@@ -427,6 +468,7 @@ def grad_cached_mlc_backward(
     *,
     chunk_prompts: int | str = "auto",
     memory_budget: int | None = None,
+    lengths: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """MLC loss with the representation-gradient cache; accumulates gradients into ``model`` (and into
     whatever ``loss_fn`` closes over, e.g. an ``MLCHead``) and returns the loss, detached.
@@ -439,18 +481,22 @@ def grad_cached_mlc_backward(
 
     Peak activation memory is that of one chunk's truncated passes. Gradients add up across calls,
     as under gradient accumulation. ``chunk_prompts="auto"``: :func:`auto_chunk_prompts` (``memory_budget``
-    in bytes).
+    in bytes). ``lengths``: host-side token counts as in :func:`variant_representations` (without them the mask
+    is read back once per call).
     """
     n, m, _ = input_ids.shape
     device = input_ids.device
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=device)
+    _present_count(lengths, n, m)  # the layout check
+    present = _host_lengths(mask, lengths)
     chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
-    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
+    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts, lengths)
     reps = reps.detach().requires_grad_()
     loss = loss_fn(reps, mask)
     loss.backward()
     # the replays run under fork_rng: the RNG continues as after the first pass
-    _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk_prompts, states, reps.grad)
+    _backprop_variant_chunks(model, input_ids, attention_mask, layer, mask, chunk_prompts, states, reps.grad,
+                             lengths, present)  # fmt: skip
     return loss.detach()
 
 
@@ -472,7 +518,7 @@ class _GradCachedLoss(torch.autograd.Function):
     def backward(ctx, grad_output: torch.Tensor):
         r, (grad_reps, *grad_params) = ctx.runner, ctx.grads
         _backprop_variant_chunks(r["model"], r["ids"], r["att"], r["layer"], r["mask"], r["chunk"], r["states"],
-                                 grad_output * grad_reps)  # fmt: skip
+                                 grad_output * grad_reps, r["lengths"], r["present"])  # fmt: skip
         return (None, *[g * grad_output if g is not None else None for g in grad_params])
 
 
@@ -487,17 +533,22 @@ def grad_cached_mlc_loss(
     *,
     chunk_prompts: int | str = "auto",
     memory_budget: int | None = None,
+    lengths: Sequence[Sequence[int]] | None = None,
 ) -> torch.Tensor:
     """The gradient-cached MLC loss as a differentiable scalar: use it like any loss term (``total =
     align + w * grad_cached_mlc_loss(...)``; one ``backward``). ``params`` are the parameters of
     ``loss_fn`` itself (e.g. the ``MLCHead``'s); the model's gradients arrive during backward, when each
-    chunk of variant passes is recomputed with autograd. Memory as in :func:`grad_cached_mlc_backward`."""
+    chunk of variant passes is recomputed with autograd. Memory and ``lengths`` as in
+    :func:`grad_cached_mlc_backward`."""
     n, m, _ = input_ids.shape
     mask = variant_mask if variant_mask is not None else torch.ones(n, m, dtype=torch.bool, device=input_ids.device)
+    _present_count(lengths, n, m)  # the layout check
+    present = _host_lengths(mask, lengths)
     chunk_prompts = _chunk(model, input_ids, attention_mask, layer, chunk_prompts, memory_budget)
-    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts)
+    reps, states = _no_grad_variant_passes(model, input_ids, attention_mask, layer, mask, chunk_prompts, lengths)
     runner = {
         "model": model, "loss_fn": loss_fn, "reps": reps, "mask": mask, "ids": input_ids,
-        "att": attention_mask, "layer": layer, "chunk": chunk_prompts, "states": states,
+        "att": attention_mask, "layer": layer, "chunk": chunk_prompts, "states": states, "lengths": lengths,
+        "present": present,
     }  # fmt: skip
     return _GradCachedLoss.apply(runner, *params)
