@@ -18,9 +18,11 @@ from .guards import (
 from .ops import (
     IMPLEMENTATION_NAMES,
     ImplementationUnavailableError,  # noqa: F401  (re-exported: mlc_kernels.ImplementationUnavailableError)
+    call_loss,
     per_prompt_loss,
     resolve_impl,
 )
+from .ops.common import all_present
 
 IMPLEMENTATIONS: tuple[str, ...] = IMPLEMENTATION_NAMES
 """The names ``impl=`` accepts: ``"auto"`` and those of ``mlc_kernels.ops.REGISTRY``."""
@@ -72,17 +74,21 @@ def mlc_loss(
     check_inputs(reps, mask, tau, objective, reduction)
     spec = parse_guard(guard)
     check_guard_options(spec, reduction, uniform_weight, uniform_t, whiten_shrinkage)
-    present = mask if mask is not None else torch.ones(reps.shape[:2], dtype=torch.bool, device=reps.device)
+    if spec is None:  # the plain loss, exactly as without guards
+        if validate:
+            check_finite(reps, mask if mask is not None else all_present(reps))
+        per_prompt = call_loss(resolve_impl(impl, reps), reps, mask, float(tau), objective)
+        if mask is None and reduction != "none":  # every prompt has the same m variants: the count is N (m >= 2)
+            eligible = reduction == "mean" and reps.shape[1] >= 2 and reps.shape[0] > 0
+            return per_prompt.mean() if eligible else per_prompt.sum()
+        return reduce_with_guard(per_prompt, mask, reduction, None, reps, uniform_weight, uniform_t)
+    present = mask if mask is not None else all_present(reps)
     if validate:
         check_finite(reps, present)
-    if spec is None:  # the plain loss, exactly as without guards
-        name = resolve_impl(impl, reps)
-        per_prompt = per_prompt_loss(name)(reps, present, float(tau), objective)
-    else:
-        work = guard_representations(reps, present, spec, whiten_shrinkage)
-        name = resolve_impl(impl, work)
-        per_prompt = per_prompt_loss(name)(work, present, float(tau), objective, spec.anchor)
-    return reduce_with_guard(per_prompt, present, reduction, spec, work if spec else reps, uniform_weight, uniform_t)
+    work = guard_representations(reps, present, spec, whiten_shrinkage)
+    name = resolve_impl(impl, work)
+    per_prompt = per_prompt_loss(name)(work, present, float(tau), objective, spec.anchor)
+    return reduce_with_guard(per_prompt, present, reduction, spec, work, uniform_weight, uniform_t)
 
 
 def reduce_with_guard(per_prompt, present, reduction, spec, reps, uniform_weight, uniform_t) -> torch.Tensor:

@@ -42,7 +42,7 @@ def test_every_dispatch_config_compiles_for_sm90_and_sm80(compiled):
             elem = "fp32" if kernel == "mlc_small_kernel" else names[dtype]  # dtype-independent kernel
             sizes = tuple(sorted((k.lower(), v) for k, v in constexprs.items() if k != "N_SWEEPS"))
             expected.add((f"sm_{arch}", kernel, elem, sizes, options["num_warps"], options["num_stages"]))
-    keys = ("m_pad", "block_d", "prompts", "deflate")
+    keys = ("m_pad", "block_d", "prompts", "deflate", "has_mask")
     got = {
         (r["arch"], r["kernel"], r["dtype"], tuple(sorted((k, r[k]) for k in keys if k in r)), r["num_warps"],
          r["num_stages"])

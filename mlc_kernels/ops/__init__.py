@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import MAX_VARIANTS, interpreting
+from .common import MAX_VARIANTS, all_present, interpreting
 from .gram_torch import torch_loss_and_grad, torch_mlc_loss
 from .native import build_problem, native_loss_and_grad, native_mlc_loss, usable_for_auto
 from .reference import reference_loss_and_grad, reference_mlc_loss
@@ -50,7 +50,8 @@ class Implementation:
 
     ``devices``: device types it runs on (``meta`` through its fake kernel); ``interpreted_devices``:
     more device types under ``TRITON_INTERPRET=1``; ``max_variants``: the largest m (None: any);
-    ``extra_check``: raises when the machine cannot run it (a missing package or compiler).
+    ``extra_check``: raises when the machine cannot run it (a missing package or compiler); ``mask_optional``:
+    ``loss_fn`` takes ``present=None`` for "every variant present" (and then reads no mask).
     """
 
     name: str
@@ -62,6 +63,7 @@ class Implementation:
     interpreted_devices: tuple[str, ...] = ()
     device_hint: str = ""
     extra_check: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
+    mask_optional: bool = False
 
     def check(self, reps: torch.Tensor) -> None:
         """Raise (``TypeError``/``ValueError``/:class:`ImplementationUnavailableError`, naming the argument)
@@ -155,6 +157,7 @@ REGISTRY: dict[str, Implementation] = {
             device_hint="; set TRITON_INTERPRET=1 to run the kernel on CPU through Triton's interpreter, "
             "or use impl='torch'",
             extra_check=_triton_check,
+            mask_optional=True,
         ),
     )
 }
@@ -196,6 +199,16 @@ def _lookup(name: str) -> Implementation:
 def per_prompt_loss(name: str) -> LossFn:
     """The per-prompt loss of implementation ``name`` (differentiable w.r.t. reps)."""
     return _lookup(name).loss_fn
+
+
+def call_loss(name: str, reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str,
+              anchor: bool = False) -> torch.Tensor:  # fmt: skip
+    """Implementation ``name``'s per-prompt loss of ``reps`` with ``mask`` ``(N, m)`` bool or None (every variant
+    present): None is passed on to the implementations that take it (``mask_optional``), else a cached all-ones."""
+    impl = _lookup(name)
+    if mask is None and not impl.mask_optional:
+        mask = all_present(reps)
+    return impl.loss_fn(reps, mask, tau, objective, anchor)
 
 
 def per_prompt_loss_and_grad(name: str) -> LossAndGradFn:

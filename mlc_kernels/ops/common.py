@@ -106,3 +106,21 @@ def use_registered_op(reps: torch.Tensor) -> bool:
     under ``torch.compile`` (the op is what a graph can hold) and for ``meta`` tensors (its fake/meta kernel gives
     the shapes). Eager calls on a real device skip the op's dispatch (host time that small batches wait for)."""
     return reps.device.type == "meta" or torch.compiler.is_compiling()
+
+
+_ALL_PRESENT: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def all_present(reps: torch.Tensor) -> torch.Tensor:
+    """``(N, m)`` bool ones for ``reps`` ``(N, m, d)``: the mask of a call without one. Cached per (N, m, device) in
+    eager calls (read-only: no implementation writes its mask), built fresh under ``torch.compile``."""
+    n, m = reps.shape[0], reps.shape[1]
+    if torch.compiler.is_compiling():
+        return torch.ones((n, m), dtype=torch.bool, device=reps.device)
+    key = (n, m, reps.device)
+    mask = _ALL_PRESENT.get(key)
+    if mask is None:
+        if len(_ALL_PRESENT) >= 256:
+            _ALL_PRESENT.clear()
+        mask = _ALL_PRESENT[key] = torch.ones((n, m), dtype=torch.bool, device=reps.device)
+    return mask

@@ -20,6 +20,7 @@ backend does) and save memory with an in-place backward.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -141,10 +142,13 @@ def usable_for_auto() -> bool:
 
 
 def _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff) -> tuple[torch.Tensor, torch.Tensor]:
-    err = native_error()
-    if err is not None:
-        raise RuntimeError(f"native kernel unavailable: {type(err).__name__}: {err}")
-    return torch.ops.mlc_native.mlc_fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
+    op = _state.get("op")
+    if op is None:  # first call: build, then keep the op's handle (the torch.ops lookups cost host time per call)
+        err = native_error()
+        if err is not None:
+            raise RuntimeError(f"native kernel unavailable: {type(err).__name__}: {err}")
+        op = _state["op"] = torch.ops.mlc_native.mlc_fused.default
+    return op(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
 
 
 @torch.library.custom_op("mlc_kernels::native_forward", mutates_args=(), device_types="cpu")
@@ -199,9 +203,17 @@ def native_loss_and_grad(
     return _fused(*args[:5], write_grad, args[5])
 
 
+@functools.lru_cache(maxsize=1024)
+def _cutoff(d: int, m: int) -> float:
+    return singular_value_cutoff(d, m, torch.float64)
+
+
+_OBJECTIVE_CODES = {name: code for code, name in enumerate(OBJECTIVES)}
+
+
 def _arguments(reps, present, tau, objective, anchor) -> tuple:
-    cutoff = singular_value_cutoff(reps.shape[2], reps.shape[1], torch.float64)
-    return reps, present, float(tau), OBJECTIVES.index(objective), bool(anchor), cutoff
+    cutoff = _cutoff(reps.shape[2], reps.shape[1])
+    return reps, present, float(tau), _OBJECTIVE_CODES[objective], bool(anchor), cutoff
 
 
 class NativeMLCFunction(torch.autograd.Function):

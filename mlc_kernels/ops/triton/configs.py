@@ -7,7 +7,6 @@ import contextlib
 from dataclasses import dataclass
 
 import torch
-import triton
 
 from .tuned import TUNED
 
@@ -46,6 +45,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 _config_override: dict[int, KernelConfig] = {}
+_override_epoch = [0]  # bumped on every override change: cached launch plans keyed by it go stale
 
 
 def tile_size(m: int) -> int:
@@ -58,10 +58,17 @@ def kernel_config_override(configs: dict[int, KernelConfig]):
     """Benchmarks and tests only: inside the block, launch with ``configs[m_pad]`` where given."""
     global _config_override
     previous, _config_override = _config_override, dict(configs)
+    _override_epoch[0] += 1
     try:
         yield
     finally:
         _config_override = previous
+        _override_epoch[0] += 1
+
+
+def override_epoch() -> int:
+    """Changes whenever :func:`kernel_config_override` enters or leaves (part of the launch plans' cache key)."""
+    return _override_epoch[0]
 
 
 def config_override(m_pad: int) -> KernelConfig | None:
@@ -116,8 +123,8 @@ def gram_splits(n: int, d: int, cfg: KernelConfig, block_d: int | None = None) -
     ``block_d``, default ``gram_block_d``), so that ``n * splits`` is about ``cfg.gram_programs``. Depends
     only on the shape."""
     block_d = cfg.gram_block_d if block_d is None else block_d
-    blocks = triton.cdiv(max(d, 1), block_d)
-    want = min(blocks, max(1, triton.cdiv(cfg.gram_programs, max(n, 1))))
-    chunk = triton.cdiv(blocks, want) * block_d
-    return triton.cdiv(max(d, 1), chunk), chunk
-
+    d, n = max(d, 1), max(n, 1)
+    blocks = -(-d // block_d)  # ceil division in int arithmetic (triton.cdiv costs ~15x more host time)
+    want = min(blocks, max(1, -(-cfg.gram_programs // n)))
+    chunk = -(-blocks // want) * block_d
+    return -(-d // chunk), chunk

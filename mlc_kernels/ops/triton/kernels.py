@@ -89,6 +89,16 @@ def _jacobi_eigh(a, eye, rows, k, M_PAD: tl.constexpr, N_SWEEPS: tl.constexpr):
 
 
 @triton.jit
+def _load_present(mask_ptr, pid, m, rows, HAS_MASK: tl.constexpr):
+    """The prompt's present variants: its row of the (N, m) uint8 mask, or every row < m without one."""
+    if HAS_MASK:
+        present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+    else:
+        present = rows < m
+    return present
+
+
+@triton.jit
 def mlc_gram_kernel(
     reps_ptr,
     mask_ptr,
@@ -101,13 +111,14 @@ def mlc_gram_kernel(
     n_splits,
     M_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Partial Gram matrices. reps: (N, m, d), unit stride on d; mask: (N, m) uint8;
     part: (N, n_splits, M_PAD, M_PAD) fp32. Program (n, s) covers d in [s*chunk, (s+1)*chunk)."""
     pid = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
     rows = tl.arange(0, M_PAD)
-    present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+    present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
     cols = tl.arange(0, BLOCK_D)
     row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
     begin = sid * chunk
@@ -209,9 +220,9 @@ def _sum_partials(ptr, pid, n_splits, tile, M_PAD: tl.constexpr):
 
 
 @triton.jit
-def _cosines(part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD: tl.constexpr):
+def _cosines(part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD: tl.constexpr, HAS_MASK: tl.constexpr):
     """The prompt's masks, row norms and cosine matrix G from its partial Gram matrices."""
-    present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+    present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
     raw = _sum_partials(part_ptr, pid, n_splits, tile, M_PAD)
     sq = tl.sum(tl.where(eye, raw, 0.0), axis=1)
     bad = tl.sum((present & ~(sq < 3.0e38)).to(tl.int32), axis=0) > 0  # NaN or inf in a present row
@@ -270,6 +281,7 @@ def mlc_small_kernel(
     PROMPTS: tl.constexpr,
     N_SWEEPS: tl.constexpr,
     DEFLATE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Per prompt: sum the partial Gram matrices, loss (N,) fp32 and, if write_b, B (N, M_PAD, M_PAD) fp32
     with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8.
@@ -302,7 +314,7 @@ def mlc_small_kernel(
                 lam_r, vec_r = _jacobi_eigh(small / scale, eye, rows, k, M_PAD, N_SWEEPS)
                 lam_r = lam_r * scale
                 present, bad, norms, inv, pair, gram, count, base = _cosines(
-                    part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+                    part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
                 v1 = tl.load(info + rows)
                 lam1 = tl.load(info + 2 * M_PAD + 1)
                 # the c residual eigenpairs of the present rows hold the c - 1 small singular pairs and the
@@ -319,7 +331,7 @@ def mlc_small_kernel(
                                count, bad, anchor, write_b, M_PAD)  # fmt: skip
         else:
             present, bad, norms, inv, pair, gram, count, base = _cosines(
-                part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+                part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
             count_f = tl.maximum(count, 1).to(tl.float32)
             if (objective == 0) | (objective == 1) | (objective == 5) | (objective == 6):
                 shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
@@ -328,7 +340,7 @@ def mlc_small_kernel(
                 if M_PAD > 16:  # G again from the partials (the same values): not live through the sweeps,
                     # which kept ptxas from spilling with one warp per 32 x 32 prompt
                     present, bad, norms, inv, pair, gram, count, base = _cosines(
-                        part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD)  # fmt: skip
+                        part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
                 valid = present & (lam > -0.5)
                 rank = _descending_rank(lam, valid, rows)
                 if deflate:  # stored at once: nothing more stays live through the objective
@@ -362,6 +374,7 @@ def mlc_residual_kernel(
     n_splits,
     M_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """Partial residual Grams E E^T of the prompts flagged for deflation, with E = (I - v_1 v_1^T) Z formed
     in fp32 per d-block from the rows (Z = diag(1 / |r|) R; accurate to eps * |z|). defl: (N, 3, M_PAD)
@@ -373,7 +386,7 @@ def mlc_residual_kernel(
     info = defl_ptr + pid * (3 * M_PAD)
     if tl.load(info + 2 * M_PAD) > 0.0:
         rows = tl.arange(0, M_PAD)
-        present = tl.load(mask_ptr + pid * m + rows, mask=rows < m, other=0) != 0
+        present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
         v1 = tl.where(present, tl.load(info + rows), 0.0)
         inv = tl.where(present, tl.load(info + M_PAD + rows), 0.0)
         coef = v1 * inv  # v_1^T Z = sum_i (v1_i / |r_i|) r_i
@@ -404,6 +417,7 @@ def mlc_grad_kernel(
     bmat_ptr,
     gscale_ptr,
     grad_ptr,
+    gscale_stride,
     m,
     d,
     stride_n,
@@ -411,20 +425,22 @@ def mlc_grad_kernel(
     chunk,
     M_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
 ):
     """grad[n, :, slice] = gscale[n] * B[n] @ reps[n, :, slice] for the slice [s*chunk, (s+1)*chunk).
-    reps: (N, m, d), unit stride on d; bmat: (N, M_PAD, M_PAD) fp32; gscale: (N,) fp32;
+    reps: (N, m, d), unit stride on d; bmat: (N, M_PAD, M_PAD) fp32; gscale: (N,) fp32 read with stride
+    gscale_stride (0: one scale for all);
     grad: (N, m, d) contiguous in the dtype of reps. Masked rows get zero."""
     pid = tl.program_id(0).to(tl.int64)
     sid = tl.program_id(1)
     rows = tl.arange(0, M_PAD)
     in_range = rows < m
-    present = tl.load(mask_ptr + pid * m + rows, mask=in_range, other=0) != 0
+    present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
     cols = tl.arange(0, BLOCK_D)
     row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
     grad_rows = grad_ptr + pid * m * d + rows[:, None] * d
     core = tl.load(bmat_ptr + pid * (M_PAD * M_PAD) + rows[:, None] * M_PAD + rows[None, :])
-    core = core * tl.load(gscale_ptr + pid)
+    core = core * tl.load(gscale_ptr + pid * gscale_stride)
     begin = sid * chunk
     stop = tl.minimum(begin + chunk, d)
     if reps_ptr.dtype.element_ty == tl.float32:

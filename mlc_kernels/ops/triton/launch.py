@@ -1,5 +1,6 @@
-"""Launching the Triton kernels: the inputs as the kernels read them, the configuration of each call, the forward
-(Gram, small, deflation) and gradient launches, and the interpreter's bf16 ``tl.dot`` patch.
+"""Launching the Triton kernels: the inputs as the kernels read them, the launch plan of each (shape, dtype, device,
+objective, tau) (configuration, grids, splits and scalars, computed once and cached), the forward (Gram, small,
+deflation) and gradient launches, and the interpreter's bf16 ``tl.dot`` patch.
 
 The launches take ``wrap``: ``torch.library.wrap_triton`` inside the registered ops (``op.py``), the kernel as
 it is in eager calls.
@@ -7,8 +8,9 @@ it is in eager calls.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-import triton
 import triton.language as tl
 
 from .. import common
@@ -21,6 +23,7 @@ from .configs import (
     device_arch,
     gram_splits,
     kernel_config,
+    override_epoch,
     tile_size,
 )
 from .kernels import mlc_grad_kernel, mlc_gram_kernel, mlc_residual_kernel, mlc_small_kernel
@@ -58,9 +61,16 @@ if interpreting():
     _patch_interpreter_bf16_dot()
 
 
-def prepare(reps: torch.Tensor, present: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(reps, mask)`` as the kernels read them: reps with unit stride on d, ``(N, m)`` uint8 contiguous mask."""
-    return (reps if reps.stride(-1) == 1 else reps.contiguous()), present.to(torch.uint8).contiguous()
+def prepare(reps: torch.Tensor, present: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(reps, mask)`` as the kernels read them: reps with unit stride on d; the ``(N, m)`` bool mask viewed as
+    uint8 (no copy when contiguous), None without one (the kernels' ``HAS_MASK=False``: every row present)."""
+    if reps.stride(-1) != 1:
+        reps = reps.contiguous()
+    if present is None:
+        return reps, None
+    if not present.is_contiguous():
+        present = present.contiguous()
+    return reps, (present.view(torch.uint8) if present.dtype == torch.bool else present.to(torch.uint8))
 
 
 def launch_config(reps: torch.Tensor) -> KernelConfig:
@@ -72,64 +82,135 @@ def launch_config(reps: torch.Tensor) -> KernelConfig:
     return kernel_config(reps.shape[1], reps.dtype, device_arch(reps.device))
 
 
+@dataclass(frozen=True)
+class LaunchPlan:
+    """Everything about a call that depends only on (shape, dtype, device, objective, tau): the configuration,
+    the grids and d-slices of each kernel, the small kernel's scalars and compile-time arguments."""
+
+    cfg: KernelConfig
+    deflate: bool
+    splits: int
+    chunk: int
+    r_splits: int
+    r_chunk: int
+    grad_chunk: int
+    gram_grid: tuple[int, int]
+    small_grid: tuple[int]
+    grad_grid: tuple[int, int]
+    scalars: tuple  # inv_tau, sv_cutoff, defl_ratio, defl_cutoff, objective
+    gram_meta: dict
+    small_meta: dict
+    resid_meta: dict
+    grad_meta: dict
+
+
+_PLANS: dict[tuple, LaunchPlan] = {}
+_MAX_PLANS = 512
+
+
+def _build_plan(reps: torch.Tensor, tau: float, objective: int) -> LaunchPlan:
+    n, m, d = reps.shape
+    cfg = launch_config(reps)
+    splits, chunk = gram_splits(n, d, cfg)
+    r_splits, r_chunk = gram_splits(n, d, cfg, cfg.resid_block_d)
+    grad_chunk = cfg.grad_block_d * cfg.grad_blocks
+    # rank1 needs only (lambda_1, v_1), which deflation keeps: only the softmax objectives deflate
+    deflate = objective in DEFLATED_OBJECTIVES
+    scalars = (1.0 / tau, singular_value_cutoff(d, m, torch.float32),
+               float(common.DEFLATION_RATIO), deflated_cutoff(m, torch.float32), objective)  # fmt: skip
+    return LaunchPlan(
+        cfg, deflate, splits, chunk, r_splits, r_chunk, grad_chunk,
+        gram_grid=(n, splits), small_grid=(-(-n // cfg.small_prompts),), grad_grid=(n, -(-max(d, 1) // grad_chunk)),
+        scalars=scalars,
+        gram_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.gram_block_d, "num_warps": cfg.gram_warps,
+                   "num_stages": cfg.gram_stages},
+        small_meta={"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS,
+                    "num_warps": cfg.small_warps, "num_stages": 1},
+        resid_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.resid_block_d, "num_warps": cfg.resid_warps,
+                    "num_stages": cfg.resid_stages},
+        grad_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.grad_block_d, "num_warps": cfg.grad_warps,
+                   "num_stages": cfg.grad_stages},
+    )  # fmt: skip
+
+
+def launch_plan(reps: torch.Tensor, tau: float, objective: int) -> LaunchPlan:
+    """The cached :class:`LaunchPlan` of a call on ``reps`` (built on first use of its key)."""
+    key = (reps.shape, reps.dtype, reps.device, tau, objective, override_epoch())
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _build_plan(reps, tau, objective)
+    return plan
+
+
 def _direct(kernel):
     """Eager launches skip ``torch.library.wrap_triton``: the kernel is called as it is."""
     return kernel
 
 
 def forward_launch(
-    reps: torch.Tensor, mask: torch.Tensor, tau: float, objective: int, anchor: bool, write_b: bool, wrap=_direct
+    reps: torch.Tensor,
+    mask: torch.Tensor | None,
+    tau: float,
+    objective: int,
+    anchor: bool,
+    write_b: bool,
+    wrap=_direct,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phases 1-2: loss ``(N,)`` fp32 and, if ``write_b``, ``B`` ``(N, M_PAD, M_PAD)`` fp32 (else ``(0, ...)``)."""
+    """Phases 1-2: loss ``(N,)`` fp32 and, if ``write_b``, ``B`` ``(N, M_PAD, M_PAD)`` fp32 (else ``(0, ...)``).
+    ``mask``: ``(N, m)`` uint8, or None when every variant is present."""
     n, m, d = reps.shape
-    cfg = launch_config(reps)
-    loss = torch.empty(n, dtype=torch.float32, device=reps.device)
-    bmat = torch.empty((n if write_b else 0, cfg.m_pad, cfg.m_pad), dtype=torch.float32, device=reps.device)
+    plan = launch_plan(reps, tau, objective)
+    m_pad = plan.cfg.m_pad
+    device = reps.device
+    loss = torch.empty(n, dtype=torch.float32, device=device)
+    bmat = torch.empty((n if write_b else 0, m_pad, m_pad), dtype=torch.float32, device=device)
     if n == 0:
         return loss, bmat
-    splits, chunk = gram_splits(n, d, cfg)
-    part = torch.empty((n, splits, cfg.m_pad, cfg.m_pad), dtype=torch.float32, device=reps.device)
-    wrap(mlc_gram_kernel)[(n, splits)](
-        reps, mask, part, m, d, reps.stride(0), reps.stride(1), chunk, splits,
-        M_PAD=cfg.m_pad, BLOCK_D=cfg.gram_block_d, num_warps=cfg.gram_warps, num_stages=cfg.gram_stages,
+    has_mask = mask is not None
+    mask_arg = mask if has_mask else loss  # never read without HAS_MASK
+    part = torch.empty((n, plan.splits, m_pad, m_pad), dtype=torch.float32, device=device)
+    wrap(mlc_gram_kernel)[plan.gram_grid](
+        reps, mask_arg, part, m, d, reps.stride(0), reps.stride(1), plan.chunk, plan.splits,
+        HAS_MASK=has_mask, **plan.gram_meta,
     )  # fmt: skip
-    # rank1 needs only (lambda_1, v_1), which deflation keeps: only the softmax objectives deflate
-    deflate = objective in DEFLATED_OBJECTIVES
-    defl = torch.empty((n if deflate else 0, 3, cfg.m_pad), dtype=torch.float32, device=reps.device)
-    r_splits, r_chunk = gram_splits(n, d, cfg, cfg.resid_block_d)
-    resid = torch.empty((n if deflate else 0, r_splits, cfg.m_pad, cfg.m_pad), dtype=torch.float32,
-                        device=reps.device)  # fmt: skip
-    small_args = (
-        part, mask, loss, bmat if write_b else loss, defl if deflate else loss, resid if deflate else loss,
-        n, m, d, splits, r_splits, 1.0 / tau, singular_value_cutoff(d, m, torch.float32),
-        float(common.DEFLATION_RATIO), deflated_cutoff(m, torch.float32), objective, anchor, write_b, deflate,
-    )  # fmt: skip
-    small_grid = (triton.cdiv(n, cfg.small_prompts),)
-    small_meta = {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS,
-                  "num_warps": cfg.small_warps, "num_stages": 1}  # fmt: skip
-    wrap(mlc_small_kernel)[small_grid](*small_args, DEFLATE=False, **small_meta)
+    deflate = plan.deflate
+    if deflate:
+        defl = torch.empty((n, 3, m_pad), dtype=torch.float32, device=device)
+        resid = torch.empty((n, plan.r_splits, m_pad, m_pad), dtype=torch.float32, device=device)
+    else:
+        defl = resid = loss  # never read without deflate
+    small_args = (part, mask_arg, loss, bmat if write_b else loss, defl, resid, n, m, d, plan.splits, plan.r_splits,
+                  *plan.scalars, anchor, write_b, deflate)  # fmt: skip
+    wrap(mlc_small_kernel)[plan.small_grid](*small_args, DEFLATE=False, HAS_MASK=has_mask, **plan.small_meta)
     if deflate:  # prompts not flagged by the first pass exit after reading their flag
-        wrap(mlc_residual_kernel)[(n, r_splits)](
-            reps, mask, defl, resid, m, d, reps.stride(0), reps.stride(1), r_chunk, r_splits,
-            M_PAD=cfg.m_pad, BLOCK_D=cfg.resid_block_d, num_warps=cfg.resid_warps, num_stages=cfg.resid_stages,
+        wrap(mlc_residual_kernel)[plan.gram_grid[:1] + (plan.r_splits,)](
+            reps, mask_arg, defl, resid, m, d, reps.stride(0), reps.stride(1), plan.r_chunk, plan.r_splits,
+            HAS_MASK=has_mask, **plan.resid_meta,
         )  # fmt: skip
-        wrap(mlc_small_kernel)[small_grid](*small_args, DEFLATE=True, **small_meta)
+        wrap(mlc_small_kernel)[plan.small_grid](*small_args, DEFLATE=True, HAS_MASK=has_mask, **plan.small_meta)
     return loss, bmat
 
 
 def grad_launch(
-    reps: torch.Tensor, mask: torch.Tensor, bmat: torch.Tensor, gscale: torch.Tensor, wrap=_direct
+    reps: torch.Tensor,
+    mask: torch.Tensor | None,
+    bmat: torch.Tensor,
+    gscale: torch.Tensor,
+    wrap=_direct,
+    tau: float = 1.0,
+    objective: int = 0,
 ) -> torch.Tensor:
-    """Phase 3: ``gscale[n] * B[n] @ reps[n]``, ``(N, m, d)`` in the dtype of reps."""
+    """Phase 3: ``gscale[n] * B[n] @ reps[n]``, ``(N, m, d)`` in the dtype of reps. ``gscale``: ``(N,)`` fp32, any
+    stride (0: one scale for every prompt); ``tau``/``objective`` pick the forward's cached plan."""
     n, m, d = reps.shape
     grad = torch.empty((n, m, d), dtype=reps.dtype, device=reps.device)
     if n == 0 or d == 0:
         return grad
-    cfg = launch_config(reps)
-    chunk = cfg.grad_block_d * cfg.grad_blocks
-    wrap(mlc_grad_kernel)[(n, triton.cdiv(d, chunk))](
-        reps, mask, bmat, gscale, grad, m, d, reps.stride(0), reps.stride(1), chunk,
-        M_PAD=cfg.m_pad, BLOCK_D=cfg.grad_block_d, num_warps=cfg.grad_warps, num_stages=cfg.grad_stages,
+    plan = launch_plan(reps, tau, objective)
+    wrap(mlc_grad_kernel)[plan.grad_grid](
+        reps, mask if mask is not None else bmat, bmat, gscale, grad, gscale.stride(0), m, d, reps.stride(0),
+        reps.stride(1), plan.grad_chunk, HAS_MASK=mask is not None, **plan.grad_meta,
     )  # fmt: skip
     return grad
-
