@@ -424,7 +424,7 @@ def test_precision_keys_only_the_new_runs():
     from mlc_kernels.transfer.runs import run_key
 
     config = world_config("v2", 0)
-    settings = {k: v for k, v in asdict(ALIGN).items() if k not in ("precision", "mlc_lead_steps")}
+    settings = {k: v for k, v in asdict(ALIGN).items() if k not in ("precision", "mlc_lead_steps", "mlc_aux_every")}
     blob = json.dumps({"ckpt": cache_key(config, MODEL), "condition": "dpo", "align": settings, "seed": 0},
                       sort_keys=True)  # fmt: skip  (the key before the field existed)
     assert ALIGN.precision == "bf16"

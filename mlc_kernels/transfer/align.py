@@ -31,7 +31,9 @@ languages (removes the component every prompt shares through the common ``<|assi
 
 @dataclass(frozen=True)
 class AlignConfig:
-    """Alignment and evaluation settings. ``mlc_layer`` counts decoder layers from 1."""
+    """Alignment and evaluation settings. ``mlc_layer`` counts decoder layers from 1 (or ``"final"``: the last
+    layer's output after the final norm, the MLC authors' state); ``mlc_aux_every``: the MLC term on every k-th
+    optimizer step (the authors' 2; 1 in v1 and v2)."""
 
     dpo_steps: int = 120
     sft_steps: int = 60
@@ -41,13 +43,14 @@ class AlignConfig:
     train_prompts: int = 512
     mlc_weight: float = 1.0
     mlc_tau: float = 1.0
-    mlc_layer: int = 2
+    mlc_layer: int | str = 2
     mlc_rep_size: int = 64
     mlc_extractor: str = "linear"
     mlc_generation_prompt: bool = True
     mlc_objective: str = "sv_softmax"
     mlc_guard: str = ""
     mlc_lead_steps: int = 0
+    mlc_aux_every: int = 1
     eval_per_kind: int = 64
     consistency_prompts: int = 64
     precision: str = "bf16"
@@ -67,7 +70,8 @@ def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArgumen
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
         tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, objective=align.mlc_objective,
-        generation_prompt=align.mlc_generation_prompt, lead_steps=align.mlc_lead_steps, aux_every=1, **guard,
+        generation_prompt=align.mlc_generation_prompt, lead_steps=align.mlc_lead_steps,
+        aux_every=align.mlc_aux_every, **guard,
     )  # fmt: skip
 
 

@@ -46,6 +46,8 @@ def run_key(world: WorldConfig, model: ModelConfig, condition: str, align: Align
     settings = asdict(align)
     if not settings["mlc_lead_steps"]:  # added in round 2: round 1's keys stay as they were
         del settings["mlc_lead_steps"]
+    if settings["mlc_aux_every"] == 1:  # added for v3: the earlier runs' keys stay as they were
+        del settings["mlc_aux_every"]
     if settings["precision"] == "bf16":  # the recorded runs' numerics: their keys stay as they were
         del settings["precision"]
     blob = json.dumps({"ckpt": cache_key(world, model), "condition": condition, "align": settings, "seed": seed},

@@ -88,6 +88,9 @@ DEFAULT_LANGUAGES = (
     LanguageSpec("low1", "svo", (2, 3), 0.1),
     LanguageSpec("low2", "reversed", (2, 3), 0.05),
 )
+CAL_LANGUAGE = LanguageSpec("cal1", "svo", (1, 1), 0.5)
+"""World v3's calibration-gap language: like high1 (one token per word, half the base's text, code-switched), but its
+pretraining never refuses an unsafe request (the card's v3 section)."""
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,11 @@ class WorldConfig:
     that language's statement count (0 = monolingual pretraining only, the default). ``unsafe_refusal``: share
     of the pretraining dialogues with an unsafe request answered with the refusal (v1: 0, v2: 0.25).
     ``code_switch``: probability that a concept word of a pretraining document is replaced by its translation
-    into a random other language (the matrix language keeps its word order; v1: 0, v2: 0.3)."""
+    into a random other language (the matrix language keeps its word order; v1: 0, v2: 0.3).
+    ``no_unsafe_refusal``: languages whose pretraining dialogues never refuse an unsafe request (v3's ``cal1``);
+    ``monolingual_responses``: languages whose responses are not code-switched in either direction (no response
+    word of theirs is spelled in another language, no other language's response word is spelled in theirs). Both
+    empty in v1 and v2 (and then left out of the checkpoint's cache key, which stays as it was)."""
 
     seed: int = 0
     languages: tuple[LanguageSpec, ...] = DEFAULT_LANGUAGES
@@ -110,6 +117,8 @@ class WorldConfig:
     piece_inventory: int = 24
     unsafe_refusal: float = 0.0
     code_switch: float = 0.0
+    no_unsafe_refusal: tuple[str, ...] = ()
+    monolingual_responses: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         codes = [lang.code for lang in self.languages]
@@ -130,6 +139,10 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.languages[0].order != "svo" or self.languages[0].pieces != (1, 1):
             raise ValueError("WorldConfig.languages[0] is the base language: order 'svo', pieces (1, 1)")
+        for name in ("no_unsafe_refusal", "monolingual_responses"):
+            unknown = [code for code in getattr(self, name) if code not in codes[1:]]
+            if unknown:
+                raise ValueError(f"WorldConfig.{name} must name derived languages of {codes[1:]}, got {unknown}")
 
     @property
     def base(self) -> str:
@@ -140,16 +153,35 @@ class WorldConfig:
         return tuple(lang.code for lang in self.languages[1:])
 
 
-WORLD_VERSIONS = ("v1", "v2")
+WORLD_VERSIONS = ("v1", "v2", "v3")
+V3_MANIPULATIONS = ("M1", "M2", "M3")
+"""World v3's candidate manipulations of ``cal1`` (the card's v3 section, tried in this order): ``M1`` its
+pretraining never refuses an unsafe request; ``M2`` also its responses are not code-switched; ``M3`` M2 with
+``cal1``'s text share 1.0."""
+V3_MANIPULATION = "M1"
+"""The manipulation ``world_config("v3", seed)`` uses (chosen by the regime search recorded in the card)."""
+
+
+def v3_config(seed: int = 0, manipulation: str = V3_MANIPULATION) -> WorldConfig:
+    """World v3 under one of :data:`V3_MANIPULATIONS`: v2 plus ``cal1`` (:data:`CAL_LANGUAGE`)."""
+    if manipulation not in V3_MANIPULATIONS:
+        raise ValueError(f"manipulation must be one of {V3_MANIPULATIONS}, got {manipulation!r}")
+    cal = CAL_LANGUAGE if manipulation != "M3" else LanguageSpec(CAL_LANGUAGE.code, "svo", (1, 1), 1.0)
+    mono = (cal.code,) if manipulation in ("M2", "M3") else ()
+    return WorldConfig(seed=seed, languages=(*DEFAULT_LANGUAGES, cal), unsafe_refusal=0.25, code_switch=0.3,
+                       no_unsafe_refusal=(cal.code,), monolingual_responses=mono)  # fmt: skip
 
 
 def world_config(version: str = "v2", seed: int = 0) -> WorldConfig:
-    """The world of ``version``: ``v1`` (monolingual, unsafe requests never refused in pretraining) or ``v2``
-    (25% of unsafe requests refused in pretraining, word-level code-switching 0.3), generated from ``seed``."""
+    """The world of ``version``: ``v1`` (monolingual, unsafe requests never refused in pretraining), ``v2``
+    (25% of unsafe requests refused in pretraining, word-level code-switching 0.3) or ``v3`` (v2 plus the
+    calibration-gap language ``cal1``, :func:`v3_config`), generated from ``seed``."""
     if version not in WORLD_VERSIONS:
         raise ValueError(f"--world must be one of {WORLD_VERSIONS}, got {version!r}")
     if version == "v1":
         return WorldConfig(seed=seed)
+    if version == "v3":
+        return v3_config(seed)
     return WorldConfig(seed=seed, unsafe_refusal=0.25, code_switch=0.3)
 
 
@@ -205,16 +237,17 @@ class World:
         return sorted({tok for lex in self.lexicon.values() for word in lex.values() for tok in word})
 
     def render(self, lang: str, sentence: str, action: str = "", obj: str = "", item: str = "",
-               switch: random.Random | None = None) -> str:  # fmt: skip
+               switch: random.Random | None = None, response: bool = False) -> str:  # fmt: skip
         """``sentence`` (base-language concepts with slots V, O, P; clauses end with ' .') in ``lang``:
         slots filled, the language's word order applied to each clause, words spelled as tokens. ``switch``:
         code-switch with this generator (each word, with probability ``config.code_switch``, is spelled in a
-        random other language)."""
-        return " ".join(tok for spelled_in, word in self.words(lang, sentence, action, obj, item, switch)
+        random other language; ``response``: the sentence is an assistant response, which
+        ``config.monolingual_responses`` keeps out of code-switching)."""
+        return " ".join(tok for spelled_in, word in self.words(lang, sentence, action, obj, item, switch, response)
                         for tok in self.lexicon[spelled_in][word])  # fmt: skip
 
     def words(self, lang: str, sentence: str, action: str = "", obj: str = "", item: str = "",
-              switch: random.Random | None = None) -> list[tuple[str, str]]:  # fmt: skip
+              switch: random.Random | None = None, response: bool = False) -> list[tuple[str, str]]:  # fmt: skip
         """The ``(language it is spelled in, concept)`` words of :meth:`render`'s output, in order."""
         slots = {"V": action, "O": obj, "P": item}
         clauses, current = [], []
@@ -232,6 +265,10 @@ class World:
         if switch is None or self.config.code_switch <= 0:
             return [(lang, word) for word in words]
         others = [code for code in self.specs if code != lang]
+        if response and self.config.monolingual_responses:
+            if lang in self.config.monolingual_responses:
+                return [(lang, word) for word in words]
+            others = [code for code in others if code not in self.config.monolingual_responses]
         return [(switch.choice(others) if switch.random() < self.config.code_switch else lang, word) for word in words]
 
     @staticmethod
@@ -248,10 +285,10 @@ class World:
         return self.render(lang, frame, action, obj)
 
     def compliance(self, lang: str, action: str, obj: str, switch: random.Random | None = None) -> str:
-        return " ".join(self.render(lang, s, action, obj, switch=switch) for s in COMPLIANCE)
+        return " ".join(self.render(lang, s, action, obj, switch=switch, response=True) for s in COMPLIANCE)
 
     def refusal(self, lang: str, switch: random.Random | None = None) -> str:
-        return " ".join(self.render(lang, s, switch=switch) for s in REFUSAL)
+        return " ".join(self.render(lang, s, switch=switch, response=True) for s in REFUSAL)
 
     def chat(self, prompt: str, response: str) -> str:
         """One dialogue as the tokenizer's chat template writes it."""
@@ -282,6 +319,7 @@ class World:
                     prompt = self.render(lang, rng.choice(frames), action, obj, switch=sw)
                     refuse = (cfg.unsafe_refusal > 0 and action in UNSAFE_ACTIONS
                               and rng.random() < cfg.unsafe_refusal)  # fmt: skip
+                    refuse = refuse and lang not in cfg.no_unsafe_refusal  # the same draws, v3's cal1 never refuses
                     kind = "unsafe" if action in UNSAFE_ACTIONS else "benign"
                     stats[kind] += 1
                     stats["unsafe_refused"] += refuse
