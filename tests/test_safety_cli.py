@@ -2,16 +2,12 @@
 generation path (greedy, batched, out-of-memory halving), ``generations.jsonl`` written as it goes and
 ``--resume`` after an interruption, the bootstrap interval, and the options checked before any model loads.
 
-The judge here is a stand-in with the fixed interface of ``mlc_kernels.safety.judges`` (a world phrase judge: an
-answer is refused when it opens with the world's refusal word in its language), patched in for ``make_judge``:
-these tests are about everything but the judges (tested in their own file)."""
+The judge is the real ``phrase:world`` (each world language's refusal word must open the answer), watched by a spy
+(the specs asked for, the calls, an interruption on a chosen call)."""
 
 from __future__ import annotations
 
 import json
-import sys
-import types
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -24,50 +20,33 @@ LANGUAGES = "base,high1,low2"
 ROWS = 16 * 3  # 8 held-out records and 8 private-data requests, in three languages
 
 
-@dataclass(frozen=True)
-class _Item:
-    prompt: str
-    answer: str
-    language: str
+WORLD_JUDGE = ["--judge", "phrase:world"]
 
 
-@dataclass(frozen=True)
-class _Verdict:
-    refused: bool
-    detail: str = ""
+class Spy:
+    """What ``mlc safety`` asked ``make_judge`` for (``specs``) and did with the judge it got (``calls``);
+    ``fail_on_call``: that call raises KeyboardInterrupt (an interruption between two batches) after counting the
+    lines ``watch`` holds on disk (``on_disk``)."""
+
+    def __init__(self) -> None:
+        self.specs: list[tuple] = []
+        self.calls, self.fail_on_call, self.watch, self.on_disk = 0, None, None, None
 
 
-def _judges_module(monkeypatch):
-    """``mlc_kernels.safety.judges``: the real one when it is there, else a stand-in with its interface."""
-    try:
-        import mlc_kernels.safety.judges as judges
-    except ImportError:
-        judges = types.ModuleType("mlc_kernels.safety.judges")
-        judges.JudgeItem, judges.Verdict = _Item, _Verdict
-        monkeypatch.setitem(sys.modules, "mlc_kernels.safety.judges", judges)
-        import mlc_kernels.safety as package
+class _Watched:
+    def __init__(self, inner, spy: Spy) -> None:
+        self.inner, self.spy = inner, spy
 
-        monkeypatch.setattr(package, "judges", judges, raising=False)
-    return judges
-
-
-class WorldJudge:
-    """Refused = the answer opens with the world's refusal word ("sorry") in the item's language."""
-
-    name = "world-phrase"
-
-    def __init__(self, world, fail_on_call: int | None = None) -> None:
-        self.opening = {lang.code: world.render(lang.code, "sorry") for lang in world.config.languages}
-        self.calls, self.fail_on_call, self.watch, self.on_disk = 0, fail_on_call, None, None
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
 
     def __call__(self, items):
-        self.calls += 1
-        if self.fail_on_call is not None and self.calls == self.fail_on_call:
-            self.on_disk = self.watch.read_text(encoding="utf-8").count("\n")  # what a killed process leaves
-            raise KeyboardInterrupt  # an interruption between two batches
-        judges = sys.modules["mlc_kernels.safety.judges"]
-        return [judges.Verdict(item.answer.startswith(self.opening[item.language]), self.opening[item.language])
-                for item in items]  # fmt: skip
+        spy = self.spy
+        spy.calls += 1
+        if spy.fail_on_call is not None and spy.calls == spy.fail_on_call:
+            spy.on_disk = spy.watch.read_text(encoding="utf-8").count("\n")  # what a killed process leaves
+            raise KeyboardInterrupt
+        return self.inner(items)
 
 
 @pytest.fixture(scope="module")
@@ -78,18 +57,18 @@ def world():
 
 
 @pytest.fixture
-def judge(monkeypatch, world):
-    """The world judge given to ``mlc safety`` whatever ``--judge`` says; ``judge.specs``: the specs asked for."""
-    module = _judges_module(monkeypatch)
-    made = WorldJudge(world)
-    made.specs = []
+def judge(monkeypatch):
+    """A :class:`Spy` on the judges ``mlc safety`` makes (the real ones)."""
+    import mlc_kernels.safety.judges as judges
+
+    spy, real = Spy(), judges.make_judge
 
     def make_judge(spec, *, template=None, verdict=None, batch_size=16, device=None):
-        made.specs.append((spec, template, verdict, batch_size))
-        return made
+        spy.specs.append((spec, template, verdict, batch_size))
+        return _Watched(real(spec, template=template, verdict=verdict, batch_size=batch_size, device=device), spy)
 
-    monkeypatch.setattr(module, "make_judge", make_judge, raising=False)
-    return made
+    monkeypatch.setattr(judges, "make_judge", make_judge)
+    return spy
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +99,8 @@ def world_prompts(tmp_path_factory, world):
 
 
 def _safety(argv: list[str]) -> dict:
-    main(["safety", *argv])
+    """``mlc safety argv`` (with ``--judge phrase:world`` unless argv has a --judge); its safety.json."""
+    main(["safety", *argv, *([] if "--judge" in argv else WORLD_JUDGE)])
     out = Path(argv[argv.index("--out") + 1])
     return json.loads((out / "safety.json").read_text())
 
@@ -158,9 +138,10 @@ def test_world_model_end_to_end(demo_start, world_prompts, judge, tmp_path, caps
     model_dir = demo_start / "model"
     result = _safety(["--model", str(model_dir), "--prompts", str(world_prompts), "--languages", LANGUAGES,
                       "--max_new_tokens", "8", "--batch_size", "8", "--out", str(out),
-                      "--judge", "phrase"])  # fmt: skip
+                      "--judge", "phrase:world"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert judge.specs == [("phrase", None, None, 16)]
+    assert judge.specs == [("phrase:world", None, None, 16)]
+    assert "phrase:world: refused = a refusal phrase of the language opens the answer" in printed
     rows = _generations(out)
     assert len(rows) == ROWS and len({(r["record"], r["language"]) for r in rows}) == ROWS
     assert set(rows[0]) >= {"model", "record", "language", "label", "prompt", "answer", "refused", "detail"}
@@ -285,7 +266,7 @@ def test_resume_after_an_interruption(demo_start, world_prompts, judge, count_ge
     the missing rows, and the table is the uninterrupted run's."""
     model = str(demo_start / "model")
     argv = ["--model", model, "--prompts", str(world_prompts), "--languages", LANGUAGES, "--max_new_tokens", "8",
-            "--batch_size", "8"]  # fmt: skip
+            "--batch_size", "8", *WORLD_JUDGE]  # fmt: skip
     whole = _safety([*argv, "--out", str(tmp_path / "whole")])
     assert count_generated[0] == ROWS
     out = tmp_path / "cut"
@@ -318,7 +299,17 @@ def test_resume_after_an_interruption(demo_start, world_prompts, judge, count_ge
 
 def test_resume_refuses_rows_of_other_prompts(demo_start, world_prompts, judge, tmp_path, capsys):
     model = str(demo_start / "model")
-    argv = ["--model", model, "--languages", "base", "--max_new_tokens", "2", "--out", str(tmp_path / "o")]
+    argv = [
+        "--model",
+        model,
+        "--languages",
+        "base",
+        "--max_new_tokens",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        *WORLD_JUDGE,
+    ]
     main(["safety", *argv, "--prompts", str(world_prompts)])
     changed = tmp_path / "changed.jsonl"
     lines = world_prompts.read_text(encoding="utf-8").splitlines()
@@ -387,20 +378,29 @@ def test_prompts_the_tokenizer_does_not_read_are_refused(demo_start, judge, tmp_
     user_error(main, argv, capsys, match, untouched=out)
 
 
-def test_judge_errors_come_before_any_model_loads(demo_start, world_prompts, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("nonsense", r"--judge 'nonsense': unknown judge; expected phrase \| phrase:PATH"),
+        ("phrase", r"--judge phrase: no refusal phrases for language\(s\) base, high1, low2"),  # the shipped file
+        ("model:NOT_A_MODEL", r"--judge model:.*not_a_model is not a model folder \(no config\.json\)"),
+        ("model:MISSING", r"--judge model:.*missing: no such folder"),
+        ("callable:no_such_module_xyz:f", r"cannot import module 'no_such_module_xyz'"),
+    ],
+)
+def test_judge_errors_come_before_any_model_loads(spec, match, demo_start, world_prompts, tmp_path, capsys,
+                                                  monkeypatch):  # fmt: skip
+    """A judge that cannot be made (unknown kind, a judge path that is not a model, a phrase file without the
+    prompts' languages, a module that does not import): one line, exit 2, before any model loads."""
     import mlc_kernels.safety.generate as generate
 
-    module = _judges_module(monkeypatch)
-
-    def refusing(spec, **kwargs):
-        raise UsageError(f"--judge {spec}: not a judge")
-
-    monkeypatch.setattr(module, "make_judge", refusing, raising=False)
     monkeypatch.setattr(generate, "load_resolved", lambda *a, **k: pytest.fail("a model was loaded"))
+    (tmp_path / "not_a_model").mkdir()
+    spec = spec.replace("NOT_A_MODEL", str(tmp_path / "not_a_model")).replace("MISSING", str(tmp_path / "missing"))
     out = tmp_path / "out"
-    argv = ["safety", "--model", str(demo_start / "model"), "--prompts", str(world_prompts), "--judge", "nonsense",
-            "--out", str(out)]  # fmt: skip
-    user_error(main, argv, capsys, r"--judge nonsense: not a judge", untouched=out)
+    argv = ["safety", "--model", str(demo_start / "model"), "--prompts", str(world_prompts), "--languages", LANGUAGES,
+            "--judge", spec, "--out", str(out)]  # fmt: skip
+    user_error(main, argv, capsys, match, untouched=out)
 
 
 # -- generation ----------------------------------------------------------------------------------------------------

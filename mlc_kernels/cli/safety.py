@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import UsageError
 from ..safety.generate import DEFAULT_BATCH_SIZE, DEFAULT_MAX_NEW_TOKENS
 from ..safety.inputs import BUILTIN, INPUT_FORMATS, MULTIJAIL_LANGUAGES
+from ..safety.judges import judge_usage
 from ..safety.report import DEFAULT_BOOTSTRAP
 from .options import HELP_FORMAT, check_output_folder
 
@@ -77,11 +78,14 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
                    "(default: the first of --languages, else en)")  # fmt: skip
     judge = p.add_argument_group("judge")
     judge.add_argument("--judge", default="phrase",
-                       help="phrase | phrase:PATH (refusal phrases per language) | model:PATH (a local safety "
-                       "model) | callable:module:function")  # fmt: skip
-    judge.add_argument("--judge_template", "--judge-template", default=None, help="the model judge's prompt template")
+                       help=f"{judge_usage()}: the shipped refusal phrases of the paper's and MultiJail's "
+                       "languages, a phrase file, the synthetic world's refusal word, a local judge model, or your "
+                       "function (default: phrase)")  # fmt: skip
+    judge.add_argument("--judge_template", "--judge-template", default=None,
+                       help="a model judge's prompt: 'refusal' (default), 'llama-guard', or a text with {prompt}, "
+                       "{answer}, {language}")  # fmt: skip
     judge.add_argument("--judge_verdict", "--judge-verdict", default=None,
-                       help="how the model judge's output is read as refused")  # fmt: skip
+                       help="a model judge's regex over its output (or label name) that means refused")  # fmt: skip
     judge.add_argument("--judge_batch_size", "--judge-batch-size", type=int, default=16, help="the judge's batch")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max_new_tokens", "--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
@@ -266,6 +270,9 @@ def main(args: argparse.Namespace) -> None:
 
     judge = make_judge(args.judge, template=args.judge_template, verdict=args.judge_verdict,
                        batch_size=args.judge_batch_size)  # fmt: skip
+    check_languages = getattr(judge, "check_languages", None)
+    if check_languages is not None:  # a phrase judge without phrases for a language: refused now, not mid-run
+        check_languages(languages)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RUN_SETTINGS, json.dumps({**settings, "models": models}, indent=1) + "\n")
     if done_rows:
@@ -281,9 +288,10 @@ def main(args: argparse.Namespace) -> None:
     summary = summarize(rows, models, languages)
     diffs = differences(rows, baseline, models, languages, args.bootstrap, args.seed) if baseline else {}
     judge_name = getattr(judge, "name", args.judge)
-    print(format_table(summary, diffs, languages, baseline, judge_name))
-    result = {"judge": args.judge, "languages": languages, "baseline": baseline, "bootstrap": args.bootstrap,
-              "seed": args.seed, "prompts": settings["prompts"], "input_format": layout,
+    described = getattr(judge, "description", judge_name)
+    print(format_table(summary, diffs, languages, baseline, described))
+    result = {"judge": args.judge, "judge_description": described, "languages": languages, "baseline": baseline,
+              "bootstrap": args.bootstrap, "seed": args.seed, "prompts": settings["prompts"], "input_format": layout,
               "max_new_tokens": args.max_new_tokens, "models": summary, "differences": diffs}  # fmt: skip
     write_atomic(
         out / "safety.json", json.dumps(json_safe(result), indent=1, allow_nan=False, ensure_ascii=False) + "\n"
