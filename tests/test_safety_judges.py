@@ -258,6 +258,13 @@ def test_a_causal_lm_judge_parses_its_verdict_in_batches(tmp_path):
     )
 
 
+def test_templates_fill_their_placeholders_once():
+    from mlc_kernels.safety.judges import _fill
+
+    item = JudgeItem("p {answer}", "a {language}", "zh")
+    assert _fill("{language}|{prompt}|{answer}|{other}", item) == "zh|p {answer}|a {language}|{other}"
+
+
 def test_a_causal_lm_judge_with_a_chat_template_and_the_llama_guard_conversation(tmp_path):
     template = ("{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
                 "{% if add_generation_prompt %}{{ messages[-1]['content'].split()[-1] }}{% endif %}")  # fmt: skip
