@@ -31,7 +31,7 @@ from .ops.common import OBJECTIVES
 
 logger = logging.getLogger("mlc_kernels.trainers")  # the name users filter on (the public module)
 
-MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask")
+MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask", "mlc_lengths")
 VARIANT_COLUMN = "mlc_variant_ids"
 MIDDLE_LAYER = "middle"
 
@@ -317,8 +317,10 @@ def add_variant_ids(dataset, tokenizer, args: MLCArguments):
 
 class MLCCollator:
     """Wraps a TRL collator: pops ``mlc_variant_ids`` from the examples, collates the rest with the inner
-    collator, and adds ``mlc_input_ids``/``mlc_attention_mask`` ``(N, m, T)`` (left-padded) and ``mlc_mask``
-    ``(N, m)``. Every example is one prompt with all its variants, so a micro-batch never splits them."""
+    collator, and adds ``mlc_input_ids``/``mlc_attention_mask`` ``(N, m, T)`` (left-padded), ``mlc_mask``
+    ``(N, m)`` and ``mlc_lengths``, the variants' token counts as host-side ints (``N`` lists of ``m``; 0: missing),
+    which the variant passes read instead of reading the mask back from the device. Every example is one prompt
+    with all its variants, so a micro-batch never splits them."""
 
     def __init__(self, inner, pad_token_id: int) -> None:
         self.inner, self.pad_token_id = inner, pad_token_id
@@ -337,7 +339,8 @@ class MLCCollator:
                     ids[i, j, t - len(tokens) :] = torch.tensor(tokens)
                     att[i, j, t - len(tokens) :] = 1
                     mask[i, j] = True
-        batch.update(mlc_input_ids=ids, mlc_attention_mask=att, mlc_mask=mask)
+        lengths = [[len(tokens) for tokens in row] for row in variants]
+        batch.update(mlc_input_ids=ids, mlc_attention_mask=att, mlc_mask=mask, mlc_lengths=lengths)
         return batch
 
 
@@ -353,9 +356,21 @@ def record_variant_states(model, tokenizer, records: list[dict], mlc: MLCArgumen
     collate = MLCCollator(lambda examples: {}, tokenizer.pad_token_id or 0)
     batch = collate([{VARIANT_COLUMN: v} for v in dataset[VARIANT_COLUMN]])
     device = next(model.parameters()).device
-    batch = {key: value.to(device) for key, value in batch.items()}
+    batch = {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
     return variant_representations(model, batch["mlc_input_ids"], batch["mlc_attention_mask"], layer,
-                                   batch["mlc_mask"], micro_batch=micro_batch)  # fmt: skip
+                                   batch["mlc_mask"], micro_batch=micro_batch,
+                                   lengths=batch["mlc_lengths"])  # fmt: skip
+
+
+def _host_lengths(batch: dict) -> list[list[int]] | None:
+    """The batch's host-side ``mlc_lengths`` when they match its ``mlc_mask`` ``(N, m)`` in layout (a batch split
+    or sliced along its tensors leaves them behind: then None, and the mask is read from the device)."""
+    lengths, mask = batch.get("mlc_lengths"), batch.get("mlc_mask")
+    if not isinstance(lengths, (list, tuple)) or mask is None or len(lengths) != mask.shape[0]:
+        return None
+    if any(not isinstance(row, (list, tuple)) or len(row) != mask.shape[1] for row in lengths):
+        return None
+    return [list(row) for row in lengths]
 
 
 class MLCTrainerMixin:
@@ -394,10 +409,14 @@ class MLCTrainerMixin:
         """Also counts the MLC-eligible prompts (>= 2 present variants) of the optimizer step's micro-batches,
         summed over processes: the denominator of ``reduction="mean"`` over the global batch."""
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
-        masks = [batch["mlc_mask"] for batch in batch_samples if "mlc_mask" in batch]
+        batches = [batch for batch in batch_samples if "mlc_mask" in batch]
         self._mlc_step_count = None
-        if masks:
-            count = sum((m.sum(dim=1) >= 2).sum() for m in masks).to(self.accelerator.device)
+        if batches:
+            lengths = [_host_lengths(batch) for batch in batches]
+            if all(part is not None for part in lengths) and self.accelerator.num_processes == 1:  # no sync
+                self._mlc_step_count = sum(sum(n > 0 for n in row) >= 2 for part in lengths for row in part)
+                return batch_samples, num_items_in_batch
+            count = sum((batch["mlc_mask"].sum(dim=1) >= 2).sum() for batch in batches).to(self.accelerator.device)
             self._mlc_step_count = int(self.accelerator.reduce(count, reduction="sum"))
         return batch_samples, num_items_in_batch
 
@@ -448,7 +467,8 @@ class MLCTrainerMixin:
         if not mlc_inputs:
             return out
         align = out[0] if return_outputs else out
-        self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
+        if self.mlc_args.log_metrics:  # .item() waits for the device: only when logging
+            self._mlc_log(model, {"mlc/align_loss": align.detach().item()})
         if model.training and self.state.global_step < self.mlc_args.lead_steps:
             align = align * 0.0  # keeps the graph (every parameter gets a zero gradient, as DDP expects)
         if not active:
@@ -487,6 +507,7 @@ class MLCTrainerMixin:
         head = self.accelerator.unwrap_model(model).mlc_head  # the registered child: an FSDP unit if sharded
         a = self.mlc_args
         ids, att, present = inputs["mlc_input_ids"], inputs["mlc_attention_mask"], inputs["mlc_mask"]
+        lengths = _host_lengths(inputs)
 
         options = {"tau": a.tau, "objective": a.objective, "reduction": "sum", "impl": a.impl}
         if a.guard is not None:
@@ -500,13 +521,14 @@ class MLCTrainerMixin:
 
             params = [p for p in head.parameters() if p.requires_grad]
             loss = grad_cached_mlc_loss(runner, loss_of, params, ids, att, self.mlc_layer, present,
-                                        chunk_prompts=a.chunk_prompts or "auto")  # fmt: skip
+                                        chunk_prompts=a.chunk_prompts or "auto", lengths=lengths)  # fmt: skip
             if a.log_metrics:  # one more no-grad pass, for the metrics only
                 with torch.no_grad():
-                    reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present)
+                    reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, lengths=lengths)
                 self._log_consistency(model, head, reps, mask, loss.detach() / scale)
             return loss
-        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, packed=a.packed)
+        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, packed=a.packed,
+                                             lengths=lengths)  # fmt: skip
         loss = loss_of(reps, mask)
         self._log_consistency(model, head, reps, mask, loss.detach() / scale)
         return loss
