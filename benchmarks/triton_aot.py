@@ -78,7 +78,8 @@ def _signature(kernel: str, elem: str) -> dict[str, str]:
                 "d": "i32", "stride_n": "i32", "stride_m": "i32", "chunk": "i32", "n_splits": "i32",
                 "M_PAD": "constexpr", "BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
     return {"reps_ptr": f"*{elem}", "mask_ptr": "*u8", "bmat_ptr": "*fp32", "gscale_ptr": "*fp32",
-            "grad_ptr": f"*{elem}", "gscale_stride": "i32", "m": "i32", "d": "i32", "stride_n": "i32", "stride_m": "i32", "chunk": "i32",
+            "grad_ptr": f"*{elem}", "gscale_stride": "i32", "m": "i32", "d": "i32", "stride_n": "i32",
+            "stride_m": "i32", "chunk": "i32",
             "M_PAD": "constexpr", "BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
 
 
