@@ -24,14 +24,16 @@ ALLOWED = {
     *(f"mlc_kernels/ops/triton/{name}.py" for name in ("__init__", "configs", "kernels", "launch", "op", "tuned")),
     "mlc_kernels/csrc/mlc_native.cpp",
     *(f"mlc_kernels/cli/{name}.py" for name in (
-        "__init__", "__main__", "bench", "demo", "eval", "main", "options", "train", "train_args", "transfer")),
+        "__init__", "__main__", "bench", "demo", "eval", "main", "options", "safety", "train", "train_args", "transfer")),
+    *(f"mlc_kernels/safety/{name}.py" for name in ("__init__", "generate", "inputs", "judges", "report")),
     *(f"mlc_kernels/bench/{name}.py" for name in (
-        "__init__", "fused_linear", "hf_capture", "loss", "runner", "train_step", "utils")),
+        "__init__", "counting", "fused_linear", "hf_capture", "loss", "runner", "train_step", "utils")),
     *(f"mlc_kernels/transfer/{name}.py" for name in (
         "__init__", "align", "demo", "evaluation", "gate", "options", "pretrain", "protocol", "report", "runs", "v2",
-        "world")),
+        "v3", "world")),
     *(f"mlc_kernels/transfer/data/world_v2/{name}" for name in WORLD_V2),
     "mlc_kernels/data/DATA_CARD.md", "mlc_kernels/data/ds_zero2.json", "mlc_kernels/data/safety_sample.jsonl",
+    "mlc_kernels/data/refusal_phrases.json",
 }  # fmt: skip
 
 
