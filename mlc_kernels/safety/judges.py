@@ -192,7 +192,10 @@ class PhraseJudge:
     def __init__(self, rules: dict[str, LanguagePhrases], name: str) -> None:
         self.rules, self.name = rules, name
         self.languages = frozenset(rules)
-        self.description = f"{name}: refused = a refusal phrase of the language opens the answer"
+        windows = {rule.window for rule in rules.values()}
+        where = ("opens the answer" if windows == {1} else f"begins in the answer's first {windows.pop()} "
+                 "characters" if len(windows) == 1 else "begins in the answer's opening window")  # fmt: skip
+        self.description = f"{name}: refused = a refusal phrase of the language {where}"
 
     def check_languages(self, languages: Iterable[str]) -> None:
         """Refuse (:class:`UsageError` naming ``--judge``) a language the phrases do not cover."""
