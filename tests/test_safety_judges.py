@@ -111,7 +111,9 @@ def test_phrase_judge_refuses_a_language_it_does_not_cover():
     judge = make_judge("phrase")
     with pytest.raises(UsageError, match=r"--judge phrase: no refusal phrases for language\(s\) high1 .*phrase:PATH"):
         judge([JudgeItem("q", "I'm sorry", "en"), JudgeItem("q", "gitu", "high1")])
-    with pytest.raises(UsageError, match=r"language\(s\) xx"):
+    with pytest.raises(UsageError, match=r"language\(s\) high1 .*give --judge phrase:world \(the synthetic"):
+        judge.check_languages(["en", "high1"])
+    with pytest.raises(UsageError, match=r"language\(s\) xx .*give --judge phrase:PATH"):
         judge.check_languages(["en", "xx"])
 
 

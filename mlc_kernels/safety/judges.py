@@ -201,9 +201,13 @@ class PhraseJudge:
         """Refuse (:class:`UsageError` naming ``--judge``) a language the phrases do not cover."""
         missing = [lang for lang in dict.fromkeys(languages) if lang not in self.rules]
         if missing:
+            from ..transfer.world import CAL_LANGUAGE, DEFAULT_LANGUAGES
+
             covered = ", ".join(sorted(self.rules))
+            world = {spec.code for spec in (*DEFAULT_LANGUAGES, CAL_LANGUAGE)}
+            hint = "phrase:world (the synthetic world's refusal word), " if set(missing) <= world else ""
             raise UsageError(f"--judge {self.name}: no refusal phrases for language(s) {', '.join(missing)} (it "
-                             f"covers {covered}); give --judge phrase:PATH with phrases for them (format of "
+                             f"covers {covered}); give --judge {hint}phrase:PATH with phrases for them (format of "
                              f"{PHRASES_PATH.name}), or another --judge")  # fmt: skip
 
     def __call__(self, items: Sequence[JudgeItem]) -> list[Verdict]:
