@@ -68,15 +68,11 @@ def _signature(kernel: str, elem: str) -> dict[str, str]:
                 "M_PAD": "constexpr", "BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
     if kernel == "mlc_small_kernel":
         return {"part_ptr": "*fp32", "mask_ptr": "*u8", "loss_ptr": "*fp32", "bmat_ptr": "*fp32",
-                "defl_ptr": "*fp32", "resid_ptr": "*fp32", "n": "i32", "m": "i32", "d": "i32", "n_splits": "i32",
-                "r_splits": "i32", "inv_tau": "fp32", "sv_cutoff": "fp32", "defl_ratio": "fp32",
+                "defl_ptr": "*fp32", "reps_ptr": f"*{elem}", "n": "i32", "m": "i32", "d": "i32", "stride_n": "i32",
+                "stride_m": "i32", "n_splits": "i32", "inv_tau": "fp32", "sv_cutoff": "fp32", "defl_ratio": "fp32",
                 "defl_cutoff": "fp32", "objective": "i32", "anchor": "i1", "write_b": "i1", "deflate": "i1",
                 "M_PAD": "constexpr", "PROMPTS": "constexpr", "N_SWEEPS": "constexpr",
-                "DEFLATE": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
-    if kernel == "mlc_residual_kernel":
-        return {"reps_ptr": f"*{elem}", "mask_ptr": "*u8", "defl_ptr": "*fp32", "resid_ptr": "*fp32", "m": "i32",
-                "d": "i32", "stride_n": "i32", "stride_m": "i32", "chunk": "i32", "n_splits": "i32",
-                "M_PAD": "constexpr", "BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
+                "RESID_BLOCK_D": "constexpr", "HAS_MASK": "constexpr"}  # fmt: skip
     return {"reps_ptr": f"*{elem}", "mask_ptr": "*u8", "bmat_ptr": "*fp32", "gscale_ptr": "*fp32",
             "grad_ptr": f"*{elem}", "gscale_stride": "i32", "m": "i32", "d": "i32", "stride_n": "i32",
             "stride_m": "i32", "chunk": "i32",
@@ -84,20 +80,18 @@ def _signature(kernel: str, elem: str) -> dict[str, str]:
 
 
 def kernel_launches(dtype: torch.dtype, cfg) -> list[tuple[str, dict, dict]]:
-    """``(kernel, constexprs, options)`` of the kernels the dispatcher launches with ``cfg``: the Gram kernel,
-    both passes of the small kernel, the residual-Gram kernel of the deflation and the gradient kernel, each with
-    ``HAS_MASK=True`` (the mask-less variant only drops the mask loads: fewer registers, not compiled here)."""
+    """``(kernel, constexprs, options)`` of the kernels the dispatcher launches with ``cfg``: the Gram kernel, the
+    small kernel (with the deflation's residual Gram folded in) and the gradient kernel, each with ``HAS_MASK=True``
+    (the mask-less variant only drops the mask loads: fewer registers, not compiled here)."""
     from mlc_kernels.ops.triton import MAX_SWEEPS
+    from mlc_kernels.ops.triton.launch import small_resid_block_d
 
-    small = {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS, "HAS_MASK": True}
-    small_options = {"num_warps": cfg.small_warps, "num_stages": 1}
+    small = {"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS,
+             "RESID_BLOCK_D": small_resid_block_d(cfg), "HAS_MASK": True}  # fmt: skip
     return [
         ("mlc_gram_kernel", {"M_PAD": cfg.m_pad, "BLOCK_D": cfg.gram_block_d, "HAS_MASK": True},
          {"num_warps": cfg.gram_warps, "num_stages": cfg.gram_stages}),
-        ("mlc_small_kernel", {**small, "DEFLATE": False}, small_options),
-        ("mlc_residual_kernel", {"M_PAD": cfg.m_pad, "BLOCK_D": cfg.resid_block_d, "HAS_MASK": True},
-         {"num_warps": cfg.resid_warps, "num_stages": cfg.resid_stages}),
-        ("mlc_small_kernel", {**small, "DEFLATE": True}, small_options),
+        ("mlc_small_kernel", small, {"num_warps": cfg.small_warps, "num_stages": 1}),
         ("mlc_grad_kernel", {"M_PAD": cfg.m_pad, "BLOCK_D": cfg.grad_block_d, "HAS_MASK": True},
          {"num_warps": cfg.grad_warps, "num_stages": cfg.grad_stages}),
     ]  # fmt: skip
@@ -153,12 +147,10 @@ def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
         if arch not in archs:
             continue
         for kernel, constexprs, options in kernel_launches(dtype, cfg):
-            # the small kernel does not depend on the input dtype: compiled once per arch (as fp32)
-            key_dtype = torch.float32 if kernel == "mlc_small_kernel" else dtype
-            key = (arch, kernel, key_dtype, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
+            key = (arch, kernel, dtype, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
             if key not in seen:
                 seen.add(key)
-                rows.append(compile_kernel(kernel, key_dtype, constexprs, options, arch))
+                rows.append(compile_kernel(kernel, dtype, constexprs, options, arch))
     return rows
 
 

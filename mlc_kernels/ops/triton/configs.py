@@ -21,8 +21,9 @@ class KernelConfig:
     ``gram_programs``: the Gram kernel splits d so that about this many programs run
     (``N * splits``); ``small_prompts``: prompts per program of the small kernel;
     ``grad_blocks``: ``BLOCK_D`` blocks streamed by each program of the gradient kernel;
-    ``resid_*``: the residual-Gram kernel of the deflation (fp32 tiles whatever the input dtype; its d is
-    split like the Gram kernel's, into ``resid_block_d`` multiples).
+    ``resid_block_d`` / ``resid_warps``: the d-block of the deflation's residual Gram (fp32 tiles whatever the
+    input dtype) for ``resid_warps`` warps; the small kernel, which computes it, scales the block to its own warps
+    (``launch.small_resid_block_d``); ``resid_stages`` is unused since the residual kernel was folded in.
     """
 
     m_pad: int

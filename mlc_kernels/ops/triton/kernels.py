@@ -7,16 +7,16 @@
    (bitwise deterministic), forms the cosine matrix G with masks and non-finite detection, runs
    the Jacobi eigensolver when the objective needs one, and writes the per-prompt loss and the
    ``(M_PAD, M_PAD)`` fp32 matrix ``B`` with ``dloss/dR = B R``.
-   Near collinearity (the softmax objectives, ``lambda_2 < DEFLATION_RATIO * lambda_1``) it flags the
-   prompt and writes v_1 and the row norms; ``mlc_residual_kernel`` (grid ``(N, splits)``, unflagged
-   prompts exit at once) streams the rows again for the partial residual Grams ``E E^T`` with
-   ``E = (I - v_1 v_1^T) Z`` formed in fp32 per d-block, and a second pass of the small kernel
-   (``DEFLATE=True``) takes the small singular pairs from the unit-trace-scaled ``E E^T`` (its own Jacobi)
-   and rewrites those prompts' loss and ``B``: the torch impl's deflation (``gram_torch._deflate``).
+   Near collinearity (the softmax objectives, ``lambda_2 < DEFLATION_RATIO * lambda_1``) the same program
+   deflates: it streams its rows again for the residual Gram ``E E^T`` with ``E = (I - v_1 v_1^T) Z`` formed
+   in fp32 per d-block (``_residual_gram``), takes the small singular pairs from the unit-trace-scaled
+   ``E E^T`` (its own Jacobi) and rewrites the prompt's loss and ``B``: the torch impl's deflation
+   (``gram_torch._deflate``). Prompts that are not flagged read nothing more.
 3. ``mlc_grad_kernel``, grid ``(N, d_chunks)``: streams the rows once more and writes
    ``g_n B_n R_n`` in the input dtype (``g``: the incoming gradient of each prompt's loss).
 
-The forward runs phases 1-2 and saves only ``B`` (N x M_PAD x M_PAD fp32) with the inputs; the
+Three launches per forward+backward whatever the inputs (none depends on a value read back). The forward runs
+phases 1-2 and saves only ``B`` (N x M_PAD x M_PAD fp32) with the inputs; the
 backward runs phase 3. A loss-only call (no grad, eval) reads reps once and writes no gradient;
 forward+backward reads reps twice and writes the gradient once. The launches are in ``launch.py``, the
 registered ops in ``op.py``; this module holds the ``@triton.jit`` kernels only (their sizes: ``configs.py``).
@@ -257,18 +257,46 @@ def _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, 
 
 
 @triton.jit
+def _residual_gram(reps_ptr, mask_ptr, info, pid, m, d, stride_n, stride_m, rows, M_PAD: tl.constexpr,
+                   BLOCK_D: tl.constexpr, HAS_MASK: tl.constexpr):  # fmt: skip
+    """The residual Gram E E^T of prompt ``pid`` over all of d, with E = (I - v_1 v_1^T) Z formed in fp32 per
+    d-block from the rows (Z = diag(1 / |r|) R; accurate to eps * |z|), Kahan-compensated over the blocks;
+    v_1 and the inverse norms from ``info`` (its ``defl`` row)."""
+    present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
+    v1 = tl.where(present, tl.load(info + rows), 0.0)
+    inv = tl.where(present, tl.load(info + M_PAD + rows), 0.0)
+    coef = v1 * inv  # v_1^T Z = sum_i (v1_i / |r_i|) r_i
+    cols = tl.arange(0, BLOCK_D)
+    row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
+    raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
+    for start in range(0, d, BLOCK_D):
+        offs = start + cols
+        x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < d), other=0.0)
+        x = x.to(tl.float32)
+        along = tl.sum(x * coef[:, None], axis=0)  # (v_1^T Z) on this block
+        e = x * inv[:, None] - v1[:, None] * along[None, :]
+        part = tl.dot(e, tl.trans(e), input_precision="ieee") - carry
+        total = raw + part
+        carry = (total - raw) - part
+        raw = total
+    return raw
+
+
+@triton.jit
 def mlc_small_kernel(
     part_ptr,
     mask_ptr,
     loss_ptr,
     bmat_ptr,
     defl_ptr,
-    resid_ptr,
+    reps_ptr,
     n,
     m,
     d,
+    stride_n,
+    stride_m,
     n_splits,
-    r_splits,
     inv_tau,
     sv_cutoff,
     defl_ratio,
@@ -280,18 +308,18 @@ def mlc_small_kernel(
     M_PAD: tl.constexpr,
     PROMPTS: tl.constexpr,
     N_SWEEPS: tl.constexpr,
-    DEFLATE: tl.constexpr,
+    RESID_BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
     """Per prompt: sum the partial Gram matrices, loss (N,) fp32 and, if write_b, B (N, M_PAD, M_PAD) fp32
-    with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8.
+    with dloss/dR = B R. part: (N, n_splits, M_PAD, M_PAD) fp32; mask: (N, m) uint8; reps: (N, m, d) with unit
+    stride on d (read only by deflated prompts).
 
-    Deflation (``ops.common.DEFLATION_RATIO``), for the eigen objectives when ``deflate``: the first pass
-    (``DEFLATE=False``) writes ``defl`` (N, 3, M_PAD) fp32: v_1, the inverse row norms and
-    ``(flag, lambda_1)``, with flag 1 where ``lambda_2 < defl_ratio * lambda_1``. ``mlc_residual_kernel``
-    then writes the residual Grams' partials ``resid`` (N, r_splits, M_PAD, M_PAD), and the second pass
-    (``DEFLATE=True``) recomputes each flagged prompt's spectrum from them and overwrites its loss and B;
-    unflagged prompts exit after reading their flag."""
+    Deflation (``ops.common.DEFLATION_RATIO``), for the eigen objectives when ``deflate``: the prompt writes
+    ``defl`` (N, 3, M_PAD) fp32 scratch: v_1, the inverse row norms and ``(flag, lambda_1)``, with flag 1 where
+    ``lambda_2 < defl_ratio * lambda_1``; a flagged prompt then streams its rows once more for the residual Gram
+    ``E E^T`` (``_residual_gram``), takes the small singular pairs from it (its own Jacobi) and overwrites its
+    loss and B: the torch impl's deflation (``gram_torch._deflate``), in the same launch."""
     rows = tl.arange(0, M_PAD)
     eye = rows[:, None] == rows[None, :]
     tile = rows[:, None] * M_PAD + rows[None, :]
@@ -304,11 +332,41 @@ def mlc_small_kernel(
         # the last program may run past N: it recomputes prompt N-1 (same values, same stores)
         pid = tl.minimum(tl.program_id(0) * PROMPTS + j, n - 1).to(tl.int64)
         info = defl_ptr + pid * (3 * M_PAD)
-        if DEFLATE:
+        present, bad, norms, inv, pair, gram, count, base = _cosines(
+            part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
+        count_f = tl.maximum(count, 1).to(tl.float32)
+        if (objective == 0) | (objective == 1) | (objective == 5) | (objective == 6):
+            shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
+            shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
+            lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
+            if M_PAD > 16:  # G again from the partials (the same values): not live through the sweeps,
+                # which kept ptxas from spilling with one warp per 32 x 32 prompt
+                present, bad, norms, inv, pair, gram, count, base = _cosines(
+                    part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
+            valid = present & (lam > -0.5)
+            rank = _descending_rank(lam, valid, rows)
+            if deflate:  # stored at once: nothing more stays live through the objective
+                top = valid & (rank == 0)
+                lam1 = tl.sum(tl.where(top, lam, 0.0), axis=0)
+                lam2 = tl.sum(tl.where(valid & (rank == 1), lam, 0.0), axis=0)
+                flag = (count >= 2) & ~bad & (lam2 < defl_ratio * lam1)
+                tl.store(info + rows, tl.sum(tl.where(top[None, :], vec, 0.0), axis=1))  # v_1
+                tl.store(info + M_PAD + rows, tl.where(present, inv, 0.0))
+                tl.store(info + 2 * M_PAD + rows, tl.where(rows == 0, flag.to(tl.float32),
+                                                           tl.where(rows == 1, lam1, 0.0)))  # fmt: skip
+            loss, mmat = _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau,
+                                             sv_cutoff, objective)  # fmt: skip
+        else:
+            loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
+        _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
+                       count, bad, anchor, write_b, M_PAD)  # fmt: skip
+        if deflate:
+            tl.debug_barrier()  # the first pass's stores (info, loss, B) are seen and overwritten in order
             if tl.load(info + 2 * M_PAD) > 0.0:  # flagged: finite, >= 2 present rows, lambda_2 small
                 # E E^T, scaled to unit trace (no marker entries: masked rows stay exact zeros, decoupled);
                 # its eigensolver runs before G is formed, so that G is not live through the sweeps
-                small = _sum_partials(resid_ptr, pid, r_splits, tile, M_PAD)
+                small = _residual_gram(reps_ptr, mask_ptr, info, pid, m, d, stride_n, stride_m, rows, M_PAD,
+                                       RESID_BLOCK_D, HAS_MASK)  # fmt: skip
                 scale = tl.sum(tl.sum(tl.where(eye, small, 0.0), axis=1), axis=0)
                 scale = tl.where(scale > 1.1754944e-38, scale, 1.0)
                 lam_r, vec_r = _jacobi_eigh(small / scale, eye, rows, k, M_PAD, N_SWEEPS)
@@ -329,85 +387,6 @@ def mlc_small_kernel(
                                                  defl_cutoff, objective)  # fmt: skip
                 _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
                                count, bad, anchor, write_b, M_PAD)  # fmt: skip
-        else:
-            present, bad, norms, inv, pair, gram, count, base = _cosines(
-                part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
-            count_f = tl.maximum(count, 1).to(tl.float32)
-            if (objective == 0) | (objective == 1) | (objective == 5) | (objective == 6):
-                shifted = tl.where(eye & ~present[:, None], -1.0, gram)  # masked rows: eigenvalue -1
-                shifted = tl.where(bad, tl.where(eye, 1.0, 0.0), shifted)
-                lam, vec = _jacobi_eigh(shifted, eye, rows, k, M_PAD, N_SWEEPS)
-                if M_PAD > 16:  # G again from the partials (the same values): not live through the sweeps,
-                    # which kept ptxas from spilling with one warp per 32 x 32 prompt
-                    present, bad, norms, inv, pair, gram, count, base = _cosines(
-                        part_ptr, mask_ptr, pid, m, n_splits, rows, eye, tile, M_PAD, HAS_MASK)  # fmt: skip
-                valid = present & (lam > -0.5)
-                rank = _descending_rank(lam, valid, rows)
-                if deflate:  # stored at once: nothing more stays live through the objective
-                    top = valid & (rank == 0)
-                    lam1 = tl.sum(tl.where(top, lam, 0.0), axis=0)
-                    lam2 = tl.sum(tl.where(valid & (rank == 1), lam, 0.0), axis=0)
-                    flag = (count >= 2) & ~bad & (lam2 < defl_ratio * lam1)
-                    tl.store(info + rows, tl.sum(tl.where(top[None, :], vec, 0.0), axis=1))  # v_1
-                    tl.store(info + M_PAD + rows, tl.where(present, inv, 0.0))
-                    tl.store(info + 2 * M_PAD + rows, tl.where(rows == 0, flag.to(tl.float32),
-                                                               tl.where(rows == 1, lam1, 0.0)))  # fmt: skip
-                loss, mmat = _spectral_objective(gram, lam, vec, valid, rank, pair, d, count, count_f, inv_tau,
-                                                 sv_cutoff, objective)  # fmt: skip
-            else:
-                loss, mmat = _pairwise_objective(gram, pair, eye, rows, base, count_f, objective)
-            _store_outputs(loss_ptr, bmat_ptr, pid, loss, mmat, gram, norms, inv, pair, eye, rows, tile, base,
-                           count, bad, anchor, write_b, M_PAD)  # fmt: skip
-
-
-@triton.jit
-def mlc_residual_kernel(
-    reps_ptr,
-    mask_ptr,
-    defl_ptr,
-    resid_ptr,
-    m,
-    d,
-    stride_n,
-    stride_m,
-    chunk,
-    n_splits,
-    M_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-):
-    """Partial residual Grams E E^T of the prompts flagged for deflation, with E = (I - v_1 v_1^T) Z formed
-    in fp32 per d-block from the rows (Z = diag(1 / |r|) R; accurate to eps * |z|). defl: (N, 3, M_PAD)
-    fp32 from the small kernel's first pass; resid: (N, n_splits, M_PAD, M_PAD) fp32, written only for
-    flagged prompts (the others exit after reading their flag). Program (n, s) covers
-    d in [s*chunk, (s+1)*chunk)."""
-    pid = tl.program_id(0).to(tl.int64)
-    sid = tl.program_id(1)
-    info = defl_ptr + pid * (3 * M_PAD)
-    if tl.load(info + 2 * M_PAD) > 0.0:
-        rows = tl.arange(0, M_PAD)
-        present = _load_present(mask_ptr, pid, m, rows, HAS_MASK)
-        v1 = tl.where(present, tl.load(info + rows), 0.0)
-        inv = tl.where(present, tl.load(info + M_PAD + rows), 0.0)
-        coef = v1 * inv  # v_1^T Z = sum_i (v1_i / |r_i|) r_i
-        cols = tl.arange(0, BLOCK_D)
-        row_ptrs = reps_ptr + pid * stride_n + rows[:, None] * stride_m
-        begin = sid * chunk
-        stop = tl.minimum(begin + chunk, d)
-        raw = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-        carry = tl.zeros((M_PAD, M_PAD), dtype=tl.float32)
-        for start in range(begin, stop, BLOCK_D):
-            offs = start + cols
-            x = tl.load(row_ptrs + offs[None, :], mask=present[:, None] & (offs[None, :] < stop), other=0.0)
-            x = x.to(tl.float32)
-            along = tl.sum(x * coef[:, None], axis=0)  # (v_1^T Z) on this block
-            e = x * inv[:, None] - v1[:, None] * along[None, :]
-            part = tl.dot(e, tl.trans(e), input_precision="ieee") - carry
-            total = raw + part
-            carry = (total - raw) - part
-            raw = total
-        out = resid_ptr + (pid * n_splits + sid) * (M_PAD * M_PAD) + rows[:, None] * M_PAD + rows[None, :]
-        tl.store(out, raw)
 
 
 @triton.jit

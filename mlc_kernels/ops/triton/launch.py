@@ -26,7 +26,7 @@ from .configs import (
     override_epoch,
     tile_size,
 )
-from .kernels import mlc_grad_kernel, mlc_gram_kernel, mlc_residual_kernel, mlc_small_kernel
+from .kernels import mlc_grad_kernel, mlc_gram_kernel, mlc_small_kernel
 
 DEFLATED_OBJECTIVES = (0, 5, 6)
 """Codes of the objectives whose gradient needs the small singular pairs: they deflate near collinearity
@@ -91,8 +91,6 @@ class LaunchPlan:
     deflate: bool
     splits: int
     chunk: int
-    r_splits: int
-    r_chunk: int
     grad_chunk: int
     gram_grid: tuple[int, int]
     small_grid: tuple[int]
@@ -100,7 +98,6 @@ class LaunchPlan:
     scalars: tuple  # inv_tau, sv_cutoff, defl_ratio, defl_cutoff, objective
     gram_meta: dict
     small_meta: dict
-    resid_meta: dict
     grad_meta: dict
 
 
@@ -108,26 +105,30 @@ _PLANS: dict[tuple, LaunchPlan] = {}
 _MAX_PLANS = 512
 
 
+def small_resid_block_d(cfg: KernelConfig) -> int:
+    """``RESID_BLOCK_D`` of the small kernel's residual Gram (deflated prompts): ``resid_block_d`` scaled to the small
+    kernel's warps, so that each thread holds as many elements of the tile as with ``resid_warps``; at least 16
+    (``tl.dot``'s smallest K)."""
+    return max(16, cfg.resid_block_d * cfg.small_warps // cfg.resid_warps)
+
+
 def _build_plan(reps: torch.Tensor, tau: float, objective: int) -> LaunchPlan:
     n, m, d = reps.shape
     cfg = launch_config(reps)
     splits, chunk = gram_splits(n, d, cfg)
-    r_splits, r_chunk = gram_splits(n, d, cfg, cfg.resid_block_d)
     grad_chunk = cfg.grad_block_d * cfg.grad_blocks
     # rank1 needs only (lambda_1, v_1), which deflation keeps: only the softmax objectives deflate
     deflate = objective in DEFLATED_OBJECTIVES
     scalars = (1.0 / tau, singular_value_cutoff(d, m, torch.float32),
                float(common.DEFLATION_RATIO), deflated_cutoff(m, torch.float32), objective)  # fmt: skip
     return LaunchPlan(
-        cfg, deflate, splits, chunk, r_splits, r_chunk, grad_chunk,
+        cfg, deflate, splits, chunk, grad_chunk,
         gram_grid=(n, splits), small_grid=(-(-n // cfg.small_prompts),), grad_grid=(n, -(-max(d, 1) // grad_chunk)),
         scalars=scalars,
         gram_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.gram_block_d, "num_warps": cfg.gram_warps,
                    "num_stages": cfg.gram_stages},
         small_meta={"M_PAD": cfg.m_pad, "PROMPTS": cfg.small_prompts, "N_SWEEPS": MAX_SWEEPS,
-                    "num_warps": cfg.small_warps, "num_stages": 1},
-        resid_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.resid_block_d, "num_warps": cfg.resid_warps,
-                    "num_stages": cfg.resid_stages},
+                    "RESID_BLOCK_D": small_resid_block_d(cfg), "num_warps": cfg.small_warps, "num_stages": 1},
         grad_meta={"M_PAD": cfg.m_pad, "BLOCK_D": cfg.grad_block_d, "num_warps": cfg.grad_warps,
                    "num_stages": cfg.grad_stages},
     )  # fmt: skip
@@ -176,20 +177,11 @@ def forward_launch(
         HAS_MASK=has_mask, **plan.gram_meta,
     )  # fmt: skip
     deflate = plan.deflate
-    if deflate:
-        defl = torch.empty((n, 3, m_pad), dtype=torch.float32, device=device)
-        resid = torch.empty((n, plan.r_splits, m_pad, m_pad), dtype=torch.float32, device=device)
-    else:
-        defl = resid = loss  # never read without deflate
-    small_args = (part, mask_arg, loss, bmat if write_b else loss, defl, resid, n, m, d, plan.splits, plan.r_splits,
-                  *plan.scalars, anchor, write_b, deflate)  # fmt: skip
-    wrap(mlc_small_kernel)[plan.small_grid](*small_args, DEFLATE=False, HAS_MASK=has_mask, **plan.small_meta)
-    if deflate:  # prompts not flagged by the first pass exit after reading their flag
-        wrap(mlc_residual_kernel)[plan.gram_grid[:1] + (plan.r_splits,)](
-            reps, mask_arg, defl, resid, m, d, reps.stride(0), reps.stride(1), plan.r_chunk, plan.r_splits,
-            HAS_MASK=has_mask, **plan.resid_meta,
-        )  # fmt: skip
-        wrap(mlc_small_kernel)[plan.small_grid](*small_args, DEFLATE=True, HAS_MASK=has_mask, **plan.small_meta)
+    defl = torch.empty((n, 3, m_pad), dtype=torch.float32, device=device) if deflate else loss  # scratch
+    wrap(mlc_small_kernel)[plan.small_grid](
+        part, mask_arg, loss, bmat if write_b else loss, defl, reps, n, m, d, reps.stride(0), reps.stride(1),
+        plan.splits, *plan.scalars, anchor, write_b, deflate, HAS_MASK=has_mask, **plan.small_meta,
+    )  # fmt: skip
     return loss, bmat
 
 
