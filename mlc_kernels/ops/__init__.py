@@ -107,25 +107,40 @@ def _native_check(reps: torch.Tensor) -> None:
         raise ImplementationUnavailableError(f"impl='native' could not be built: {problem}")
 
 
-def _triton_loss(reps, present, tau, objective, anchor=False):
-    from .triton import triton_mlc_loss
+_TRITON_ENTRY: dict[str, Callable] = {}
 
-    return triton_mlc_loss(reps, present, tau, objective, anchor)
+
+def _triton_entry(name: str) -> Callable:
+    """``ops.triton``'s entry point ``name``, imported on first use (triton is optional) and kept."""
+    fn = _TRITON_ENTRY.get(name)
+    if fn is None:
+        from . import triton as backend
+
+        fn = _TRITON_ENTRY[name] = getattr(backend, name)
+    return fn
+
+
+def _triton_loss(reps, present, tau, objective, anchor=False):
+    return _triton_entry("triton_mlc_loss")(reps, present, tau, objective, anchor)
 
 
 def _triton_loss_and_grad(reps, present, tau, objective, anchor=False):
-    from .triton import triton_loss_and_grad
+    return _triton_entry("triton_loss_and_grad")(reps, present, tau, objective, anchor)
 
-    return triton_loss_and_grad(reps, present, tau, objective, anchor)
+
+_TRITON_IMPORTABLE: list[bool] = []
 
 
 @torch.compiler.assume_constant_result
 def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if not _TRITON_IMPORTABLE:  # asked once per process (an import attempt costs host time per call)
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            _TRITON_IMPORTABLE.append(False)
+        else:
+            _TRITON_IMPORTABLE.append(True)
+    return _TRITON_IMPORTABLE[0]
 
 
 def _triton_check(reps: torch.Tensor) -> None:
