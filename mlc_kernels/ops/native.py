@@ -231,7 +231,9 @@ class NativeMLCFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         (grad,) = ctx.saved_tensors
-        grad.mul_(grad_loss.to(grad.dtype)[:, None, None])
+        if grad_loss.dtype != grad.dtype:
+            grad_loss = grad_loss.to(grad.dtype)
+        grad.mul_(grad_loss[:, None, None])
         return grad, None, None, None, None
 
 
