@@ -141,7 +141,7 @@ def test_world_model_end_to_end(demo_start, world_prompts, judge, tmp_path, caps
                       "--judge", "phrase:world"])  # fmt: skip
     printed = capsys.readouterr().out
     assert judge.specs == [("phrase:world", None, None, 16)]
-    assert "phrase:world: refused = a refusal phrase of the language opens the answer" in printed
+    assert printed.startswith("mlc safety (judge: phrase:world: refused = ")  # the judge's own description
     rows = _generations(out)
     assert len(rows) == ROWS and len({(r["record"], r["language"]) for r in rows}) == ROWS
     assert set(rows[0]) >= {"model", "record", "language", "label", "prompt", "answer", "refused", "detail"}
