@@ -128,17 +128,24 @@ def _owner(model: nn.Module, target: nn.Module) -> tuple[nn.Module, str]:
     raise TypeError(f"{type(model).__name__}: {type(target).__name__} has no owner module")  # unreachable for HF
 
 
+def capture_module(model: nn.Module, layer: Layer) -> tuple[nn.Module, int]:
+    """The module whose output is the state after decoder layer ``layer`` (the final norm for
+    :data:`FINAL_LAYER`), and how many decoder layers run before it."""
+    layers, norm = decoder_layers(model)
+    resolved = resolve_layer(model, layer)
+    final = resolved == FINAL_LAYER
+    k = len(layers) if final else resolved
+    return (norm if final and norm is not None else layers[k - 1]), k
+
+
 @contextlib.contextmanager
 def _truncated_stack(model: nn.Module, layer: Layer, truncate: bool) -> Iterator[dict]:
     """Captures the hidden states after decoder layer ``layer`` (after the final norm for :data:`FINAL_LAYER`);
     with ``truncate``, while the context is open, the model's layer list holds only the first ``layer`` layers
     and its LM head is an identity (its output is discarded; with a 150k vocabulary even one position per
     sequence costs more than a small model's layers)."""
-    layers, norm = decoder_layers(model)
-    resolved = resolve_layer(model, layer)
-    final = resolved == FINAL_LAYER
-    k = len(layers) if final else resolved
-    capture_at = norm if final and norm is not None else layers[k - 1]
+    layers, _ = decoder_layers(model)
+    capture_at, k = capture_module(model, layer)
     captured: dict = {}
 
     def post_hook(module, args, output):

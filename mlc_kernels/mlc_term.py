@@ -31,7 +31,7 @@ from .ops.common import OBJECTIVES
 
 logger = logging.getLogger("mlc_kernels.trainers")  # the name users filter on (the public module)
 
-MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask", "mlc_lengths")
+MLC_KEYS = ("mlc_input_ids", "mlc_attention_mask", "mlc_mask", "mlc_lengths", "mlc_base_position", "mlc_base_reason")
 VARIANT_COLUMN = "mlc_variant_ids"
 MIDDLE_LAYER = "middle"
 
@@ -89,6 +89,14 @@ class MLCArguments:
         default=0, metadata=_help("prompts per recomputed chunk with grad_cache (0: auto, a quarter of the batch)")
     )
     log_metrics: bool = field(default=True, metadata=_help("log mlc/* consistency metrics"))
+    base_from_policy: bool = field(
+        default=True,
+        metadata=_help(
+            "take the base-language variant's state from the policy forward of the chosen sequence (its prompt "
+            "prefix; causal attention) instead of a separate variant pass, where the tokens match (else the "
+            "separate pass, with the reason logged once); DPO-style batches, not with grad_cache or packed"
+        ),
+    )
     packed: bool = field(
         default=False,
         metadata=_help(
@@ -320,10 +328,16 @@ class MLCCollator:
     collator, and adds ``mlc_input_ids``/``mlc_attention_mask`` ``(N, m, T)`` (left-padded), ``mlc_mask``
     ``(N, m)`` and ``mlc_lengths``, the variants' token counts as host-side ints (``N`` lists of ``m``; 0: missing),
     which the variant passes read instead of reading the mask back from the device. Every example is one prompt
-    with all its variants, so a micro-batch never splits them."""
+    with all its variants, so a micro-batch never splits them.
 
-    def __init__(self, inner, pad_token_id: int) -> None:
-        self.inner, self.pad_token_id = inner, pad_token_id
+    With ``base_index`` (the base language's position in the variants) and a preference batch whose rows
+    ``input_ids``/``completion_mask`` ``(2N, L)`` hold the chosen sequences first (TRL's DPO layout), it also adds
+    ``mlc_base_position`` ``(N,)``: where the chosen sequence's prompt ends (its last prompt token), and
+    ``mlc_base_reason``: None when every base variant's token ids equal its chosen sequence's prompt prefix, else
+    why not (then the base variant runs its own pass)."""
+
+    def __init__(self, inner, pad_token_id: int, base_index: int | None = None) -> None:
+        self.inner, self.pad_token_id, self.base_index = inner, pad_token_id, base_index
 
     def __call__(self, examples: list[dict]) -> dict:
         variants = [ex.pop(VARIANT_COLUMN) for ex in examples]
@@ -341,7 +355,28 @@ class MLCCollator:
                     mask[i, j] = True
         lengths = [[len(tokens) for tokens in row] for row in variants]
         batch.update(mlc_input_ids=ids, mlc_attention_mask=att, mlc_mask=mask, mlc_lengths=lengths)
+        if self.base_index is not None:
+            position, reason = _base_positions(batch, [row[self.base_index] for row in variants])
+            batch.update(mlc_base_position=position, mlc_base_reason=reason)
         return batch
+
+
+def _base_positions(batch: dict, base: list[list[int]]) -> tuple[torch.Tensor, str | None]:
+    """Where each chosen sequence's prompt ends in ``batch`` (host tensors, before they move), and why the base
+    variants cannot be read there (None when they can)."""
+    n = len(base)
+    position = torch.zeros(n, dtype=torch.long)
+    ids, completion, att = (batch.get(k) for k in ("input_ids", "completion_mask", "attention_mask"))
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 and t.shape[0] == 2 * n for t in (ids, completion)):
+        return position, "the batch has no (2N, L) input_ids/completion_mask with the chosen sequences first"
+    for i, tokens in enumerate(base):
+        prompt = int((completion[i].cumsum(0) == 0).sum())  # the leading zeros: the prompt
+        if not tokens or prompt == 0 or ids[i, :prompt].tolist() != tokens:
+            return position, f"example {i}: the base prompt's token ids differ from the chosen sequence's prompt"
+        if att is not None and not bool(att[i, :prompt].all()):
+            return position, f"example {i}: the chosen sequence's prompt is padded"
+        position[i] = prompt - 1
+    return position, None
 
 
 @torch.no_grad()
@@ -398,7 +433,9 @@ class MLCTrainerMixin:
         self._mlc_step_count: int | None = None
         self._collapse_streak, self._collapse_warned, self._spread_start = 0, False, None
         pad = getattr(self.processing_class, "pad_token_id", None)
-        self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0)
+        base_index = mlc_args.languages.index(mlc_args.base_language) if mlc_args.base_from_policy else None
+        self.data_collator = MLCCollator(self.data_collator, pad if pad is not None else 0, base_index)
+        self._mlc_base_logged = False
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -463,7 +500,21 @@ class MLCTrainerMixin:
             scale = self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch)
             early = self._mlc_loss(model, mlc_inputs, scale)
             self.accelerator.backward(weight * early / self._trainer_loss_division(num_items_in_batch))
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        base_capture = self._base_capture(model, mlc_inputs) if mlc_inputs and active and early is None else None
+        try:
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)  # fmt: skip
+        finally:
+            if base_capture is not None:
+                base_capture["handle"].remove()
+        if base_capture is not None and "hidden" not in base_capture:
+            self._log_base_fallback("the policy forward did not run the captured layer with gradients")
+            base_capture = None
+        if base_capture is not None:
+            n = mlc_inputs["mlc_mask"].shape[0]
+            hidden = base_capture["hidden"][:n]
+            position = mlc_inputs["mlc_base_position"].to(hidden.device)
+            mlc_inputs["mlc_base_state"] = hidden[torch.arange(n, device=hidden.device), position]
         if not mlc_inputs:
             return out
         align = out[0] if return_outputs else out
@@ -482,6 +533,41 @@ class MLCTrainerMixin:
             scale = self._mlc_scale(model, mlc_inputs["mlc_mask"], num_items_in_batch)
             loss = align + weight * self._mlc_loss(model, mlc_inputs, scale)
         return (loss, out[1]) if return_outputs else loss
+
+    def _base_capture(self, model, mlc_inputs: dict) -> dict | None:
+        """A forward hook on the policy's layer-k module that keeps its first output computed with gradients (the
+        policy forward of chosen and rejected sequences; the reference model runs without), or None (with the
+        reason logged once) when the base variant needs its own pass."""
+        a = self.mlc_args
+        if "mlc_base_position" not in mlc_inputs:
+            return None  # base_from_policy off, or a batch from another collator
+        reason = mlc_inputs.get("mlc_base_reason")
+        if reason is None and (a.grad_cache or a.packed):
+            reason = "grad_cache and packed run their own variant passes"
+        if not model.training:  # evaluation: the separate pass (no gradient to take the state from)
+            return None
+        if reason is None and _host_lengths(mlc_inputs) is None:
+            reason = "the batch's host-side lengths do not match its mask (split batches)"
+        if reason is not None:
+            self._log_base_fallback(reason)
+            return None
+        from .hf import capture_module
+
+        captured: dict = {}
+
+        def hook(module, args, output):
+            if torch.is_grad_enabled() and "hidden" not in captured:
+                captured["hidden"] = output[0] if isinstance(output, tuple) else output
+
+        target, _ = capture_module(self.accelerator.unwrap_model(model), self.mlc_layer)
+        captured["handle"] = target.register_forward_hook(hook)
+        return captured
+
+    def _log_base_fallback(self, reason: str) -> None:
+        """Say once why the base variant runs its own pass."""
+        if not self._mlc_base_logged:
+            self._mlc_base_logged = True
+            logger.warning("mlc: the base-language variant runs its own pass (base_from_policy): %s", reason)
 
     def _mlc_term_active(self, model) -> bool:
         """Whether this micro-batch gets the MLC term: in training on the optimizer steps whose ``global_step`` (the
@@ -527,8 +613,17 @@ class MLCTrainerMixin:
                     reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, lengths=lengths)
                 self._log_consistency(model, head, reps, mask, loss.detach() / scale)
             return loss
-        reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, packed=a.packed,
-                                             lengths=lengths)  # fmt: skip
+        base = inputs.get("mlc_base_state")
+        if base is not None:  # the base variant's state from the policy forward: the other variants' passes only
+            j = a.languages.index(a.base_language)
+            column = torch.arange(present.shape[1], device=present.device) == j
+            others = [[0 if col == j else length for col, length in enumerate(row)] for row in lengths]
+            reps, _ = variant_representations(runner, ids, att, self.mlc_layer, present & ~column, lengths=others)
+            reps = torch.where(column[None, :, None], base[:, None, :].to(reps.dtype), reps)
+            mask = present
+        else:
+            reps, mask = variant_representations(runner, ids, att, self.mlc_layer, present, packed=a.packed,
+                                                 lengths=lengths)  # fmt: skip
         loss = loss_of(reps, mask)
         self._log_consistency(model, head, reps, mask, loss.detach() / scale)
         return loss
