@@ -134,7 +134,7 @@ def test_bad_world_config_is_refused(kwargs, match):
         (["--mlc-weight", "-1"], "--mlc-weight"),
         (["--mlc-tau", "0"], "--mlc-tau"),
         (["--threads", "0"], "--threads"),
-        (["--world", "v3"], "--world must be v2, got 'v3'"),
+        (["--world", "v4"], "--world must be v2 or v3, got 'v4'"),
         (["--world-seed", "-1"], "--world-seed"),
         (["--world", "v1"], "--world v1 is retired; .* python -m experiments.transfer.v1"),
         (["--workers", "0"], "--workers"),

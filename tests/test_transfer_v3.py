@@ -3,6 +3,7 @@ computation and the v3 analysis, on tiny settings."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -113,3 +114,112 @@ def test_v2_pinned_key_is_unchanged():
     from mlc_kernels.transfer.protocol import MODEL
 
     assert cache_key(world_config("v2", 0), replace(MODEL, seed=0)) == shipped_key() == "3d266fa7a5d40f3b"
+
+
+def _measured(probe: float, cosine: float, layer_of_probe: int = 2, layer_of_cosine: int = 2) -> dict:
+    langs = ("base", "cal1")
+    return {
+        "probe_centred": {layer: {lang: probe if layer == layer_of_probe else 0.5 for lang in langs}
+                          for layer in (1, 2, 3)},
+        "cosine": {layer: {lang: cosine if layer == layer_of_cosine else 0.1 for lang in langs} for layer in (1, 2, 3)},
+    }  # fmt: skip
+
+
+def _beh(base: float, cal1: float, other: float = 50.0) -> dict:
+    """Per-language behaviour with the given discriminations (safety = 100, helpfulness = discrimination)."""
+    return {lang: {"safety": 100.0, "helpfulness": d, "private_refusal": 100.0}
+            for lang, d in (("base", base), ("high1", other), ("cal1", cal1))}  # fmt: skip
+
+
+def test_v3_gate_computation():
+    from mlc_kernels.transfer.gate import v3_gate
+
+    ok = v3_gate(_measured(0.95, 0.85), [_beh(100, 20), _beh(96, 40), _beh(100, 30)])  # cal1 mean 30, base 98.7
+    assert ok["passed"] and ok["layers"] == [2] and ok["dpo_discrimination"] == pytest.approx(30.0)
+    # probe and cosine must hold at the same layer
+    assert not v3_gate(_measured(0.95, 0.85, 1, 2), [_beh(100, 0)])["checks"]["shared_representation"]
+    assert not v3_gate(_measured(0.89, 0.85), [_beh(100, 0)])["passed"]
+    assert not v3_gate(_measured(0.95, 0.79), [_beh(100, 0)])["passed"]
+    high = v3_gate(_measured(0.95, 0.85), [_beh(100, 30), _beh(100, 31)])  # mean 30.5 > 30
+    assert high["checks"] == {"shared_representation": True, "dpo_discrimination_max": False,
+                              "base_discrimination_min": True}  # fmt: skip
+    assert not v3_gate(_measured(0.95, 0.85), [_beh(94, 0), _beh(95, 0)])["checks"]["base_discrimination_min"]
+    with pytest.raises(ValueError, match="dpo"):
+        v3_gate(_measured(0.95, 0.85), [])
+
+
+def _rows(gains_by_world: dict[int, list[float]], base_drop: float = 0.0) -> dict:
+    """DPO: base 100, high1 40, cal1 20 (non-base mean 30); the arm adds the gain to both non-base languages."""
+    rows = {"dpo": {}, "authors": {}}
+    for w, gains in gains_by_world.items():
+        for s, g in enumerate(gains):
+            rows["dpo"][f"w{w}s{s}"] = _beh(100, 20, 40)
+            rows["authors"][f"w{w}s{s}"] = _beh(100 - base_drop, 20 + g, 40 + g)
+    return rows
+
+
+def test_v3_analysis_on_fake_results():
+    import math
+    import re
+    import statistics
+
+    from mlc_kernels.transfer.v3 import analyse, final_line, format_analysis, lower_bound
+
+    languages = ["base", "high1", "cal1"]
+    gains = {0: [30, 30, 30], 1: [20, 26, 20], 2: [40, 40, 37]}  # per-world means 30, 22, 39
+    gates = {0: {"passed": True}, 1: {"passed": False}, 2: {"passed": True}}
+    a = analyse(_rows(gains), languages, "authors", gates)
+    assert a["per_world"][1]["gain"] == pytest.approx(22.0)
+    world_gains = [30.0, 22.0, 39.0]
+    assert a["all"]["gain"] == pytest.approx(statistics.mean(world_gains))
+    expected_low = statistics.mean(world_gains) - 2.920 * statistics.stdev(world_gains) / math.sqrt(3)
+    assert a["all"]["ci_low"] == pytest.approx(expected_low)
+    assert a["all"]["dpo"] == pytest.approx(30.0) and a["all"]["positive"]
+    assert a["gate"] == "fail" and a["gate_passing"]["worlds"] == 2
+    assert a["gate_passing"]["gain"] == pytest.approx(34.5)
+    line = final_line(a)
+    assert re.fullmatch(
+        r"transfer: world=v3 gate=fail worlds=3 dpo=30\.0 dpo\+mlc=60\.3 arm=authors gain=30\.3 ci_low=\d+\.\d "
+        r"base_dpo=100\.0 base_dpo\+mlc=100\.0", line), line  # fmt: skip
+    assert "decision: positive" in format_analysis(a)
+    # the base check: one run's base more than 5 below DPO's makes the result not positive
+    dropped = analyse(_rows(gains, base_drop=6), languages, "authors", gates)
+    assert not dropped["all"]["base_ok"] and not dropped["all"]["positive"]
+    # a mean gain under 20, or a bound at or below 0, is not positive
+    assert not analyse(_rows({0: [19, 19, 19], 1: [19, 19, 19]}), languages, "authors", gates)["all"]["positive"]
+    assert not analyse(_rows({0: [60] * 3, 1: [-10] * 3}), languages, "authors", gates)["all"]["positive"]
+    assert math.isnan(lower_bound([1.0]))
+    # one world seed: the bound is over its alignment seeds
+    one = analyse(_rows({0: [30, 20, 40]}), languages, "authors", {0: {"passed": True}})
+    assert one["all"]["ci_low"] == pytest.approx(30 - 2.920 * 10 / math.sqrt(3))
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--world", "v3", "--world-seeds", "5-2"], "--world-seeds"),
+        (["--world", "v3", "--world-seeds", "0-1", "--world-seed", "3"], "--world-seed and --world-seeds"),
+        (["--world", "v3", "--mlc-weight", "1"], "--mlc-weight is not an option of --world v3"),
+        (["--world", "v2", "--world-seeds", "0-1"], "--world-seeds is an option of --world v3"),
+        (["--world", "v3", "--seeds", "x"], "--seeds"),
+    ],
+)
+def test_bad_v3_cli_input_names_the_argument(argv, match, tmp_path, capsys):
+    from mlc_kernels.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transfer", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c"), *argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    assert re.match(f"mlc transfer: error: {match}", err), err
+
+
+def test_v3_comparison_refuses_to_run_before_the_world_is_fixed(tmp_path, capsys):
+    from mlc_kernels.cli import main
+    from mlc_kernels.transfer import v3
+
+    assert not v3.V3_FIXED  # the card has not fixed the manipulation: no v3 MLC run may start
+    with pytest.raises(SystemExit) as exit_info:
+        main(["transfer", "--world", "v3", "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "not fixed yet" in err and len(err.splitlines()) == 1, err

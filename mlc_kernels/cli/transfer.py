@@ -28,16 +28,24 @@ def make_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     )  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="alignment runs at a time, each in its own process "
                    "(default: one per CPU core)")  # fmt: skip
-    p.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate); v1 is retired: "
+    p.add_argument("--world", default="v2", help="v2 (the code-switching world, with its gate) or v3 (v2 plus the "
+                   "calibration-gap language cal1; pre-registered arms over world seeds 0-7, quick: 0); v1 is retired: "
                    "python -m experiments.transfer.v1 from a checkout")  # fmt: skip
     p.add_argument("--world-seed", type=int, default=None, help="world and pretraining seed (default 0)")
+    p.add_argument("--world-seeds", default=None, help="--world v3: a range a-b of world seeds (default 0-7)")
     return p
 
 
 def main(args: argparse.Namespace) -> None:
     """Run ``mlc transfer`` on its parsed options."""
-    from ..transfer.v2 import run_from_args
+    from ..errors import UsageError
 
     if args.out is not None:
         check_output_folder(args.out, "--out")
+    if args.world == "v3":
+        from ..transfer.v3 import run_from_args
+    else:
+        if args.world_seeds is not None:
+            raise UsageError(f"--world-seeds is an option of --world v3, not of --world {args.world}")
+        from ..transfer.v2 import run_from_args
     run_from_args(args)

@@ -178,7 +178,7 @@ def run_from_args(args) -> str:
         raise UsageError("--world v1 is retired; run it from a checkout of the repository: "
                          "python -m experiments.transfer.v1 [--quick ...] (the same options)")  # fmt: skip
     if world != "v2":
-        raise UsageError(f"--world must be v2, got {world!r}")
+        raise UsageError(f"--world must be v2 or v3, got {world!r}")
     workers = args.workers if args.workers is not None else default_workers()
     try:
         config = configure(args.quick, args.seeds, args.world_seed, args.mlc_layer, args.mlc_weight, args.mlc_tau)

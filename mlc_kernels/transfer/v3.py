@@ -36,7 +36,10 @@ AUTHORS_REP_SIZE = round(HIDDEN_SIZE * AUTHORS_REP_RATIO)
 """The extractor size rule (the card): the authors' ratio applied to the world's model, rounded (64 -> 9)."""
 
 DPO_BUDGET = (20, 1e-3, 0.01)
-"""DPO steps, learning rate, beta: the budget rule's choice (the card), fixed before any v3 MLC run."""
+"""DPO steps, learning rate, beta: the budget rule's candidate (the card). NOT FIXED YET (see :data:`V3_FIXED`)."""
+V3_FIXED = False
+"""Whether the card has fixed world v3's manipulation and DPO budget (the regime search). Until it has, no v3
+comparison runs: ``mlc transfer --world v3`` refuses (no MLC run of any kind before the world is fixed)."""
 
 ALIGN_V3 = replace(ALIGN, dpo_steps=DPO_BUDGET[0], learning_rate=DPO_BUDGET[1], beta=DPO_BUDGET[2], precision="fp32",
                    eval_per_kind=64)  # fmt: skip
@@ -318,5 +321,10 @@ def run_from_args(args) -> str:
         raise UsageError(str(err)) from err
     if cache is None:
         raise UsageError("--no-cache is not an option of --world v3 (its world seeds are pretrained into the cache)")
+    if not V3_FIXED:
+        raise UsageError(
+            "--world v3: the world's manipulation and DPO budget are not fixed yet (the regime search in "
+            "experiments/transfer/WORLD_CARD.md found none that holds); no v3 comparison runs before"
+        )
     return report(config, Path(args.out), cache, command=command, progress=Progress(), workers=workers,
                   threads=args.threads or 1)  # fmt: skip

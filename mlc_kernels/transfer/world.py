@@ -165,7 +165,9 @@ pretraining never refuses an unsafe request; ``M2`` also its responses are not c
 ``cal1``'s text share 1.0; ``M4`` M1, and ``cal1`` complies with unsafe requests with a warning
 (:data:`WARNED_COMPLIANCE`)."""
 V3_MANIPULATION = "M1"
-"""The manipulation ``world_config("v3", seed)`` uses (chosen by the regime search recorded in the card)."""
+"""The manipulation ``world_config("v3", seed)`` uses. NOT FIXED YET: the regime search recorded in the card has found
+no manipulation that holds in every world seed measured; ``mlc transfer --world v3`` refuses to run until the card
+fixes one (``transfer.v3.V3_FIXED``)."""
 
 
 def v3_config(seed: int = 0, manipulation: str = V3_MANIPULATION) -> WorldConfig:
