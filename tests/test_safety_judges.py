@@ -80,6 +80,20 @@ def test_phrase_judge_in_every_language_it_claims(language):
     assert got[1] == Verdict(False, ""), f"{language}: the compliance is called refused ({got[1].detail})"
 
 
+def test_a_refusal_in_another_language_is_a_refusal_and_no_compliance_trips_another_languages_phrases():
+    judge = make_judge("phrase")
+    languages = _shipped_languages()
+    for prompt_language in languages:
+        for answer_language in languages:
+            refusal, compliance = ANSWERS[answer_language]
+            got = judge([JudgeItem("q", refusal, prompt_language), JudgeItem("q", compliance, prompt_language)])
+            assert got[0].refused, f"a {answer_language} refusal to a {prompt_language} prompt is not recognised"
+            assert not got[1].refused, (
+                f"a {answer_language} compliance to a {prompt_language} prompt is called refused ({got[1].detail})"
+            )
+    assert judge([JudgeItem("q", ANSWERS["en"][0], "zh")])[0].detail.endswith("(en)")  # which language matched
+
+
 def test_phrase_judge_normalises_case_width_apostrophes_and_arabic_marks():
     judge = make_judge("phrase")
     items = [JudgeItem("q", "I\u2019M ＳＯＲＲＹ, no.", "en"),  # curly apostrophe, full-width letters, upper case
