@@ -65,13 +65,14 @@ demo's: its table is the same with and without them)."""
 def mlc_arguments(world: World, align: AlignConfig, weight: float) -> MLCArguments:
     """The trainers' MLC options: every language of ``world`` (base first), the ``align`` settings, ``weight``
     (the guard is passed only when set: ``MLCArguments(guard=...)``). Every option the recorded runs depend on is
-    named here (objective, tau, layer, extractor size, the term on every step), not taken from the defaults."""
+    named here (objective, tau, layer, extractor size, the term on every step, the base variant in its own pass as
+    when they were recorded), not taken from the defaults."""
     guard = {"guard": align.mlc_guard} if align.mlc_guard else {}
     return MLCArguments(
         languages=(world.config.base, *world.config.derived), base_language=world.config.base, weight=weight,
         tau=align.mlc_tau, layer=align.mlc_layer, rep_size=align.mlc_rep_size, objective=align.mlc_objective,
         generation_prompt=align.mlc_generation_prompt, lead_steps=align.mlc_lead_steps,
-        aux_every=align.mlc_aux_every, **guard,
+        aux_every=align.mlc_aux_every, base_from_policy=False, **guard,
     )  # fmt: skip
 
 
