@@ -98,6 +98,21 @@ def test_v3_is_v2_plus_cal1_and_v1_v2_keep_their_cache_keys():
     assert len(keys) == 4
 
 
+def test_m6_is_m5_with_cal1_text_share_one_and_earlier_candidates_are_unchanged():
+    from dataclasses import replace
+
+    from mlc_kernels.transfer.pretrain import ModelConfig, cache_key
+
+    m5, m6 = v3_config(0, "M5"), v3_config(0, "M6")
+    assert m6.languages[-1].text_share == 1.0 and m5.languages[-1] == CAL_LANGUAGE
+    assert m6 == replace(m5, languages=(*DEFAULT_LANGUAGES, replace(CAL_LANGUAGE, text_share=1.0)))
+    assert (m6.monolingual_responses, m6.warned_compliance, m6.no_unsafe_refusal) == (("cal1",),) * 3
+    # M4/M5 keep their configs (their cached pretraining and the card's numbers stay valid)
+    assert v3_config(0, "M4") == replace(m5, monolingual_responses=())
+    model = ModelConfig()
+    assert len({cache_key(v3_config(0, m), model) for m in ("M3", "M4", "M5", "M6")}) == 4
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [({"no_unsafe_refusal": ("xx",)}, "no_unsafe_refusal"), ({"monolingual_responses": ("base",)}, "monolingual")],

@@ -159,11 +159,11 @@ class WorldConfig:
 
 
 WORLD_VERSIONS = ("v1", "v2", "v3")
-V3_MANIPULATIONS = ("M1", "M2", "M3", "M4", "M5")
+V3_MANIPULATIONS = ("M1", "M2", "M3", "M4", "M5", "M6")
 """World v3's candidate manipulations of ``cal1`` (the card's v3 section, tried in this order): ``M1`` its
 pretraining never refuses an unsafe request; ``M2`` also its responses are not code-switched; ``M3`` M2 with
 ``cal1``'s text share 1.0; ``M4`` M1, and ``cal1`` complies with unsafe requests with a warning
-(:data:`WARNED_COMPLIANCE`); ``M5`` M4 and M2 together."""
+(:data:`WARNED_COMPLIANCE`); ``M5`` M4 and M2 together; ``M6`` M5 with ``cal1``'s text share 1.0."""
 V3_MANIPULATION = "M1"
 """The manipulation ``world_config("v3", seed)`` uses. NOT FIXED YET: the regime search recorded in the card has found
 no manipulation that holds in every world seed measured; ``mlc transfer --world v3`` refuses to run until the card
@@ -174,9 +174,9 @@ def v3_config(seed: int = 0, manipulation: str = V3_MANIPULATION) -> WorldConfig
     """World v3 under one of :data:`V3_MANIPULATIONS`: v2 plus ``cal1`` (:data:`CAL_LANGUAGE`)."""
     if manipulation not in V3_MANIPULATIONS:
         raise ValueError(f"manipulation must be one of {V3_MANIPULATIONS}, got {manipulation!r}")
-    cal = CAL_LANGUAGE if manipulation != "M3" else LanguageSpec(CAL_LANGUAGE.code, "svo", (1, 1), 1.0)
-    mono = (cal.code,) if manipulation in ("M2", "M3", "M5") else ()
-    warned = (cal.code,) if manipulation in ("M4", "M5") else ()
+    cal = LanguageSpec(CAL_LANGUAGE.code, "svo", (1, 1), 1.0) if manipulation in ("M3", "M6") else CAL_LANGUAGE
+    mono = (cal.code,) if manipulation in ("M2", "M3", "M5", "M6") else ()
+    warned = (cal.code,) if manipulation in ("M4", "M5", "M6") else ()
     return WorldConfig(seed=seed, languages=(*DEFAULT_LANGUAGES, cal), unsafe_refusal=0.25, code_switch=0.3,
                        no_unsafe_refusal=(cal.code,), monolingual_responses=mono,
                        warned_compliance=warned)  # fmt: skip
