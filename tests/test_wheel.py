@@ -24,7 +24,8 @@ ALLOWED = {
     *(f"mlc_kernels/ops/triton/{name}.py" for name in ("__init__", "configs", "kernels", "launch", "op", "tuned")),
     "mlc_kernels/csrc/mlc_native.cpp",
     *(f"mlc_kernels/cli/{name}.py" for name in (
-        "__init__", "__main__", "bench", "demo", "eval", "main", "options", "safety", "train", "train_args", "transfer")),
+        "__init__", "__main__", "bench", "demo", "eval", "main", "options", "safety", "train", "train_args",
+        "transfer")),
     *(f"mlc_kernels/safety/{name}.py" for name in ("__init__", "generate", "inputs", "judges", "report")),
     *(f"mlc_kernels/bench/{name}.py" for name in (
         "__init__", "counting", "fused_linear", "hf_capture", "loss", "runner", "train_step", "utils")),
