@@ -109,7 +109,7 @@ MISTAKES = {  # name -> (argv after the command; {out}: the output folder, {mode
                     r"--impls: unknown 'foo'; choose from reference, torch, native, triton"),
     "transfer seeds": (["transfer", "--seeds", "abc", "--out", "{out}"],
                        r"--seeds must be a comma list of integers, got 'abc'"),
-    "transfer world": (["transfer", "--world", "v9", "--out", "{out}"], r"--world must be v2, got 'v9'"),
+    "transfer world": (["transfer", "--world", "v9", "--out", "{out}"], r"--world must be v2 or v3, got 'v9'"),
     "transfer layer": (["transfer", "--mlc-layer", "7", "--out", "{out}"], r"--mlc-layer must be in 1\.\.4, got 7"),
 }  # fmt: skip
 """Finding 4's mistakes (``mlc eval``'s read-only ``--out`` is tested with eval)."""
