@@ -14,9 +14,12 @@ Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit`` 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import io
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 import tempfile
@@ -136,13 +139,13 @@ def compile_kernel(kernel: str, dtype: torch.dtype, constexprs: dict, options: d
     }
 
 
-def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
+def compile_all(archs: tuple[int, ...] = (90, 80), workers: int = 1) -> list[dict]:
     """Compile every kernel of every (dtype, config) the dispatcher can pick on each arch, once each."""
     if interpreting():
         raise RuntimeError("AOT compilation needs TRITON_INTERPRET unset (run it in a separate process)")
     from mlc_kernels.ops.triton import all_kernel_configs
 
-    rows, seen = [], set()
+    jobs, seen = [], set()
     for arch, dtype, cfg in all_kernel_configs():
         if arch not in archs:
             continue
@@ -150,15 +153,24 @@ def compile_all(archs: tuple[int, ...] = (90, 80)) -> list[dict]:
             key = (arch, kernel, dtype, tuple(sorted(constexprs.items())), tuple(sorted(options.items())))
             if key not in seen:
                 seen.add(key)
-                rows.append(compile_kernel(kernel, dtype, constexprs, options, arch))
-    return rows
+                jobs.append((kernel, dtype, constexprs, options, arch))
+    if workers <= 1:
+        return [compile_kernel(*job) for job in jobs]
+    # each compilation is one single-threaded ptxas run: spread them over the cores (order kept)
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_compile_job, jobs))
+
+
+def _compile_job(job: tuple) -> dict:
+    return compile_kernel(*job)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM versions, e.g. 90 80")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="compiling processes")
     args = parser.parse_args()
-    for row in compile_all(tuple(args.arch)):
+    for row in compile_all(tuple(args.arch), args.workers):
         print(json.dumps(row), flush=True)
 
 
