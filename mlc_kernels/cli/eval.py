@@ -12,6 +12,7 @@ import torch
 
 from ..errors import UsageError
 from ..mlc_term import check_tokenisation
+from ..safety.report import json_safe
 from ..trainers import MLCArguments
 from .options import (
     HELP_FORMAT,
@@ -240,19 +241,6 @@ def apply_extractor_settings(args: argparse.Namespace, given: set[str], head, di
     return None
 
 
-def _json_safe(value):
-    """NaN/inf -> None (JSON null), recursively."""
-    import math
-
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _adapter_base(run: Path) -> str | None:
     """The base model of a LoRA run (``adapter_config.json``'s ``base_model_name_or_path``), or None for a folder
     that is not one."""
@@ -314,7 +302,7 @@ def main(args: argparse.Namespace) -> None:
     print(format_eval({"model": result}))
     out.mkdir(parents=True, exist_ok=True)
     plot_eval({"model": result}, out / "eval.png")
-    (out / "eval.json").write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False) + "\n")
+    (out / "eval.json").write_text(json.dumps(json_safe(result), indent=1, allow_nan=False) + "\n")
     print(f"mlc eval: wrote {out / 'eval.json'} and {out / 'eval.png'}")
 
 
