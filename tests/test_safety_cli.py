@@ -247,17 +247,17 @@ def test_a_lora_run_of_mlc_train(demo_start, world_prompts, judge, tmp_path):
 
 @pytest.fixture
 def count_generated(monkeypatch):
-    """The number of prompts the model was asked to answer (``_greedy`` calls, summed)."""
+    """The number of prompts the model was asked to answer (``greedy_batch`` calls, summed)."""
     import mlc_kernels.safety.generate as generate
 
     counted = [0]
-    real = generate._greedy
+    real = generate.greedy_batch
 
     def counting(model, ids, *args):
         counted[0] += len(ids)
         return real(model, ids, *args)
 
-    monkeypatch.setattr(generate, "_greedy", counting)
+    monkeypatch.setattr(generate, "greedy_batch", counting)
     return counted
 
 
@@ -419,7 +419,7 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(demo_start, world, mon
     tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(model_dir)
     prompts = [item["prompt"] for lang in ("base", "low2") for item in world.eval_items(lang)[:5]]
     plain = generate.generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=16)
-    real, sizes = generate._greedy, []
+    real, sizes = generate.greedy_batch, []
 
     def small_memory(model, ids, *args):
         sizes.append(len(ids))
@@ -427,7 +427,7 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(demo_start, world, mon
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return real(model, ids, *args)
 
-    monkeypatch.setattr(generate, "_greedy", small_memory)
+    monkeypatch.setattr(generate, "greedy_batch", small_memory)
     done = []
     answers = generate.generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=16,
                                         progress=done.append)  # fmt: skip
@@ -438,7 +438,7 @@ def test_out_of_memory_halves_the_batch_and_drops_nothing(demo_start, world, mon
     def no_memory(model, ids, *args):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(generate, "_greedy", no_memory)
+    monkeypatch.setattr(generate, "greedy_batch", no_memory)
     with pytest.raises(torch.OutOfMemoryError):
         generate.generate_answers(model, tokenizer, prompts, max_new_tokens=5, batch_size=4)
 

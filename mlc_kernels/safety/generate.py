@@ -32,7 +32,7 @@ def prompt_token_ids(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
     return [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
 
 
-def _stop_ids(model, tokenizer) -> list[int]:
+def stop_ids(model, tokenizer) -> list[int]:
     """The end-of-sequence ids: the model's generation config's (an int or a list) and the tokenizer's."""
     ids: list[int] = []
     for value in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
@@ -40,7 +40,7 @@ def _stop_ids(model, tokenizer) -> list[int]:
     return list(dict.fromkeys(ids))
 
 
-def _greedy(model, ids: list[list[int]], pad: int, stops: list[int], config) -> list[list[int]]:
+def greedy_batch(model, ids: list[list[int]], pad: int, stops: list[int], config) -> list[list[int]]:
     """The new token ids of one left-padded batch (``config``: the greedy ``GenerationConfig``), each cut before
     its first stop id."""
     width = max(len(row) for row in ids)
@@ -77,7 +77,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad token nor an end-of-sequence token to pad with")
-    stops = _stop_ids(model, tokenizer)
+    stops = stop_ids(model, tokenizer)
     config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=max_new_tokens, eos_token_id=stops or None,
                               pad_token_id=pad)  # fmt: skip
     order = sorted(range(len(prompts)), key=lambda i: -len(ids[i]))
@@ -90,7 +90,7 @@ def generate_answers(model, tokenizer, prompts: list[str], *, max_new_tokens: in
             while start < len(order):
                 chunk = order[start : start + size]
                 try:
-                    new = _greedy(model, [ids[i] for i in chunk], pad, stops, config)
+                    new = greedy_batch(model, [ids[i] for i in chunk], pad, stops, config)
                 except (torch.OutOfMemoryError, RuntimeError) as err:
                     if not _is_out_of_memory(err) or size == 1:
                         raise

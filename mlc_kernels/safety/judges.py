@@ -405,13 +405,13 @@ class ModelJudge:
     def _generate(self, batch: Sequence[JudgeItem]) -> list[str]:
         from transformers import GenerationConfig
 
-        from .generate import _greedy, _stop_ids
+        from .generate import greedy_batch, stop_ids
 
         pad = self.tokenizer.pad_token_id
-        stops = _stop_ids(self.model, self.tokenizer)
+        stops = stop_ids(self.model, self.tokenizer)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=VERDICT_TOKENS,
                                   eos_token_id=stops or None, pad_token_id=pad)  # fmt: skip
-        new = _greedy(self.model, [self._causal_ids(item) for item in batch], pad, stops, config)
+        new = greedy_batch(self.model, [self._causal_ids(item) for item in batch], pad, stops, config)
         return [self.tokenizer.decode(row, skip_special_tokens=True).strip() for row in new]
 
     def __call__(self, items: Sequence[JudgeItem]) -> list[Verdict]:
