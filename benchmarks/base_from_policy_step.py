@@ -27,7 +27,9 @@ from mlc_kernels.trainers import MLCArguments, MLCCollator, trl_classes
 VARIANTS = ("dpo", "dpo+mlc (base in its own pass)", "dpo+mlc (base from the policy forward)")
 
 
-def build(variant: str, vocab: int, n: int = 8, prompt_len: int = 32, response_len: int = 64, m: int = 10):
+def build(
+    variant: str, vocab: int, n: int = 8, prompt_len: int = 32, response_len: int = 64, m: int = 10, device: str = "cpu"
+):
     """(trainer, model, optimizer, batch) of one variant, seed 0 (the same model and batch for every variant)."""
     import transformers
     import trl
@@ -44,7 +46,7 @@ def build(variant: str, vocab: int, n: int = 8, prompt_len: int = 32, response_l
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": completion}
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=_byte_tokenizer(), pad_token="<pad>",
                                                      eos_token="<eos>")  # fmt: skip
-    common = dict(output_dir="/tmp/mlc_base_step", report_to=[], use_cpu=True, per_device_train_batch_size=n)
+    common = dict(output_dir="/tmp/mlc_base_step", report_to=[], use_cpu=device == "cpu", per_device_train_batch_size=n)
     if variant == "dpo":
         trainer = trl.DPOTrainer(model=model, ref_model=ref, args=trl.DPOConfig(**common),
                                  train_dataset=_dummy_dataset(), processing_class=tokenizer)  # fmt: skip
@@ -62,6 +64,9 @@ def build(variant: str, vocab: int, n: int = 8, prompt_len: int = 32, response_l
         if reuse and batch["mlc_base_reason"] is not None:
             raise RuntimeError(f"the base variant does not match: {batch['mlc_base_reason']}")
     trainer.current_gradient_accumulation_steps = 1
+    model.to(device)
+    ref.to(device)
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     return trainer, model.train(), optimizer, batch
 
@@ -72,21 +77,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (one step of each variant)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     if args.vocab < 8 or args.rounds < 1 or args.threads < 1:
         parser.error("--vocab must be >= 8, --rounds and --threads >= 1")
     torch.set_num_threads(args.threads)
-    states = {v: build(v, args.vocab) for v in VARIANTS}
+    states = {v: build(v, args.vocab, device=args.device) for v in VARIANTS}
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for state in states.values():  # warm-up: gradients and optimizer states allocated
         step(*state)
     for _ in range(args.rounds):
         for v, state in states.items():
+            sync()
             start = time.perf_counter()
             step(*state)
+            sync()
             times[v].append(time.perf_counter() - start)
     med = {v: statistics.median(t) * 1e3 for v, t in times.items()}
-    lines = [f"{device_name(torch.device('cpu'))}, {args.threads} threads, vocab {args.vocab}, {args.rounds} "
+    lines = [f"{device_name(torch.device(args.device))}, {args.threads} threads, vocab {args.vocab}, {args.rounds} "
              f"interleaved rounds (median step ms, ratio to DPO)"]  # fmt: skip
     lines += [f"{v}: {med[v]:.1f} ms, {med[v] / med['dpo']:.3f}x" for v in VARIANTS]
     text = "\n".join(lines)

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # The GPU check, in one call: sections in order of priority, each under its own timeout and all within
-# one overall budget (BUDGET seconds, default 430; QUICK=1: 220 and smaller sections), so the whole
+# one overall budget (BUDGET seconds, default 480; QUICK=1: 220 and smaller sections), so the whole
 # script ends in about 8 minutes (4 with QUICK=1) on an H100. A failing section does not stop the others.
-#   1. loss: kernel target metrics (bandwidth share, speed-up over torch; do_bench medians), then the grid
-#   2. tune: the quick Triton configuration sweep of the three kernels
-#   3. fused: fused linear MLC loss at the default chunk
-#   4. hf: hf-capture (variant passes: naive / truncated / gradient cache)
-#   5. packed: packed against padded variant passes on the sample set (benchmarks/packed_passes.py)
-#   6. train: a whole DPO vs DPO+MLC training step on a Qwen2-0.5B-shaped model
-#   7. tests: pytest -m gpu (tests/test_gpu.py)
-# SECTIONS="loss tune fused hf packed train tests" picks parts; "distributed" adds the FSDP2 test.
+#   1. targets: kernel target metrics (bandwidth share, speed-up over torch; do_bench medians)
+#   2. tests: pytest -m gpu (tests/test_gpu.py)
+#   3. profile: per-kernel device time, host vs device time per call, CUDA-graph replay floor, eigh baseline,
+#      fused-linear peak memory attribution (benchmarks/gpu_profile.py)
+#   4. host: host time per fwd+bwd as a ratio to F.cross_entropy (benchmarks/host_overhead.py)
+#   5. base: DPO+MLC / DPO step with the base variant in its own pass vs from the policy forward
+#   6. loss: the loss grid
+#   7. tune: the quick Triton configuration sweep of the three kernels
+#   8. fused: fused linear MLC loss at the default chunk
+#   9. hf: hf-capture (variant passes: naive / truncated / gradient cache)
+#  10. packed: packed against padded variant passes on the sample set (benchmarks/packed_passes.py)
+#  11. train: a whole DPO vs DPO+MLC training step on a Qwen2-0.5B-shaped model
+# SECTIONS="targets tests profile host base loss tune fused hf packed train" picks parts; "distributed" adds the
+# FSDP2 test.
 # Runs from the repo root on a CUDA machine with nothing installed and no network (torch and triton from
 # the image; this repo on PYTHONPATH). Wheels in .whl/ are installed into /tmp/site-packages first.
 # Writes CSV/PNG/TXT per section and summary.txt (one line per target metric) to OUT_DIR.
@@ -18,8 +24,8 @@
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
 quick=${QUICK:-0}
-if [[ $quick == 1 ]]; then budget=${BUDGET:-220}; else budget=${BUDGET:-430}; fi
-sections=" ${SECTIONS:-loss tune fused hf packed train tests} "
+if [[ $quick == 1 ]]; then budget=${BUDGET:-220}; else budget=${BUDGET:-480}; fi
+sections=" ${SECTIONS:-targets tests profile host base loss tune fused hf packed train} "
 mkdir -p "$out"
 start=$SECONDS
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -75,8 +81,25 @@ fi
 if [[ ${SMOKE:-0} == 1 ]]; then
   objectives=signed_sv_softmax tune_args=(--m-pad 16)
 fi
-if [[ $sections == *" loss "* ]]; then
+if [[ $sections == *" targets "* ]]; then
   section kernel_targets 90 python3 -m benchmarks.kernel_targets --out "$out" --objectives "$objectives" "${smoke[@]}"
+fi
+if [[ $sections == *" tests "* ]]; then
+  section pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs -m gpu tests/test_gpu.py "${pytest_k[@]}"
+fi
+if [[ $sections == *" profile "* ]]; then
+  section gpu_profile 120 python3 -m benchmarks.gpu_profile --out "$out" "${smoke[@]}" \
+    $([[ ${SMOKE:-0} == 1 ]] && echo --parts=kernels,fused)
+fi
+if [[ $sections == *" host "* ]]; then
+  section host_overhead 60 python3 -m benchmarks.host_overhead --rounds 7 --out "$out/host_overhead.json" \
+    $([[ ${SMOKE:-0} == 1 ]] && echo "--device=cpu --impls=native --rounds=1 --iters=2")
+fi
+if [[ $sections == *" base "* ]]; then
+  section base_from_policy_step 60 python3 -m benchmarks.base_from_policy_step --out "$out" \
+    $([[ ${SMOKE:-0} == 1 ]] && echo "--rounds=1" || echo "--device=cuda --vocab=32000")
+fi
+if [[ $sections == *" loss "* ]]; then
   section loss_grid "$([[ $quick == 1 ]] && echo 45 || echo 90)" python3 -m mlc_kernels.bench.runner --suite loss --out "$out" \
     --quiet --budget 0.2 --grid "$([[ ${SMOKE:-0} == 1 ]] && echo 4x10x64 || echo "$grid")" "${cpu[@]}"
 fi
@@ -98,9 +121,6 @@ fi
 if [[ $sections == *" train "* ]]; then
   section train_step 90 python3 -m benchmarks.dpo_step --out "$out" "${smoke[@]}"
 fi
-if [[ $sections == *" tests "* ]]; then
-  section pytest_gpu 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" -rs -m gpu tests/test_gpu.py "${pytest_k[@]}"
-fi
 if [[ $sections == *" distributed "* ]]; then
   section pytest_distributed 200 python3 -m pytest -q -p no:cacheprovider -o addopts="" -m gpu tests/test_distributed.py
 fi
@@ -109,6 +129,9 @@ fi
   echo "device: $(grep -m1 -E '^NVIDIA' "$out/env.txt")"
   grep -E "^python" "$out/env.txt"
   [[ -f $out/kernel_targets.txt ]] && cat "$out/kernel_targets.txt"
+  [[ -f $out/gpu_profile.txt ]] && cat "$out/gpu_profile.txt"
+  [[ -f $out/host_overhead.log ]] && grep -E "^\{" "$out/host_overhead.log"
+  [[ -f $out/base_from_policy_step.txt ]] && cat "$out/base_from_policy_step.txt"
   [[ -f $out/tune.log ]] && grep -E "^best" "$out/tune.log"
   [[ -f $out/fused_linear.log ]] && grep -iE "fused|chunk" "$out/fused_linear.log" | grep -vE "^wrote" | tail -4
   [[ -f $out/hf_capture.log ]] && grep -E "^(naive|truncated|grad_cache)" "$out/hf_capture.log"
