@@ -272,3 +272,33 @@ def test_two_environments_sharing_the_extensions_folder_keep_their_builds(monkey
     os.utime(source, (time.time() + 10, time.time() + 10))  # the source changed: ninja rebuilds, and says so
     native_mod._build()
     assert len(builds) == 3 and builds[2][1].strip() == f"{native_mod.BUILD_MESSAGE} ({builds[1][0]})"
+
+
+def test_triton_op_implementations_answer_meta_tensors():
+    """torch 2.11 registers a ``triton_op``'s implementation as its Meta kernel (``register_fake``), so the
+    implementation itself must answer meta tensors without launching (the H200 run failed at import there)."""
+    from mlc_kernels.ops.triton import op
+
+    forward, grad_fn = op.mlc_forward._abstract_fn, op.mlc_grad._abstract_fn  # the implementations as registered
+    x = torch.empty(4, 10, 32, device="meta", dtype=torch.bfloat16)
+    loss, bmat = forward(x, None, 0.2, 0, False, True)
+    assert loss.shape == (4,) and loss.dtype == torch.float32 and bmat.shape == (4, 16, 16)
+    assert forward(x, None, 0.2, 0, False, False)[1].shape == (0, 16, 16)
+    grad = grad_fn(x, None, bmat, torch.empty(4, device="meta"))
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+
+
+def test_meta_registration_tolerates_one_already_there():
+    from mlc_kernels.ops.triton import op
+
+    class AlreadyThere:
+        def register_kernel(self, key):
+            raise RuntimeError("This is not allowed since there's already a kernel registered from python")
+
+    class Broken:
+        def register_kernel(self, key):
+            raise RuntimeError("something else")
+
+    op._register_meta(AlreadyThere(), op._forward_meta)
+    with pytest.raises(RuntimeError, match="something else"):
+        op._register_meta(Broken(), op._forward_meta)

@@ -19,6 +19,8 @@ def mlc_forward(
 
     ``reps``: ``(N, m, d)`` fp32/bf16/fp16 with unit stride on d; ``mask``: ``(N, m)`` uint8 or None (all present).
     """
+    if reps.device.type == "meta":
+        return _forward_meta(reps, mask, tau, objective, anchor, write_b)
     return forward_launch(reps, mask, tau, objective, anchor, write_b, torch.library.wrap_triton)
 
 
@@ -28,21 +30,35 @@ def mlc_grad(reps: torch.Tensor, mask: torch.Tensor | None, bmat: torch.Tensor, 
 
     ``bmat``: ``(N, M_PAD, M_PAD)`` fp32 from :func:`mlc_forward`; ``gscale``: ``(N,)`` fp32.
     """
+    if reps.device.type == "meta":
+        return _grad_meta(reps, mask, bmat, gscale)
     return grad_launch(reps, mask, bmat, gscale, torch.library.wrap_triton)
 
 
 # Meta kernels: the ops' own implementation would launch the kernels on meta tensors (torch.compile's fake
-# tensors trace the implementation and need none of this).
-@mlc_forward.register_kernel("meta")
+# tensors trace the implementation and need none of this). Some torch versions (2.11) register the
+# implementation itself for the Meta key (``triton_op``'s ``register_fake``); there the implementation's own
+# meta branch answers instead.
 def _forward_meta(reps, mask, tau, objective, anchor, write_b):
     pad = launch_config(reps).m_pad
     bmat = reps.new_empty((reps.shape[0] if write_b else 0, pad, pad), dtype=torch.float32)
     return reps.new_empty(reps.shape[0], dtype=torch.float32), bmat
 
 
-@mlc_grad.register_kernel("meta")
 def _grad_meta(reps, mask, bmat, gscale):
     return torch.empty_like(reps, memory_format=torch.contiguous_format)
+
+
+def _register_meta(op, kernel) -> None:
+    try:
+        op.register_kernel("meta")(kernel)
+    except RuntimeError as exc:
+        if "already a kernel registered" not in str(exc):
+            raise
+
+
+_register_meta(mlc_forward, _forward_meta)
+_register_meta(mlc_grad, _grad_meta)
 
 
 def _setup_context(ctx, inputs, output) -> None:
