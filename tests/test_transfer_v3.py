@@ -113,9 +113,37 @@ def test_m6_is_m5_with_cal1_text_share_one_and_earlier_candidates_are_unchanged(
     assert len({cache_key(v3_config(0, m), model) for m in ("M3", "M4", "M5", "M6")}) == 4
 
 
+def test_m7_is_m6_with_parallel_text_for_cal1_only():
+    from mlc_kernels.transfer.pretrain import ModelConfig, cache_key
+
+    m6, m7 = v3_config(0, "M6"), v3_config(0, "M7")
+    assert m7 == replace(m6, parallel_languages=("cal1",), parallel_share=0.5)
+    texts6, texts7 = World(m6).pretraining_texts(), World(m7).pretraining_texts()
+    assert texts6.pop("parallel") == [] and {k: v for k, v in texts7.items() if k != "parallel"} == texts6
+    cal_share = m7.languages[-1].text_share
+    assert len(texts7["parallel"]) == round(m7.statements * cal_share * 0.5)
+    world = World(m7)
+    for pair in texts7["parallel"][:50]:  # base words <=> cal1 words, the same statement
+        left, right = pair.split(" <=> ")
+        base_words = {t for toks in world.lexicon["base"].values() for t in toks}
+        cal_words = {t for toks in world.lexicon["cal1"].values() for t in toks}
+        assert set(left.split()) <= base_words and set(right.split()) <= cal_words
+    # the M6 checkpoint key is unchanged by the new (empty) field
+    model = ModelConfig()
+    assert cache_key(m6, model) != cache_key(m7, model)
+    assert cache_key(m6, model) == cache_key(replace(m6, parallel_languages=()), model)
+    # every derived language gets parallel text when the field is empty (v1/v2 behaviour)
+    both = World(WorldConfig(languages=ONE_TOKEN, statements=60, parallel_share=0.5)).pretraining_texts()
+    only = World(WorldConfig(languages=ONE_TOKEN, statements=60, parallel_share=0.5,
+                             parallel_languages=("cal1",))).pretraining_texts()  # fmt: skip
+    per_language = [round(60 * spec.text_share * 0.5) for spec in ONE_TOKEN[1:]]
+    assert len(both["parallel"]) == sum(per_language) and len(only["parallel"]) == per_language[-1] > 0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
-    [({"no_unsafe_refusal": ("xx",)}, "no_unsafe_refusal"), ({"monolingual_responses": ("base",)}, "monolingual")],
+    [({"no_unsafe_refusal": ("xx",)}, "no_unsafe_refusal"), ({"monolingual_responses": ("base",)}, "monolingual"),
+     ({"parallel_languages": ("base",)}, "parallel_languages")],
 )
 def test_bad_v3_options_are_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):

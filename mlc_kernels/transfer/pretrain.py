@@ -42,7 +42,8 @@ class ModelConfig:
 def cache_key(world: WorldConfig, model: ModelConfig) -> str:
     """Hash of everything the pretrained checkpoint depends on."""
     settings = asdict(world)
-    for name in ("no_unsafe_refusal", "monolingual_responses", "warned_compliance"):  # v3's: v1/v2 keys unchanged
+    v3_only = ("no_unsafe_refusal", "monolingual_responses", "warned_compliance", "parallel_languages")
+    for name in v3_only:  # v1/v2 keys unchanged
         if not settings[name]:
             del settings[name]
     blob = json.dumps({"world": settings, "model": asdict(model)}, sort_keys=True)

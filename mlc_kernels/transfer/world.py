@@ -109,7 +109,8 @@ class WorldConfig:
     ``no_unsafe_refusal``: languages whose pretraining dialogues never refuse an unsafe request (v3's ``cal1``);
     ``monolingual_responses``: languages whose responses are not code-switched in either direction (no response
     word of theirs is spelled in another language, no other language's response word is spelled in theirs);
-    ``warned_compliance``: languages whose compliances with unsafe requests are :data:`WARNED_COMPLIANCE`. All
+    ``warned_compliance``: languages whose compliances with unsafe requests are :data:`WARNED_COMPLIANCE`;
+    ``parallel_languages``: if set, only these derived languages get ``parallel_share`` parallel text. All
     empty in v1 and v2 (and then left out of the checkpoint's cache key, which stays as it was)."""
 
     seed: int = 0
@@ -124,6 +125,7 @@ class WorldConfig:
     no_unsafe_refusal: tuple[str, ...] = ()
     monolingual_responses: tuple[str, ...] = ()
     warned_compliance: tuple[str, ...] = ()
+    parallel_languages: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         codes = [lang.code for lang in self.languages]
@@ -144,7 +146,7 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name} must be in [0, 1], got {getattr(self, name)}")
         if self.languages[0].order != "svo" or self.languages[0].pieces != (1, 1):
             raise ValueError("WorldConfig.languages[0] is the base language: order 'svo', pieces (1, 1)")
-        for name in ("no_unsafe_refusal", "monolingual_responses", "warned_compliance"):
+        for name in ("no_unsafe_refusal", "monolingual_responses", "warned_compliance", "parallel_languages"):
             unknown = [code for code in getattr(self, name) if code not in codes[1:]]
             if unknown:
                 raise ValueError(f"WorldConfig.{name} must name derived languages of {codes[1:]}, got {unknown}")
@@ -159,11 +161,12 @@ class WorldConfig:
 
 
 WORLD_VERSIONS = ("v1", "v2", "v3")
-V3_MANIPULATIONS = ("M1", "M2", "M3", "M4", "M5", "M6")
+V3_MANIPULATIONS = ("M1", "M2", "M3", "M4", "M5", "M6", "M7")
 """World v3's candidate manipulations of ``cal1`` (the card's v3 section, tried in this order): ``M1`` its
 pretraining never refuses an unsafe request; ``M2`` also its responses are not code-switched; ``M3`` M2 with
 ``cal1``'s text share 1.0; ``M4`` M1, and ``cal1`` complies with unsafe requests with a warning
-(:data:`WARNED_COMPLIANCE`); ``M5`` M4 and M2 together; ``M6`` M5 with ``cal1``'s text share 1.0."""
+(:data:`WARNED_COMPLIANCE`); ``M5`` M4 and M2 together; ``M6`` M5 with ``cal1``'s text share 1.0; ``M7`` M6 plus
+base<->``cal1`` parallel sentences, half of ``cal1``'s statement count (no other language gets any)."""
 V3_MANIPULATION = "M1"
 """The manipulation ``world_config("v3", seed)`` uses. NOT FIXED YET: the regime search recorded in the card has found
 no manipulation that holds in every world seed measured; ``mlc transfer --world v3`` refuses to run until the card
@@ -174,12 +177,13 @@ def v3_config(seed: int = 0, manipulation: str = V3_MANIPULATION) -> WorldConfig
     """World v3 under one of :data:`V3_MANIPULATIONS`: v2 plus ``cal1`` (:data:`CAL_LANGUAGE`)."""
     if manipulation not in V3_MANIPULATIONS:
         raise ValueError(f"manipulation must be one of {V3_MANIPULATIONS}, got {manipulation!r}")
-    cal = LanguageSpec(CAL_LANGUAGE.code, "svo", (1, 1), 1.0) if manipulation in ("M3", "M6") else CAL_LANGUAGE
-    mono = (cal.code,) if manipulation in ("M2", "M3", "M5", "M6") else ()
-    warned = (cal.code,) if manipulation in ("M4", "M5", "M6") else ()
+    cal = LanguageSpec(CAL_LANGUAGE.code, "svo", (1, 1), 1.0) if manipulation in ("M3", "M6", "M7") else CAL_LANGUAGE
+    mono = (cal.code,) if manipulation in ("M2", "M3", "M5", "M6", "M7") else ()
+    warned = (cal.code,) if manipulation in ("M4", "M5", "M6", "M7") else ()
+    parallel = (cal.code,) if manipulation == "M7" else ()
     return WorldConfig(seed=seed, languages=(*DEFAULT_LANGUAGES, cal), unsafe_refusal=0.25, code_switch=0.3,
-                       no_unsafe_refusal=(cal.code,), monolingual_responses=mono,
-                       warned_compliance=warned)  # fmt: skip
+                       no_unsafe_refusal=(cal.code,), monolingual_responses=mono, warned_compliance=warned,
+                       parallel_languages=parallel, parallel_share=0.5 if parallel else 0.0)  # fmt: skip
 
 
 def world_config(version: str = "v2", seed: int = 0) -> WorldConfig:
@@ -343,6 +347,8 @@ class World:
             texts[lang] = docs
         parallel = []
         for spec in cfg.languages[1:]:
+            if cfg.parallel_languages and spec.code not in cfg.parallel_languages:
+                continue
             for _ in range(round(cfg.statements * spec.text_share * cfg.parallel_share)):
                 sentence = self._statement(rng, objects)
                 pair = self.render(cfg.base, *sentence), PARALLEL_MARK, self.render(spec.code, *sentence)
