@@ -20,6 +20,8 @@
 # the image; this repo on PYTHONPATH). Wheels in .whl/ are installed into /tmp/site-packages first.
 # Writes CSV/PNG/TXT per section and summary.txt (one line per target metric) to OUT_DIR.
 # SMOKE=1 dry-runs every section on the CPU with tiny shapes (the Triton interpreter): checks the script.
+# BUNDLE=FILE.tgz also writes one archive of OUT_DIR (a device tool that returns few files: OUT_DIR outside its
+# output folder, the archive inside it).
 # Usage: bash benchmarks/gpu_check.sh OUT_DIR        (QUICK=1 bash benchmarks/gpu_check.sh OUT_DIR)
 set -uo pipefail
 out=${1:?usage: bash benchmarks/gpu_check.sh OUT_DIR}
@@ -143,4 +145,5 @@ fi
 } >"$out/summary.txt" 2>/dev/null
 echo "== summary =="
 cat "$out/summary.txt"
+if [[ -n ${BUNDLE:-} ]]; then tar czf "$BUNDLE" -C "$out" . && echo "bundle: $BUNDLE"; fi
 ! grep -qE "FAILED|TIMEOUT" "$out/sections.txt"
