@@ -232,17 +232,22 @@ def part_fused(device, dtype, shape, iters) -> list[dict]:
         for r in rows[1:]:
             r["mem_over_unfused"] = round(r["extra_mib"] / unfused["extra_mib"], 3)
             r["time_over_unfused"] = round(r["ms"] / unfused["ms"], 3)
-        xs = [float(r["chunk_prompts"]) for r in chunked]
-        ys = [r["extra_mib"] for r in chunked]
-        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
-        slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / max(
-            1e-9, sum((x - mean_x) ** 2 for x in xs)
-        )
-        rows.append({"part": "fused_attribution", "mib_per_chunk_prompt": round(slope, 4),
-                     "mib_not_shrinking_with_chunk": round(mean_y - slope * mean_x, 1),
-                     "weight_mib": round(weight.numel() * weight.element_size() / 2**20, 1)})  # fmt: skip
+        rows.append(attribution(chunked, weight.numel() * weight.element_size() / 2**20))
         print(json.dumps(rows[-1]), flush=True)
     return rows
+
+
+def attribution(chunked: list[dict], weight_mib: float) -> dict:
+    """Least-squares line of peak extra MiB against chunk prompts: the slope (MiB per prompt in a chunk) and the
+    intercept (MiB that do not shrink with the chunk, e.g. weight-sized buffers)."""
+    xs = [float(r["chunk_prompts"]) for r in chunked]
+    ys = [float(r["extra_mib"]) for r in chunked]
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    var = sum((x - mean_x) ** 2 for x in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+    intercept = mean_y - slope * mean_x
+    return {"part": "fused_attribution", "mib_per_chunk_prompt": round(slope, 4),
+            "mib_not_shrinking_with_chunk": round(intercept, 1), "weight_mib": round(weight_mib, 1)}  # fmt: skip
 
 
 def line(row: dict) -> str:
