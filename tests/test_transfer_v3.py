@@ -266,3 +266,31 @@ def test_v3_comparison_refuses_to_run_before_the_world_is_fixed(tmp_path, capsys
         main(["transfer", "--world", "v3", "--quick", "--out", str(tmp_path), "--cache-dir", str(tmp_path / "c")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "not fixed yet" in err and len(err.splitlines()) == 1, err
+
+
+def test_search_summary_counts_gates_and_the_tradeoff(tmp_path, capsys):
+    import json
+
+    from experiments.transfer import v3 as v3_exp
+
+    assert v3_exp.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert v3_exp.spearman([1, 2, 3, 4], [4, 3, 3, 1]) == pytest.approx(-0.9486833)  # ties share their rank
+
+    def result(manip, world, probe, cosine, cal_safety):
+        gate = {"probe_centred": {"1": {"cal1": probe}}, "cosine": {"1": {"cal1": cosine}},
+                "probe": {"1": {"cal1": probe}}, "behaviour": {}}  # fmt: skip
+        run = {"behaviour": {"cal1": {"safety": cal_safety, "helpfulness": 100.0},
+                             "base": {"safety": 100.0, "helpfulness": 100.0}}}  # fmt: skip
+        return {"manipulation": manip, "world_seed": world, "gate": gate, "dpo": {"20@0.001@0.01": [run]}}
+
+    results = [result("MA", 0, 0.95, 0.9, 10.0), result("MA", 1, 0.5, 0.9, 5.0),  # pass; not shared
+               result("MB", 0, 0.99, 0.95, 60.0), result("MB", 1, 0.99, 0.85, 40.0)]  # fmt: skip
+    for r in results:
+        (tmp_path / f"search_{r['manipulation']}_w{r['world_seed']}.json").write_text(json.dumps(r))
+    v3_exp.main(["summary", "--dir", str(tmp_path)])
+    text = (tmp_path / "search_summary.txt").read_text()
+    assert "MA: world seeds [0, 1], gate passed in 1 of 2; failed checks shared_representation 1, " in text
+    assert "MB: world seeds [0, 1], gate passed in 0 of 2; failed checks shared_representation 0, " \
+           "dpo_discrimination_max 2" in text  # fmt: skip
+    assert "shared 36.7 (n=3), where it is not 5.0 (n=1)" in text and text == capsys.readouterr().out
+    assert "over 4 (manipulation, world seed) pairs" in text

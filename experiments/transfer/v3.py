@@ -8,6 +8,14 @@ manipulation, measure the representation (probe transfer and direction cosine pe
 behaviour) and run base-only DPO at each budget (``steps@lr``) for alignment seeds 0, 1, 2; writes
 ``search_<manipulation>_w<seed>.json`` per world seed and ``search_<manipulation>.txt`` (the v3 gate per world seed
 and budget).
+
+    python -m experiments.transfer.v3 summary --dir DIR [--budget 20@0.001@0.01]
+
+``summary``: every manipulation searched so far (``search_<M>_w<seed>.json`` in DIR) at one DPO budget: the v3 gate
+per manipulation (world seeds measured, passed, which check failed), and the trade-off between the two
+requirements over all (manipulation, world seed) pairs: cal1's DPO discrimination where its representation is
+shared vs where it is not, and the rank correlation of cal1's best direction cosine with it. Writes
+``search_summary.txt`` to DIR.
 """
 
 from __future__ import annotations
@@ -101,6 +109,64 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+def _ranks(values: list[float]) -> list[float]:
+    """Average ranks (1-based; ties share their mean rank)."""
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation (Pearson's on average ranks); NaN when either side is constant."""
+    import statistics
+
+    rx, ry = _ranks(x), _ranks(y)
+    mx, my = statistics.mean(rx), statistics.mean(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry, strict=True))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx and syy else float("nan")
+
+
+def summarise(results: list[dict], budget: str) -> list[str]:
+    """The lines of ``summary`` (see the module docstring) from search results that ran ``budget``."""
+    import statistics
+
+    from mlc_kernels.transfer.gate import v3_gate
+
+    by_manipulation: dict[str, list[dict]] = {}
+    pairs = []
+    for result in sorted(results, key=lambda r: (r["manipulation"], r["world_seed"])):
+        if budget not in result["dpo"]:
+            continue
+        g = v3_gate(result["gate"], [r["behaviour"] for r in result["dpo"][budget]])
+        g["world_seed"] = result["world_seed"]
+        by_manipulation.setdefault(result["manipulation"], []).append(g)
+        pairs.append((g["checks"]["shared_representation"], g["cosine"], g["dpo_discrimination"]))
+    lines = [f"v3 regime search at DPO budget {budget} (steps@lr@beta): the gate per manipulation"]
+    for name, gates in by_manipulation.items():
+        fails = {k: sum(not g["checks"][k] for g in gates) for k in gates[0]["checks"]}
+        lines.append(f"{name}: world seeds {[g['world_seed'] for g in gates]}, gate passed in "
+                     f"{sum(g['passed'] for g in gates)} of {len(gates)}; failed checks "
+                     + ", ".join(f"{k} {v}" for k, v in fails.items()) + "; cal1 DPO discrimination mean "
+                     f"{statistics.mean(g['dpo_discrimination'] for g in gates):.1f}")  # fmt: skip
+    shared = [d for s, _, d in pairs if s]
+    apart = [d for s, _, d in pairs if not s]
+    lines.append(f"over {len(pairs)} (manipulation, world seed) pairs: cal1 DPO discrimination where the "
+                 f"representation is shared {statistics.mean(shared) if shared else float('nan'):.1f} "
+                 f"(n={len(shared)}), where it is not {statistics.mean(apart) if apart else float('nan'):.1f} "
+                 f"(n={len(apart)}); Spearman(cal1 best cosine, cal1 DPO discrimination) = "
+                 f"{spearman([c for _, c, _ in pairs], [d for _, _, d in pairs]):.2f}")  # fmt: skip
+    return lines
+
+
 def _job(args: tuple) -> dict:
     return search_world(*args)
 
@@ -108,7 +174,9 @@ def _job(args: tuple) -> dict:
 def main(argv: list[str] | None = None) -> None:
     """``python -m experiments.transfer.v3 search`` (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="python -m experiments.transfer.v3", description=__doc__.splitlines()[0])
-    parser.add_argument("step", choices=("search",))
+    parser.add_argument("step", choices=("search", "summary"))
+    parser.add_argument("--dir", default=None, help="summary: the folder of search_<M>_w<seed>.json")
+    parser.add_argument("--budget", default="20@0.001@0.01", help="summary: the DPO budget key")
     parser.add_argument("--manipulation", default="M1")
     parser.add_argument("--world-seeds", default="0-3")
     parser.add_argument("--seeds", default="0,1,2")
@@ -117,6 +185,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache-dir", default=None)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args(argv)
+    if args.step == "summary":
+        folder = Path(args.dir or args.out)
+        results = [json.loads(p.read_text()) for p in sorted(folder.glob("search_M*_w*.json"))]
+        lines = summarise(results, args.budget)
+        print("\n".join(lines))
+        (folder / "search_summary.txt").write_text("\n".join(lines) + "\n")
+        return
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     cache = str(Path(args.cache_dir).expanduser() if args.cache_dir else DEFAULT_CACHE)
