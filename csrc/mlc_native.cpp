@@ -6,11 +6,15 @@
 // m x m eigenproblem in double (Householder + implicit QL) and builds the loss and B.
 // Registered as torch.ops.mlc_native.mlc_fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff);
 // anchor: stop-gradient on each prompt's base row (its first present variant), the loss unchanged.
+// torch.ops.mlc_native.mlc_reduced(reps, mask?, tau, objective, anchor, sv_cutoff, reduction) is the same kernel
+// with the reduction (1 sum, 2 mean over the prompts with >= 2 present variants) and its autograd formula in C++:
+// the mean's 1/count is folded into B, the backward is one in-place scale (no Python on the autograd path).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <c10/util/irange.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -287,24 +291,29 @@ double prompt_loss(const double* raw, const bool* mask, int m, int64_t d, double
   return loss;
 }
 
-std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, const at::Tensor& mask_in, double tau,
-                                                 int64_t objective, bool anchor, bool write_grad,
-                                                 double sv_cutoff) {
-  TORCH_CHECK(reps_in.dim() == 3, "mlc_native.mlc_fused: reps must be (N, m, d), got ", reps_in.sizes());
-  TORCH_CHECK(mask_in.dim() == 2 && mask_in.size(0) == reps_in.size(0) && mask_in.size(1) == reps_in.size(1),
-              "mlc_native.mlc_fused: mask must be (N, m)");
-  TORCH_CHECK(at::isFloatingType(reps_in.scalar_type()), "mlc_native.mlc_fused: reps must be floating point");
+// The kernel: per-prompt losses (in `losses`, double) and, if write_grad, the gradient of sum_p grad_scale * loss_p
+// (grad_scale folded into B before the product). mask: (N, m) bool, or undefined for "every variant present".
+at::Tensor fused_impl(const at::Tensor& reps_in, const at::Tensor& mask_in, double tau, int64_t objective,
+                      bool anchor, bool write_grad, double sv_cutoff, double grad_scale, std::vector<double>& losses,
+                      const char* name) {
+  TORCH_CHECK(reps_in.dim() == 3, name, ": reps must be (N, m, d), got ", reps_in.sizes());
+  TORCH_CHECK(!mask_in.defined() || (mask_in.dim() == 2 && mask_in.size(0) == reps_in.size(0) &&
+                                     mask_in.size(1) == reps_in.size(1)),
+              name, ": mask must be (N, m)");
+  TORCH_CHECK(at::isFloatingType(reps_in.scalar_type()), name, ": reps must be floating point");
   const at::Tensor reps = reps_in.contiguous();
-  const at::Tensor mask = mask_in.to(at::kBool).contiguous();
   const int64_t n = reps.size(0), d = reps.size(2);
   const int m = static_cast<int>(reps.size(1));
   const bool is_double = reps.scalar_type() == at::kDouble;
-  at::Tensor loss = at::empty({n}, reps.options().dtype(is_double ? at::kDouble : at::kFloat));
-  if (n == 0) return {loss, at::empty({0, m, d}, reps.options())};
+  losses.assign(n, 0.0);
+  if (n == 0) return at::empty({0, m, d}, reps.options());
+  const at::Tensor mask = mask_in.defined() ? mask_in.to(at::kBool).contiguous() : at::Tensor();
 
   // Masked rows may hold anything (NaN included): they are zeroed before any product.
-  const bool all_present = mask.all().item<bool>();
+  const bool all_present = !mask.defined() || mask.all().item<bool>();
   const at::Tensor rows = all_present ? reps : reps.masked_fill(mask.logical_not().unsqueeze(-1), 0);
+  std::vector<char> ones;
+  if (!mask.defined()) ones.assign(static_cast<size_t>(n * m), 1);
 
   // Gram matrices in double, in chunks of about 4M elements so the double copy stays small.
   at::Tensor raw = at::empty({n, m, m}, reps.options().dtype(at::kDouble));
@@ -318,22 +327,18 @@ std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, cons
 
   at::Tensor bmat = write_grad ? at::empty({n, m, m}, raw.options()) : at::Tensor();
   const double* raw_p = raw.const_data_ptr<double>();
-  const bool* mask_p = mask.const_data_ptr<bool>();
+  const bool* mask_p = mask.defined() ? mask.const_data_ptr<bool>() : reinterpret_cast<const bool*>(ones.data());
   double* bmat_p = write_grad ? bmat.mutable_data_ptr<double>() : nullptr;
-  std::vector<double> losses(n);
   at::parallel_for(0, n, 16, [&](int64_t begin, int64_t end) {
     for (const auto p : c10::irange(begin, end)) {
       losses[p] = prompt_loss(raw_p + p * m * m, mask_p + p * m, m, d, 1.0 / tau, static_cast<int>(objective),
                               anchor, sv_cutoff, write_grad ? bmat_p + p * m * m : nullptr);
+      if (write_grad && grad_scale != 1.0) {
+        for (int k = 0; k < m * m; ++k) bmat_p[p * m * m + k] *= grad_scale;
+      }
     }
   });
-  if (is_double) {
-    std::copy(losses.begin(), losses.end(), loss.mutable_data_ptr<double>());
-  } else {
-    std::transform(losses.begin(), losses.end(), loss.mutable_data_ptr<float>(),
-                   [](double x) { return static_cast<float>(x); });
-  }
-  if (!write_grad) return {loss, at::empty({0, m, d}, reps.options())};
+  if (!write_grad) return at::empty({0, m, d}, reps.options());
 
   // dR = B R through BLAS: in the input's dtype for fp32/fp64, in fp32 (then rounded) for 16-bit.
   at::Tensor grad = at::empty_like(reps);
@@ -346,14 +351,126 @@ std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps_in, cons
       grad.slice(0, start, stop).copy_(at::bmm(b32.slice(0, start, stop), rows.slice(0, start, stop).to(at::kFloat)));
     }
   }
-  return {loss, grad};
+  return grad;
+}
+
+at::Tensor losses_tensor(const std::vector<double>& losses, const at::Tensor& reps) {
+  const bool is_double = reps.scalar_type() == at::kDouble;
+  at::Tensor loss = at::empty({static_cast<int64_t>(losses.size())},
+                              reps.options().dtype(is_double ? at::kDouble : at::kFloat));
+  if (is_double) {
+    std::copy(losses.begin(), losses.end(), loss.mutable_data_ptr<double>());
+  } else {
+    std::transform(losses.begin(), losses.end(), loss.mutable_data_ptr<float>(),
+                   [](double x) { return static_cast<float>(x); });
+  }
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor> mlc_fused_cpu(const at::Tensor& reps, const c10::optional<at::Tensor>& mask,
+                                                 double tau, int64_t objective, bool anchor, bool write_grad,
+                                                 double sv_cutoff) {
+  std::vector<double> losses;
+  at::Tensor grad = fused_impl(reps, mask.has_value() ? *mask : at::Tensor(), tau, objective, anchor, write_grad,
+                               sv_cutoff, 1.0, losses, "mlc_native.mlc_fused");
+  return {losses_tensor(losses, reps), grad};
+}
+
+// The reduction's denominator: prompts with >= 2 present variants, at least 1 (as checks.eligible_count).
+int64_t eligible_count(const at::Tensor& mask, int64_t n, int64_t m) {
+  if (!mask.defined()) return std::max<int64_t>(1, m >= 2 ? n : 0);
+  const at::Tensor present = mask.to(at::kBool).contiguous();
+  const bool* p = present.const_data_ptr<bool>();
+  int64_t count = 0;
+  for (int64_t i = 0; i < n; ++i) count += std::count(p + i * m, p + (i + 1) * m, true) >= 2;
+  return std::max<int64_t>(1, count);
+}
+
+constexpr int64_t kSum = 1, kMean = 2;
+
+// The reduced loss (0-dim, fp32; fp64 for fp64 reps) and, if write_grad, its gradient (the mean's 1/count folded
+// into B); the gradient is (0, m, d) otherwise.
+std::tuple<at::Tensor, at::Tensor> mlc_reduced_forward_cpu(const at::Tensor& reps, const c10::optional<at::Tensor>& mask,
+                                                           double tau, int64_t objective, bool anchor, double sv_cutoff,
+                                                           int64_t reduction, bool write_grad) {
+  TORCH_CHECK(reduction == kSum || reduction == kMean, "mlc_native.mlc_reduced: reduction must be 1 (sum) or 2 (mean)");
+  const at::Tensor mask_t = mask.has_value() ? *mask : at::Tensor();
+  TORCH_CHECK(reps.dim() == 3, "mlc_native.mlc_reduced: reps must be (N, m, d), got ", reps.sizes());
+  const double count =
+      reduction == kMean ? static_cast<double>(eligible_count(mask_t, reps.size(0), reps.size(1))) : 1.0;
+  std::vector<double> losses;
+  at::Tensor grad = fused_impl(reps, mask_t, tau, objective, anchor, write_grad, sv_cutoff, 1.0 / count, losses,
+                               "mlc_native.mlc_reduced");
+  const double total = std::accumulate(losses.begin(), losses.end(), 0.0) / count;
+  const auto dtype = reps.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  return {at::scalar_tensor(total, reps.options().dtype(dtype)), grad};
+}
+
+std::tuple<at::Tensor, at::Tensor> call_reduced_forward(const at::Tensor& reps, const c10::optional<at::Tensor>& mask,
+                                                        double tau, int64_t objective, bool anchor, double sv_cutoff,
+                                                        int64_t reduction, bool write_grad) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("mlc_native::mlc_reduced_forward", "")
+                             .typed<decltype(mlc_reduced_forward_cpu)>();
+  return op.call(reps, mask, tau, objective, anchor, sv_cutoff, reduction, write_grad);
+}
+
+// forward: mlc_reduced_forward below the autograd key (one op as the dispatcher sees it), the gradient saved.
+// backward: that gradient times the incoming scalar, in place (the saved tensor's version check refuses a second
+// backward through the same graph); refuses double backward (create_graph) rather than return a constant.
+class MLCReduced : public torch::autograd::Function<MLCReduced> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& reps,
+                            const c10::optional<at::Tensor>& mask, double tau, int64_t objective, bool anchor,
+                            double sv_cutoff, int64_t reduction, bool write_grad) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [loss, grad] = call_reduced_forward(reps, mask, tau, objective, anchor, sv_cutoff, reduction, write_grad);
+    if (write_grad) ctx->save_for_backward({grad});
+    return loss;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grad_outputs) {
+    TORCH_CHECK(!at::GradMode::is_enabled(),
+                "mlc_loss(impl='native'): double backward (create_graph=True) is not supported; use impl='torch'");
+    const auto saved = ctx->get_saved_variables();
+    TORCH_CHECK(!saved.empty(), "mlc_loss(impl='native'): the forward ran without gradient; cannot backpropagate");
+    at::Tensor grad = saved[0];
+    const at::Tensor& upstream = grad_outputs[0];
+    if (upstream.defined()) {
+      grad.mul_(upstream.scalar_type() == grad.scalar_type() ? upstream : upstream.to(grad.scalar_type()));
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+at::Tensor mlc_reduced_autograd(const at::Tensor& reps, const c10::optional<at::Tensor>& mask, double tau,
+                                int64_t objective, bool anchor, double sv_cutoff, int64_t reduction) {
+  const bool write_grad = at::GradMode::is_enabled() && reps.requires_grad();
+  return MLCReduced::apply(reps, mask, tau, objective, anchor, sv_cutoff, reduction, write_grad);
+}
+
+// The reduced loss without autograd (inference tensors, or called below the autograd key).
+at::Tensor mlc_reduced_cpu(const at::Tensor& reps, const c10::optional<at::Tensor>& mask, double tau,
+                           int64_t objective, bool anchor, double sv_cutoff, int64_t reduction) {
+  return std::get<0>(mlc_reduced_forward_cpu(reps, mask, tau, objective, anchor, sv_cutoff, reduction, false));
 }
 
 }  // namespace
 
 TORCH_LIBRARY(mlc_native, m) {
-  m.def("mlc_fused(Tensor reps, Tensor mask, float tau, int objective, bool anchor, bool write_grad, float sv_cutoff)"
+  m.def("mlc_fused(Tensor reps, Tensor? mask, float tau, int objective, bool anchor, bool write_grad, float sv_cutoff)"
         " -> (Tensor, Tensor)");
+  m.def("mlc_reduced(Tensor reps, Tensor? mask, float tau, int objective, bool anchor, float sv_cutoff, "
+        "int reduction) -> Tensor");
+  m.def("mlc_reduced_forward(Tensor reps, Tensor? mask, float tau, int objective, bool anchor, float sv_cutoff, "
+        "int reduction, bool write_grad) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(mlc_native, CPU, m) { m.impl("mlc_fused", &mlc_fused_cpu); }
+TORCH_LIBRARY_IMPL(mlc_native, CPU, m) {
+  m.impl("mlc_fused", &mlc_fused_cpu);
+  m.impl("mlc_reduced", &mlc_reduced_cpu);
+  m.impl("mlc_reduced_forward", &mlc_reduced_forward_cpu);
+}
+
+TORCH_LIBRARY_IMPL(mlc_native, Autograd, m) { m.impl("mlc_reduced", &mlc_reduced_autograd); }

@@ -20,6 +20,7 @@ from .ops import (
     ImplementationUnavailableError,  # noqa: F401  (re-exported: mlc_kernels.ImplementationUnavailableError)
     call_loss,
     per_prompt_loss,
+    reduced_loss,
     resolve_impl,
 )
 from .ops.common import all_present
@@ -77,7 +78,11 @@ def mlc_loss(
     if spec is None:  # the plain loss, exactly as without guards
         if validate:
             check_finite(reps, mask if mask is not None else all_present(reps))
-        per_prompt = call_loss(resolve_impl(impl, reps), reps, mask, float(tau), objective)
+        name = resolve_impl(impl, reps)
+        reduced = reduced_loss(name, reps) if reduction != "none" else None
+        if reduced is not None:  # the reduction and its backward inside the implementation
+            return reduced(reps, mask, float(tau), objective, reduction)
+        per_prompt = call_loss(name, reps, mask, float(tau), objective)
         if mask is None and reduction != "none":  # every prompt has the same m variants: the count is N (m >= 2)
             eligible = reduction == "mean" and reps.shape[1] >= 2 and reps.shape[0] > 0
             return per_prompt.mean() if eligible else per_prompt.sum()

@@ -84,5 +84,13 @@ def test_cpu_impls_have_no_sync(impl):
     ops, syncs, launches = _fwd_bwd(_reps(), impl=impl)
     assert not syncs, syncs
     assert not launches
-    if impl == "native":  # the C++ op, the mean, its backward's division and the in-place gradient scale
-        assert sum(compute_ops(ops).values()) <= 4, compute_ops(ops)
+    if impl == "native":  # one C++ op (kernel, mean and autograd formula inside) and the backward's in-place scale
+        assert dict(compute_ops(ops)) == {"mlc_native.mlc_reduced_forward": 1, "aten.mul_": 1}, compute_ops(ops)
+
+
+def test_native_with_a_mask_is_the_same_two_ops():
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    for reduction in ("mean", "sum"):
+        ops, syncs, _ = _fwd_bwd(_reps(), mask=mask, impl="native", reduction=reduction)
+        assert not syncs and dict(compute_ops(ops)) == {"mlc_native.mlc_reduced_forward": 1, "aten.mul_": 1}

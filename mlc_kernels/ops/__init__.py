@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .common import MAX_VARIANTS, all_present, interpreting
+from .common import MAX_VARIANTS, all_present, interpreting, use_registered_op
 from .gram_torch import torch_loss_and_grad, torch_mlc_loss
-from .native import build_problem, native_loss_and_grad, native_mlc_loss, usable_for_auto
+from .native import build_problem, native_loss_and_grad, native_mlc_loss, native_reduced_loss, usable_for_auto
 from .reference import reference_loss_and_grad, reference_mlc_loss
 
 LossFn = Callable[..., torch.Tensor]
@@ -51,7 +51,9 @@ class Implementation:
     ``devices``: device types it runs on (``meta`` through its fake kernel); ``interpreted_devices``:
     more device types under ``TRITON_INTERPRET=1``; ``max_variants``: the largest m (None: any);
     ``extra_check``: raises when the machine cannot run it (a missing package or compiler); ``mask_optional``:
-    ``loss_fn`` takes ``present=None`` for "every variant present" (and then reads no mask).
+    ``loss_fn`` takes ``present=None`` for "every variant present" (and then reads no mask); ``reduced_loss_fn``:
+    ``fn(reps, mask_or_None, tau, objective, reduction) -> 0-dim loss`` with the ``"sum"``/``"mean"`` reduction
+    and its backward inside the implementation (fewer host ops per call; eager calls only).
     """
 
     name: str
@@ -64,6 +66,7 @@ class Implementation:
     device_hint: str = ""
     extra_check: Callable[[torch.Tensor], None] | None = field(default=None, repr=False)
     mask_optional: bool = False
+    reduced_loss_fn: Callable[..., torch.Tensor] | None = field(default=None, repr=False)
 
     def check(self, reps: torch.Tensor) -> None:
         """Raise (``TypeError``/``ValueError``/:class:`ImplementationUnavailableError`, naming the argument)
@@ -78,7 +81,7 @@ class Implementation:
                 f"{tag} supports at most {self.max_variants} variants per prompt (reps.shape[1]), "
                 f"got {reps.shape[1]}; use impl='torch' for more"
             )
-        if self.devices is not None:
+        if self.devices is not None and reps.device.type not in self.devices:  # the env read only off the list
             allowed = self.devices + (self.interpreted_devices if interpreting() else ())
             if reps.device.type not in allowed:
                 raise ImplementationUnavailableError(
@@ -160,6 +163,7 @@ REGISTRY: dict[str, Implementation] = {
             devices=("cpu", "meta"),
             device_hint="; impl='native' is the CPU kernel, use impl='torch' or 'triton' elsewhere",
             extra_check=_native_check,
+            reduced_loss_fn=native_reduced_loss,
         ),
         Implementation(
             "triton",
@@ -224,6 +228,13 @@ def call_loss(name: str, reps: torch.Tensor, mask: torch.Tensor | None, tau: flo
     if mask is None and not impl.mask_optional:
         mask = all_present(reps)
     return impl.loss_fn(reps, mask, tau, objective, anchor)
+
+
+def reduced_loss(name: str, reps: torch.Tensor) -> Callable[..., torch.Tensor] | None:
+    """Implementation ``name``'s reduced loss (``Implementation.reduced_loss_fn``) for an eager call on ``reps``, or
+    None (none, or ``torch.compile``/``meta``, where the registered per-prompt op and a torch reduction run)."""
+    fn = _lookup(name).reduced_loss_fn
+    return None if fn is None or use_registered_op(reps) else fn
 
 
 def per_prompt_loss_and_grad(name: str) -> LossAndGradFn:

@@ -141,14 +141,18 @@ def usable_for_auto() -> bool:
     return native_available(warn=True)
 
 
-def _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff) -> tuple[torch.Tensor, torch.Tensor]:
+def _fused_op():
     op = _state.get("op")
     if op is None:  # first call: build, then keep the op's handle (the torch.ops lookups cost host time per call)
         err = native_error()
         if err is not None:
             raise RuntimeError(f"native kernel unavailable: {type(err).__name__}: {err}")
         op = _state["op"] = torch.ops.mlc_native.mlc_fused.default
-    return op(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
+    return op
+
+
+def _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff) -> tuple[torch.Tensor, torch.Tensor]:
+    return _fused_op()(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
 
 
 @torch.library.custom_op("mlc_kernels::native_forward", mutates_args=(), device_types="cpu")
@@ -214,6 +218,24 @@ _OBJECTIVE_CODES = {name: code for code, name in enumerate(OBJECTIVES)}
 def _arguments(reps, present, tau, objective, anchor) -> tuple:
     cutoff = _cutoff(reps.shape[2], reps.shape[1])
     return reps, present, float(tau), _OBJECTIVE_CODES[objective], bool(anchor), cutoff
+
+
+_REDUCTION_CODES = {"sum": 1, "mean": 2}
+
+
+def native_reduced_loss(
+    reps: torch.Tensor, mask: torch.Tensor | None, tau: float, objective: str, reduction: str
+) -> torch.Tensor:
+    """The ``"sum"``/``"mean"`` loss (0-dim, fp32; fp64 for fp64 reps) through ``mlc_native.mlc_reduced``: the
+    kernel, the reduction over the prompts with >= 2 present variants and the autograd formula all in C++ (the
+    mean's 1/count folded into the gradient; the backward is one in-place scale). ``mask``: ``(N, m)`` bool or None
+    (every variant present). Eager CPU calls; refuses double backward."""
+    op = _state.get("reduced")
+    if op is None:
+        _fused_op()
+        op = _state["reduced"] = torch.ops.mlc_native.mlc_reduced.default
+    cutoff = _cutoff(reps.shape[2], reps.shape[1])
+    return op(reps, mask, float(tau), _OBJECTIVE_CODES[objective], False, cutoff, _REDUCTION_CODES[reduction])
 
 
 class NativeMLCFunction(torch.autograd.Function):
