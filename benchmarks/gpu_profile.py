@@ -36,17 +36,10 @@ KERNELS = ("mlc_gram_kernel", "mlc_small_kernel", "mlc_grad_kernel")
 
 
 def make_reps(shape, kind: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``(N, m, d)`` leaf: random rows, or ``u + spread * noise`` with random positive scales (converged)."""
-    n, m, d = shape
-    gen = torch.Generator().manual_seed(0)
-    if kind == "random":
-        reps = torch.randn(n, m, d, generator=gen)
-    else:
-        spread = float(kind.split("=")[1])
-        u = torch.randn(n, 1, d, generator=gen)
-        noise = torch.randn(n, m, d, generator=gen) / math.sqrt(d) * u.norm(dim=-1, keepdim=True)
-        reps = (u + spread * noise) * (torch.rand(n, m, 1, generator=gen) * 3 + 0.1)
-    return reps.to(device=device, dtype=dtype).requires_grad_()
+    """``(N, m, d)`` leaf in ``dtype``: :func:`benchmarks.host_overhead.make_reps`'s random or converged rows."""
+    from benchmarks.host_overhead import make_reps as fp32_reps
+
+    return fp32_reps(shape, kind, "cpu").detach().to(device=device, dtype=dtype).requires_grad_()
 
 
 def _sync(device: torch.device) -> None:
