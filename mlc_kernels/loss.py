@@ -101,8 +101,11 @@ def reduce_with_guard(per_prompt, present, reduction, spec, reps, uniform_weight
     if reduction == "none":
         return per_prompt
     total = per_prompt.sum()
+    uniform = spec is not None and spec.uniform
+    if reduction == "sum" and not uniform:  # the trainer's reduction: no eligible count (4 more ops) to make
+        return total
     count = eligible_count(present).to(total.dtype)
-    if spec is not None and spec.uniform:
+    if uniform:
         unif = uniformity(reps, present, float(uniform_t)).to(total.dtype)
         total = total + float(uniform_weight) * unif * count  # mean + weight * L_unif after the division
     if reduction == "sum":

@@ -70,6 +70,16 @@ def test_triton_deflating_objective_counts(spread):
     assert not syncs, syncs
 
 
+def test_triton_with_a_mask_and_the_trainers_sum_is_at_target():
+    """The trainer's call: a mask (the collator's) and ``reduction="sum"``: the sum and its backward only."""
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    ops, syncs, launches = _fwd_bwd(_reps(), mask=mask, impl="triton", reduction="sum")
+    assert sum(launches.values()) <= TRITON_LAUNCH_TARGET, launches
+    assert sum(compute_ops(ops).values()) <= OTHER_OPS_TARGET, compute_ops(ops)
+    assert not syncs, syncs
+
+
 def test_triton_loss_with_mask_has_no_sync():
     mask = torch.ones(4, 4, dtype=torch.bool)
     mask[1, 2:] = False
