@@ -163,6 +163,20 @@ MUTATIONS: tuple[Mutation, ...] = (
     Mutation("cli-eval-nan-kept", "mlc_kernels/cli/eval.py",
              "if isinstance(value, float) and not math.isfinite(value):\n        return None",
              "if isinstance(value, float) and not math.isfinite(value):\n        return value", ("tests/test_cli.py",)),
+    # the native reduced op (kernel, reduction and autograd formula in C++), torch 2.11's meta path, the sum shortcut
+    Mutation("native-reduced-mean-scale-dropped", "csrc/mlc_native.cpp", "sv_cutoff, 1.0 / count, losses,",
+             "sv_cutoff, 1.0, losses,", ("tests/test_native_reduced.py",)),
+    Mutation("native-reduced-count-every-prompt", "csrc/mlc_native.cpp",
+             "count += std::count(p + i * m, p + (i + 1) * m, true) >= 2;", "count += 1;", ("tests/test_native_reduced.py",)),
+    Mutation("native-reduced-double-backward-allowed", "csrc/mlc_native.cpp", "TORCH_CHECK(!at::GradMode::is_enabled(),",
+             "TORCH_CHECK(true || !at::GradMode::is_enabled(),", ("tests/test_native_reduced.py",)),
+    Mutation("native-reduced-upstream-ignored", "csrc/mlc_native.cpp", "if (upstream.defined()) {", "if (false) {",
+             ("tests/test_native_reduced.py",)),
+    Mutation("triton-meta-branch-dropped", "mlc_kernels/ops/triton/op.py",
+             '    if reps.device.type == "meta":\n        return _forward_meta(', '    if False:\n        return _forward_meta(',
+             ("tests/test_registry.py",)),
+    Mutation("loss-sum-drops-uniformity", "mlc_kernels/loss.py", 'if reduction == "sum" and not uniform:',
+             'if reduction == "sum":', ("tests/test_guards.py",)),
 )
 
 
