@@ -97,12 +97,14 @@ if [[ $sections == *" host "* ]]; then
   section host_overhead 60 python3 -m benchmarks.host_overhead --rounds 7 --out "$out/host_overhead.json" \
     $([[ ${SMOKE:-0} == 1 ]] && echo "--device=cpu --impls=native --rounds=1 --iters=2")
 fi
-if [[ $sections == *" base "* ]]; then
+if [[ $sections == *" base "* ]] && ! python3 -c "import trl" >/dev/null 2>&1; then
+  echo "base_from_policy_step: skipped (no TRL on this machine)" | tee -a "$out/sections.txt"
+elif [[ $sections == *" base "* ]]; then
   section base_from_policy_step 60 python3 -m benchmarks.base_from_policy_step --out "$out" \
     $([[ ${SMOKE:-0} == 1 ]] && echo "--rounds=1" || echo "--device=cuda --vocab=32000")
 fi
 if [[ $sections == *" loss "* ]]; then
-  section loss_grid "$([[ $quick == 1 ]] && echo 45 || echo 90)" python3 -m mlc_kernels.bench.runner --suite loss --out "$out" \
+  section loss_grid "$([[ $quick == 1 ]] && echo 45 || echo 150)" python3 -m mlc_kernels.bench.runner --suite loss --out "$out" \
     --quiet --budget 0.2 --grid "$([[ ${SMOKE:-0} == 1 ]] && echo 4x10x64 || echo "$grid")" "${cpu[@]}"
 fi
 if [[ $sections == *" tune "* ]]; then
