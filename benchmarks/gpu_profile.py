@@ -47,11 +47,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fwd_bwd(leaf: torch.Tensor, objective: str = OBJECTIVE) -> None:
+def fwd_bwd(leaf: torch.Tensor, impl: str = "triton") -> None:
     from mlc_kernels import mlc_loss
 
     leaf.grad = None
-    mlc_loss(leaf, impl="triton", objective=objective).backward()
+    mlc_loss(leaf, impl=impl, objective=OBJECTIVE).backward()
 
 
 def host_and_device_ms(fn, device: torch.device, iters: int) -> tuple[float, float]:
@@ -131,7 +131,7 @@ def part_graph(device, dtype, shape, iters) -> list[dict]:
         return [{"part": "graph", "skipped": "no CUDA"}]
     leaf = make_reps(shape, "random", dtype, device)
     _, eager_ms = host_and_device_ms(lambda leaf=leaf: fwd_bwd(leaf), device, iters)
-    _, torch_ms = host_and_device_ms(lambda: _torch_fwd_bwd(leaf), device, iters)
+    _, torch_ms = host_and_device_ms(lambda: fwd_bwd(leaf, "torch"), device, iters)
     from mlc_kernels import mlc_loss
 
     stream = torch.cuda.Stream()
@@ -155,13 +155,6 @@ def part_graph(device, dtype, shape, iters) -> list[dict]:
            "torch_over_eager": round(torch_ms / eager_ms, 2), "replay_grad_matches_eager": same}  # fmt: skip
     print(json.dumps(row), flush=True)
     return [row]
-
-
-def _torch_fwd_bwd(leaf: torch.Tensor) -> None:
-    from mlc_kernels import mlc_loss
-
-    leaf.grad = None
-    mlc_loss(leaf, impl="torch").backward()
 
 
 def part_eigh(device, shape, iters) -> list[dict]:

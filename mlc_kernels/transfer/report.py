@@ -169,6 +169,19 @@ def plot_curves(curves: dict, path: Path, title: str = "Alignment diagnostics ov
     _pyplot().close(fig)
 
 
+def write_run_files(results: dict, out: Path, stem: str, text: str) -> None:
+    """One comparison's files in ``out``: ``{stem}.txt`` (``text``), ``.csv``, ``.json``, ``.png`` (bars) and
+    ``{stem}_steps.png`` (the training curves)."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.txt").write_text(text)
+    write_csv(results, out / f"{stem}.csv")
+    (out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
+    plot_bars(results, out / f"{stem}.png")
+    plot_curves(results["curves"], out / f"{stem}_steps.png")
+
+
 class Progress:
     """A one-line text progress bar on stderr."""
 

@@ -10,7 +10,6 @@ The rules (gate thresholds, conditions, weight rule, metric) are the experiment'
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
 import warnings
@@ -23,7 +22,7 @@ from .gate import format_gate, measure, summarise
 from .options import align_overrides, check_weight, parse_seeds, run_settings
 from .pretrain import pretrained
 from .protocol import DPO, FULL, QUICK, V2Config, arm
-from .report import Progress, discrimination, format_tables, plot_bars, plot_curves, write_csv
+from .report import Progress, discrimination, format_tables, write_run_files
 from .runs import RunTask, collapse_stats, default_workers, run_tasks
 from .world import World
 
@@ -113,16 +112,10 @@ def final_line(results: dict) -> str:
 
 def write_outputs(results: dict, out: Path, header: str) -> str:
     """``transfer_v2.txt`` (gate, tables, last line), ``.csv``, ``.json``, ``.png``, ``transfer_v2_steps.png``."""
-    out.mkdir(parents=True, exist_ok=True)
     languages = results["languages"]
     gate = format_gate(results["gate"], languages, sorted({int(k[1:].split("s")[0]) for k in results["rows"][DPO]}))
     line = final_line(results)
-    text = f"{header}\n{gate}\n\n{format_tables(results)}\n\n{line}\n"
-    (out / "transfer_v2.txt").write_text(text)
-    write_csv(results, out / "transfer_v2.csv")
-    (out / "transfer_v2.json").write_text(json.dumps(results, indent=1, default=str))
-    plot_bars(results, out / "transfer_v2.png")
-    plot_curves(results["curves"], out / "transfer_v2_steps.png")
+    write_run_files(results, out, "transfer_v2", f"{header}\n{gate}\n\n{format_tables(results)}\n\n{line}\n")
     return line
 
 

@@ -9,7 +9,6 @@ endpoint (mean discrimination over the non-base languages) minus DPO's, per worl
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import statistics
@@ -25,7 +24,7 @@ from .gate import measure, v3_gate
 from .options import parse_seeds, run_settings
 from .pretrain import ModelConfig, pretrained
 from .protocol import ALIGN, MODEL
-from .report import Progress, discrimination, format_tables, plot_bars, plot_curves, write_csv
+from .report import Progress, discrimination, format_tables, write_run_files
 from .runs import RunTask, collapse_stats, default_workers, run_tasks
 from .world import World, WorldConfig, world_config
 
@@ -276,7 +275,6 @@ def report(config: V3Config, out: Path, cache_dir: Path, command: str = "", log=
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = run_comparison(config, cache_dir, log, progress, workers, threads)
-    out.mkdir(parents=True, exist_ok=True)
     primary = results["analyses"][config.arms[0].name]
     line = final_line(primary)
     analyses = "\n\n".join(format_analysis(a) for a in results["analyses"].values())
@@ -285,11 +283,7 @@ def report(config: V3Config, out: Path, cache_dir: Path, command: str = "", log=
               f"DPO {config.align.dpo_steps} steps lr {config.align.learning_rate:g} beta {config.align.beta:g}; "
               f"pretraining {t['pretrain_s']:.0f} s; total {t['total_s']:.0f} s")  # fmt: skip
     text = f"{header}\n{format_gates(results['gates'])}\n\n{analyses}\n\n{format_tables(results)}\n\n{line}\n"
-    (out / "transfer_v3.txt").write_text(text)
-    write_csv(results, out / "transfer_v3.csv")
-    (out / "transfer_v3.json").write_text(json.dumps(results, indent=1, default=str))
-    plot_bars(results, out / "transfer_v3.png")
-    plot_curves(results["curves"], out / "transfer_v3_steps.png")
+    write_run_files(results, out, "transfer_v3", text)
     log(f"\n{format_gates(results['gates'])}\n\n{analyses}\n\nwrote {out}/transfer_v3.txt, .csv, .json, .png")
     log(line)
     return line
