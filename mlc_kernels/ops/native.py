@@ -141,18 +141,20 @@ def usable_for_auto() -> bool:
     return native_available(warn=True)
 
 
-def _fused_op():
-    op = _state.get("op")
-    if op is None:  # first call: build, then keep the op's handle (the torch.ops lookups cost host time per call)
+def _native_op(name: str):
+    """``torch.ops.mlc_native.<name>.default``; the first call builds the kernel, then the handle is kept (the
+    ``torch.ops`` lookups cost host time per call)."""
+    op = _state.get(name)
+    if op is None:
         err = native_error()
         if err is not None:
             raise RuntimeError(f"native kernel unavailable: {type(err).__name__}: {err}")
-        op = _state["op"] = torch.ops.mlc_native.mlc_fused.default
+        op = _state[name] = getattr(torch.ops.mlc_native, name).default
     return op
 
 
 def _fused(reps, mask, tau, objective, anchor, write_grad, sv_cutoff) -> tuple[torch.Tensor, torch.Tensor]:
-    return _fused_op()(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
+    return _native_op("mlc_fused")(reps, mask, tau, objective, anchor, write_grad, sv_cutoff)
 
 
 @torch.library.custom_op("mlc_kernels::native_forward", mutates_args=(), device_types="cpu")
@@ -230,12 +232,9 @@ def native_reduced_loss(
     kernel, the reduction over the prompts with >= 2 present variants and the autograd formula all in C++ (the
     mean's 1/count folded into the gradient; the backward is one in-place scale). ``mask``: ``(N, m)`` bool or None
     (every variant present). Eager CPU calls; refuses double backward."""
-    op = _state.get("reduced")
-    if op is None:
-        _fused_op()
-        op = _state["reduced"] = torch.ops.mlc_native.mlc_reduced.default
     cutoff = _cutoff(reps.shape[2], reps.shape[1])
-    return op(reps, mask, float(tau), _OBJECTIVE_CODES[objective], False, cutoff, _REDUCTION_CODES[reduction])
+    code = _OBJECTIVE_CODES[objective]
+    return _native_op("mlc_reduced")(reps, mask, float(tau), code, False, cutoff, _REDUCTION_CODES[reduction])
 
 
 class NativeMLCFunction(torch.autograd.Function):
